@@ -1,0 +1,344 @@
+"""One pass of forward hooks over calibration prompts -> ActivationStats.
+
+Collected, with padding excluded from every statistic and the LM head never run:
+- per decoder layer, the magnitude of each residual-stream dimension: the L2 norm over a
+  prompt's tokens, averaged over prompts (the paper's analysis);
+- per linear module, the running squared L2 norm of each input column (Wanda's ||X_j||^2),
+  accumulated in fp32 so that fp16/bf16 activations cannot overflow.
+
+``LayerRunner`` replays the decoder one layer at a time from captured inputs, which is what
+sequential calibration (layer l's statistics taken with layers < l already pruned) needs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from mlprune import MlpruneError
+from mlprune.models import LinearInfo, decoder_layers, hidden_size, linear_modules
+from mlprune.prompts import PromptSet
+
+Progress = Callable[[int, int], None]
+
+
+class Cancelled(MlpruneError):
+    """The user stopped a long computation; the model is left as it was."""
+
+
+@dataclass
+class ActivationStats:
+    """What one prompt set does to a model, per layer and per linear module."""
+
+    hidden_norms: torch.Tensor  # [layers, hidden] fp32
+    input_sqnorms: dict[str, torch.Tensor]  # module name -> [in_features] fp32, summed over tokens
+    n_tokens: int
+    n_prompts: int
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def n_layers(self) -> int:
+        return self.hidden_norms.shape[0]
+
+    def input_norms(self, name: str) -> torch.Tensor:
+        """||X_j|| per input column of a module, per token (RMS) so sets of any size compare."""
+        return (self.input_sqnorms[name] / max(self.n_tokens, 1)).sqrt()
+
+    def save(self, path: str | Path) -> Path:
+        """Write one safetensors file (tensors + JSON metadata), atomically."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {"hidden_norms": self.hidden_norms.contiguous()}
+        tensors.update({f"in.{k}": v.contiguous() for k, v in self.input_sqnorms.items()})
+        header = {"n_tokens": self.n_tokens, "n_prompts": self.n_prompts, "meta": self.meta}
+        tmp = path.with_name(path.name + ".partial")
+        save_file(tensors, str(tmp), metadata={"mlprune": json.dumps(header)})
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> ActivationStats:
+        """Read stats written by :meth:`save`."""
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise MlpruneError(f"No statistics file at {path}.")
+        try:
+            with safe_open(str(path), "pt") as f:
+                header = json.loads(f.metadata()["mlprune"])
+            tensors = load_file(str(path))
+        except Exception as e:
+            raise MlpruneError(f"{path} is not an mlprune statistics file ({e}).") from e
+        return cls(
+            hidden_norms=tensors.pop("hidden_norms"),
+            input_sqnorms={k[3:]: v for k, v in tensors.items()},
+            n_tokens=header["n_tokens"], n_prompts=header["n_prompts"], meta=header["meta"],
+        )
+
+
+# --------------------------------------------------------------------------- tokenisation
+
+
+def encode(tokenizer, texts: list[str], max_length: int | None = None) -> list[list[int]]:
+    """Token ids per text. Special tokens typed as text stay text (never become control tokens)."""
+    kwargs = {"add_special_tokens": True}
+    try:
+        ids = tokenizer(texts, split_special_tokens=True, **kwargs)["input_ids"]
+    except TypeError:  # tokenizers without split_special_tokens
+        ids = tokenizer(texts, **kwargs)["input_ids"]
+    if max_length:
+        ids = [seq[:max_length] for seq in ids]
+    return ids
+
+
+def batches(ids: list[list[int]], batch_size: int, pad_id: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Right-padded (input_ids, attention_mask) batches of similar lengths (less padding)."""
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    for start in range(0, len(order), batch_size):
+        chunk = [ids[i] for i in order[start:start + batch_size]]
+        width = max(len(s) for s in chunk)
+        input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, seq in enumerate(chunk):
+            input_ids[row, : len(seq)] = torch.tensor(seq)
+            mask[row, : len(seq)] = 1
+        yield input_ids, mask
+
+
+def context_length(model: nn.Module) -> int | None:
+    cfg = model.config
+    for key in ("max_position_embeddings", "n_positions", "seq_length"):
+        if getattr(cfg, key, None):
+            return int(getattr(cfg, key))
+    return None
+
+
+# --------------------------------------------------------------------------- hooks
+
+
+class _Collector:
+    """Forward hooks that add one batch's statistics into running sums, padding excluded."""
+
+    def __init__(self, layers: list[nn.Module], linears: list[LinearInfo], hidden: int):
+        self.layers, self.linears = layers, linears
+        self.hidden_sum = torch.zeros(len(layers), hidden, dtype=torch.float32)
+        self.sqnorms = {info.name: torch.zeros(info.in_features, dtype=torch.float32) for info in linears}
+        self.mask: torch.Tensor | None = None  # [B, T] bool for the batch in flight
+        self._last: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._handles: list = []
+
+    def __enter__(self):
+        for i, layer in enumerate(self.layers):
+            self._handles.append(layer.register_forward_hook(self._layer_hook(i)))
+        for info in self.linears:
+            self._handles.append(info.module.register_forward_pre_hook(self._linear_hook(info.name)))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._last = None
+
+    def _tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """The rows of x at real (non-pad) token positions, as fp32 [n_tokens, features]."""
+        mask = self.mask
+        if mask is not None and x.dim() == 3 and x.shape[:2] == mask.shape:
+            x = x[mask]
+        else:
+            x = x.reshape(-1, x.shape[-1])
+        return x.float()
+
+    def _layer_hook(self, i: int):
+        def hook(module, args, output):
+            h = output[0] if isinstance(output, tuple) else output
+            if self.mask is not None and h.dim() == 3 and h.shape[:2] == self.mask.shape:
+                sq = h.float().square() * self.mask.unsqueeze(-1)
+                self.hidden_sum[i] += sq.sum(dim=1).sqrt().sum(dim=0).cpu()
+        return hook
+
+    def _linear_hook(self, name: str):
+        def hook(module, args):
+            x = args[0]
+            # q/k/v (and gate/up) read the same tensor: square it once.
+            if self._last is not None and self._last[0] is x:
+                sq = self._last[1]
+            else:
+                sq = self._tokens(x).square().sum(dim=0).cpu()
+                self._last = (x, sq)
+            self.sqnorms[name] += sq
+        return hook
+
+
+def _base_model(model: nn.Module) -> nn.Module:
+    """The decoder without the LM head, so calibration never computes vocabulary logits."""
+    base = getattr(model, "base_model", None)
+    return base if isinstance(base, nn.Module) and base is not model else model
+
+
+def capture(model: nn.Module, tokenizer, prompts: PromptSet | list[str], *, batch_size: int = 8,
+            modules: list[str] | None = None, progress: Progress | None = None,
+            should_stop: Callable[[], bool] | None = None) -> ActivationStats:
+    """Run every prompt once through the decoder and collect :class:`ActivationStats`.
+
+    ``modules`` restricts the linear modules collected (default: all in the decoder layers).
+    ``should_stop()`` is polled between batches; if it says so, :class:`Cancelled` is raised.
+    """
+    texts = prompts.texts if isinstance(prompts, PromptSet) else list(prompts)
+    if not texts:
+        raise MlpruneError("There are no prompts to run.")
+    layers = decoder_layers(model)
+    infos = linear_modules(model)
+    selected = [infos[n] for n in (modules or infos)]
+    ids = encode(tokenizer, texts, context_length(model))
+    device = next(model.parameters()).device
+    n_batches = -(-len(ids) // batch_size)
+    n_tokens = sum(len(s) for s in ids)
+    base = _base_model(model)
+    collector = _Collector(layers, selected, hidden_size(model))
+    with collector, torch.inference_mode():
+        for b, (input_ids, mask) in enumerate(batches(ids, batch_size, _pad_id(tokenizer))):
+            if should_stop is not None and should_stop():
+                raise Cancelled("Capture cancelled; nothing was changed.")
+            collector.mask = mask.bool().to(device)
+            collector._last = None
+            base(input_ids=input_ids.to(device), attention_mask=mask.to(device), use_cache=False)
+            if progress:
+                progress(b + 1, n_batches)
+    stats = ActivationStats(
+        hidden_norms=collector.hidden_sum / len(texts),
+        input_sqnorms=collector.sqnorms, n_tokens=n_tokens, n_prompts=len(texts),
+        meta=_meta(prompts, tokenizer, model),
+    )
+    check_finite(stats)
+    return stats
+
+
+def _pad_id(tokenizer) -> int:
+    pad = tokenizer.pad_token_id
+    return pad if pad is not None else (tokenizer.eos_token_id or 0)
+
+
+def _meta(prompts, tokenizer, model) -> dict:
+    meta = {"model": getattr(model.config, "_name_or_path", "") or type(model).__name__}
+    if isinstance(prompts, PromptSet):
+        meta.update({"prompts": prompts.name, "kind": prompts.kind, **prompts.meta,
+                     "texts": prompts.texts})
+    else:
+        meta.update({"prompts": "custom", "kind": "text", "texts": list(prompts)})
+    return meta
+
+
+def check_finite(stats: ActivationStats) -> None:
+    """Raise one clear sentence if any statistic is NaN or infinite."""
+    if not torch.isfinite(stats.hidden_norms).all():
+        bad = (~torch.isfinite(stats.hidden_norms)).any(dim=1).nonzero().flatten().tolist()
+        raise MlpruneError(f"Hidden-state magnitudes are NaN or infinite in layers {bad}: "
+                           "the model overflows on these prompts (try float32).")
+    for name, v in stats.input_sqnorms.items():
+        if not torch.isfinite(v).all():
+            raise MlpruneError(f"Input norms of {name} are NaN or infinite: the model overflows "
+                               "on these prompts (try float32).")
+
+
+# --------------------------------------------------------------------------- token view
+
+
+def token_magnitudes(model: nn.Module, tokenizer, text: str) -> tuple[list[str], torch.Tensor]:
+    """Tokens of one prompt and |h[layer, token, dim]| of the residual stream (fp16, CPU)."""
+    ids = encode(tokenizer, [text], context_length(model))[0]
+    layers = decoder_layers(model)
+    out: list[torch.Tensor] = []
+
+    def hook(module, args, output):
+        h = output[0] if isinstance(output, tuple) else output
+        out.append(h[0].detach().abs().to(torch.float16).cpu())
+
+    handles = [layer.register_forward_hook(hook) for layer in layers]
+    try:
+        with torch.inference_mode():
+            device = next(model.parameters()).device
+            _base_model(model)(input_ids=torch.tensor([ids], device=device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    tokens = [tokenizer.decode([t]) for t in ids]
+    return tokens, torch.stack(out)
+
+
+# --------------------------------------------------------------------------- layer by layer
+
+
+class LayerRunner:
+    """Replays the decoder one layer at a time, for sequential calibration.
+
+    One dense pass records, per batch, the hidden states entering layer 0 and the keyword
+    arguments each layer receives (masks, rotary embeddings: they do not depend on the hidden
+    states). Then :meth:`collect` gathers layer l's module statistics from the current hidden
+    states and :meth:`advance` pushes them through layer l, pruned or not.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, texts: list[str], batch_size: int = 8):
+        self.model, self.layers = model, decoder_layers(model)
+        self.infos = linear_modules(model)
+        ids = encode(tokenizer, texts, context_length(model))
+        self.n_tokens = sum(len(s) for s in ids)
+        device = next(model.parameters()).device
+        self.masks: list[torch.Tensor] = []
+        self.hidden: list[torch.Tensor] = []
+        self.calls: list[list[tuple[tuple, dict]]] = [[] for _ in self.layers]
+        handles = []
+        for i, layer in enumerate(self.layers):
+            handles.append(layer.register_forward_pre_hook(self._recorder(i), with_kwargs=True))
+        try:
+            with torch.inference_mode():
+                for input_ids, mask in batches(ids, batch_size, _pad_id(tokenizer)):
+                    self.masks.append(mask.bool().to(device))
+                    _base_model(model)(input_ids=input_ids.to(device),
+                                       attention_mask=mask.to(device), use_cache=False)
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _recorder(self, i: int):
+        def hook(module, args, kwargs):
+            if args:
+                hidden, rest = args[0], args[1:]
+            else:
+                kwargs = dict(kwargs)
+                hidden, rest = kwargs.pop("hidden_states"), ()
+            if i == 0:
+                self.hidden.append(hidden.detach())
+            self.calls[i].append((rest, {k: v for k, v in kwargs.items() if k != "hidden_states"}))
+        return hook
+
+    def _run(self, i: int) -> list[torch.Tensor]:
+        outs = []
+        for h, (rest, kwargs) in zip(self.hidden, self.calls[i]):
+            o = self.layers[i](h, *rest, **kwargs)
+            outs.append(o[0] if isinstance(o, tuple) else o)
+        return outs
+
+    def collect(self, i: int, names: list[str]) -> dict[str, torch.Tensor]:
+        """Squared input-column norms of layer i's modules, from the current hidden states."""
+        collector = _Collector([], [self.infos[n] for n in names], 1)
+        with collector, torch.inference_mode():
+            for b, mask in enumerate(self.masks):
+                collector.mask, collector._last = mask, None
+                h = self.hidden[b]
+                rest, kwargs = self.calls[i][b]
+                self.layers[i](h, *rest, **kwargs)
+        return collector.sqnorms
+
+    def advance(self, i: int) -> None:
+        """Replace the hidden states by layer i's output (with its current, maybe pruned, weights)."""
+        with torch.inference_mode():
+            self.hidden = self._run(i)

@@ -1,0 +1,219 @@
+"""Evaluation: greedy generation side by side, chrF/BLEU, output language, perplexity.
+
+Generation is greedy and stops at the end of the line or at EOS, so no token is generated
+past the answer of a few-shot prompt. Every function runs on whatever weights the model has
+now: wrap calls in ``prune.pruned(model, masks)`` to evaluate a pruned variant.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import lru_cache
+
+import sacrebleu
+import torch
+from torch import nn
+from transformers import (
+    LogitsProcessor,
+    LogitsProcessorList,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
+
+from mlprune import MlpruneError
+from mlprune.capture import batches, context_length, encode
+from mlprune.corpus import ParallelCorpus
+from mlprune.prompts import eval_items, split_rows
+from mlprune.prune import MaskSet, pruned
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class Generation:
+    """One greedy continuation: its text, its tokens and each token's probability."""
+
+    text: str
+    tokens: list[str]
+    probs: list[float]
+
+
+class _EndOfLine(StoppingCriteria):
+    """Stop each sequence once its newest token holds a newline (batched: per row)."""
+
+    def __init__(self, tokenizer, prompt_len: int):
+        self.tokenizer, self.prompt_len = tokenizer, prompt_len
+
+    def __call__(self, input_ids, scores, **kwargs):
+        last = input_ids[:, -1].tolist()
+        return torch.tensor(["\n" in self.tokenizer.decode([t]) for t in last], device=input_ids.device)
+
+
+class _RecordProbs(LogitsProcessor):
+    """Records the probability of the greedy choice at each step (without keeping logits)."""
+
+    def __init__(self):
+        self.steps: list[torch.Tensor] = []
+
+    def __call__(self, input_ids, scores):
+        self.steps.append(scores.float().softmax(-1).max(-1).values.cpu())
+        return scores
+
+
+def generate(model: nn.Module, tokenizer, prompts: list[str], *, max_new_tokens: int = 48,
+             batch_size: int = 8, progress: Progress | None = None) -> list[Generation]:
+    """Greedy continuations of each prompt up to the end of the line (or EOS)."""
+    ids = encode(tokenizer, prompts, _room(model, max_new_tokens))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = next(model.parameters()).device
+    results: dict[int, Generation] = {}
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    done = 0
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        width = max(len(ids[i]) for i in chunk)
+        # left padding, so every continuation starts at the same column
+        input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(input_ids)
+        for row, i in enumerate(chunk):
+            input_ids[row, width - len(ids[i]):] = torch.tensor(ids[i])
+            mask[row, width - len(ids[i]):] = 1
+        recorder = _RecordProbs()
+        with torch.inference_mode():
+            out = model.generate(
+                input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                max_new_tokens=max_new_tokens, do_sample=False, top_k=None, top_p=None,
+                temperature=None, pad_token_id=pad,
+                stopping_criteria=StoppingCriteriaList([_EndOfLine(tokenizer, width)]),
+                logits_processor=LogitsProcessorList([recorder]),
+            )
+        new = out[:, width:].cpu()
+        for row, i in enumerate(chunk):
+            results[i] = _trim(tokenizer, new[row].tolist(), [s[row].item() for s in recorder.steps])
+        done += len(chunk)
+        if progress:
+            progress(done, len(ids))
+    return [results[i] for i in range(len(ids))]
+
+
+def _room(model: nn.Module, max_new_tokens: int) -> int | None:
+    ctx = context_length(model)
+    return ctx - max_new_tokens if ctx else None
+
+
+def _trim(tokenizer, token_ids: list[int], probs: list[float]) -> Generation:
+    """Cut a continuation at its first newline or EOS."""
+    eos = {tokenizer.eos_token_id, tokenizer.pad_token_id} - {None}
+    tokens, kept = [], []
+    for t, p in zip(token_ids, probs):
+        if t in eos:
+            break
+        piece = tokenizer.decode([t])
+        if "\n" in piece:
+            head = piece.split("\n")[0]
+            if head:
+                tokens.append(head)
+                kept.append(p)
+            break
+        tokens.append(piece)
+        kept.append(p)
+    return Generation("".join(tokens).strip(), tokens, kept)
+
+
+def side_by_side(model: nn.Module, tokenizer, prompts: list[str], masks: MaskSet | None, **kw) -> tuple[list[Generation], list[Generation]]:
+    """Dense and pruned generations of the same prompts (the model is left dense)."""
+    dense = generate(model, tokenizer, prompts, **kw)
+    with pruned(model, masks):
+        sparse = generate(model, tokenizer, prompts, **kw)
+    return dense, sparse
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def chrf(hypotheses: list[str], references: list[str]) -> float:
+    """Corpus chrF (sacrebleu), 0-100."""
+    return sacrebleu.corpus_chrf(hypotheses, [references]).score
+
+
+def bleu(hypotheses: list[str], references: list[str], lang: str = "en") -> float:
+    """Corpus BLEU (sacrebleu) with the tokenizer suited to the target language."""
+    tokenize = {"zh": "zh", "ja": "char", "th": "char", "ko": "char"}.get(lang, "13a")
+    return sacrebleu.corpus_bleu(hypotheses, [references], tokenize=tokenize).score
+
+
+@lru_cache(maxsize=8)
+def _identifier(languages: tuple[str, ...]):
+    import py3langid.langid as langid
+
+    ident = langid.LanguageIdentifier.from_modelpath(langid.MODEL_DIR / langid.MODEL_FILE,
+                                                    norm_probs=True)
+    known = [lang for lang in languages if lang in ident.nb_classes]
+    if len(known) >= 2:
+        ident.set_languages(known)
+    return ident
+
+
+def language_of(text: str, candidates: tuple[str, ...] | None = None) -> str | None:
+    """Most likely language code of a text (py3langid), among candidates if given."""
+    if not text.strip():
+        return None
+    return _identifier(tuple(sorted(candidates or ()))).classify(text)[0]
+
+
+def target_language_rate(outputs: list[str], lang: str, candidates: tuple[str, ...] = ()) -> float:
+    """Share of outputs identified as written in ``lang``."""
+    if not outputs:
+        return float("nan")
+    cands = tuple(sorted(set(candidates) | {lang})) if candidates else ()
+    return sum(language_of(o, cands) == lang for o in outputs) / len(outputs)
+
+
+def perplexity(model: nn.Module, tokenizer, texts: list[str], *, batch_size: int = 8) -> float:
+    """exp(mean token negative log-likelihood) over texts, padding excluded."""
+    ids = encode(tokenizer, texts, context_length(model))
+    device = next(model.parameters()).device
+    total_nll, total_tokens = 0.0, 0
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    with torch.inference_mode():
+        for input_ids, mask in batches(ids, batch_size, pad):
+            logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                           use_cache=False).logits.float()
+            target = input_ids[:, 1:].to(device)
+            m = mask[:, 1:].to(device).bool()
+            logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, target.unsqueeze(-1)).squeeze(-1)
+            total_nll -= float(logp[m].sum())
+            total_tokens += int(m.sum())
+    if total_tokens == 0:
+        raise MlpruneError("The texts are too short to measure perplexity (one token or less).")
+    return math.exp(total_nll / total_tokens)
+
+
+# --------------------------------------------------------------------------- translation eval
+
+
+def evaluate_translation(model: nn.Module, tokenizer, corpus: ParallelCorpus, src: str, tgt: str,
+                         *, shots: int = 4, limit: int | None = None, seed: int = 0,
+                         max_new_tokens: int = 64, batch_size: int = 8,
+                         progress: Progress | None = None) -> dict:
+    """Few-shot translation on the held-out slice: chrF, BLEU, target-language rate, and the
+    perplexity of the target language's held-out sentences."""
+    items = eval_items(corpus, src, tgt, shots=shots, limit=limit, seed=seed)
+    outputs = generate(model, tokenizer, [it.prompt for it in items],
+                       max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
+    hyps = [g.text for g in outputs]
+    refs = [it.reference for it in items]
+    _, test_rows = split_rows(corpus)
+    held_out = [corpus.table[tgt].iat[r] for r in test_rows][: limit or None]
+    return {
+        "pair": f"{src}-{tgt}",
+        "n": len(items),
+        "chrf": chrf(hyps, refs),
+        "bleu": bleu(hyps, refs, tgt),
+        "target_language_rate": target_language_rate(hyps, tgt, tuple(corpus.languages)),
+        "perplexity": perplexity(model, tokenizer, held_out, batch_size=batch_size),
+        "outputs": [{"source": it.source, "reference": it.reference, "output": h}
+                    for it, h in zip(items, hyps)],
+    }

@@ -1,0 +1,257 @@
+"""The whole flow from one spec: calibrate -> rank -> masks, and sweeps over many specs.
+
+The command line, the dashboard and the benchmarks all go through these functions, so a
+pruned model means the same thing wherever it was made.
+"""
+
+from __future__ import annotations
+
+import csv
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from mlprune import MlpruneError
+from mlprune.capture import ActivationStats, Cancelled, capture
+from mlprune.corpus import ParallelCorpus
+from mlprune.evaluate import evaluate_translation
+from mlprune.features import detected_dims
+from mlprune.models import LoadedModel
+from mlprune.prompts import PromptSet, calibration_prompts, parse_pair
+from mlprune.prune import (
+    METHODS,
+    MODES,
+    MaskSet,
+    Pattern,
+    Ranking,
+    check_sparsity,
+    pruned,
+    rank_modules,
+    select_modules,
+    sequential_stats,
+)
+
+Progress = Callable[[str, float], None]
+
+
+@dataclass(frozen=True)
+class PruneSpec:
+    """Everything that decides a pruned model. Plain values: hashable, JSON-able, cacheable."""
+
+    method: str = "wanda"
+    calibration: str = "mt"  # mt | mono | code
+    pair: str = "fr-en"
+    other: str = "code"  # second set of the ratio method
+    sparsity: float = 0.5
+    pattern: str = "unstructured"
+    invert: bool = False
+    protect: str | None = None  # a detection rule, e.g. "top-k:8" or "ratio:100"
+    layers: str | None = None  # "0-11"
+    blocks: str | None = None  # "attn", "mlp" or "attn,mlp"
+    mode: str = "sequential"
+    shots: int = 4
+    samples: int = 16
+    seed: int = 0
+
+    def validate(self) -> PruneSpec:
+        if self.method not in METHODS:
+            raise MlpruneError(f"Unknown method '{self.method}': use {', '.join(METHODS)}.")
+        if self.mode not in MODES:
+            raise MlpruneError(f"Unknown mode '{self.mode}': use one-shot or sequential.")
+        pattern = Pattern.parse(self.pattern)
+        if not pattern.structured:
+            check_sparsity(self.sparsity)
+        parse_pair(self.pair)
+        if self.samples < 1:
+            raise MlpruneError("The number of samples must be at least 1.")
+        return self
+
+    @property
+    def label(self) -> str:
+        calib = f"-{self.calibration}" if self.method in ("wanda",) else ""
+        return f"{self.method}{calib}{'-inv' if self.invert else ''}"
+
+
+@dataclass
+class Calibration:
+    """Statistics behind a ranking: the calibration set's, and the ratio method's second set."""
+
+    prompts: PromptSet
+    stats: ActivationStats
+    other: ActivationStats | None = None
+    seconds: float = 0.0
+
+
+@dataclass
+class PruneResult:
+    spec: PruneSpec
+    ranking: Ranking
+    masks: MaskSet
+    calibration: Calibration | None
+    timings: dict = field(default_factory=dict)
+
+
+def _quiet(stage: str, fraction: float) -> None:
+    pass
+
+
+def calibrate(loaded: LoadedModel, corpus: ParallelCorpus, spec: PruneSpec, *,
+              batch_size: int = 8, progress: Progress = _quiet,
+              should_stop: Callable[[], bool] | None = None) -> Calibration:
+    """Capture the dense model's statistics on the spec's calibration set (and second set)."""
+    start = time.perf_counter()
+    prompts = calibration_prompts(corpus, spec.calibration, spec.pair, shots=spec.shots,
+                                  samples=spec.samples, seed=spec.seed)
+    stats = capture(loaded.model, loaded.tokenizer, prompts, batch_size=batch_size,
+                    progress=lambda d, t: progress(f"calibration ({prompts.name})", d / t),
+                    should_stop=should_stop)
+    other = None
+    if spec.method == "ratio":
+        other_prompts = calibration_prompts(corpus, spec.other, spec.pair, shots=spec.shots,
+                                            samples=spec.samples, seed=spec.seed)
+        other = capture(loaded.model, loaded.tokenizer, other_prompts, batch_size=batch_size,
+                        progress=lambda d, t: progress(f"second set ({other_prompts.name})", d / t),
+                        should_stop=should_stop)
+    return Calibration(prompts, stats, other, time.perf_counter() - start)
+
+
+def needs_data(spec: PruneSpec) -> bool:
+    return spec.method in ("wanda", "ratio")
+
+
+def rank(loaded: LoadedModel, spec: PruneSpec, calib: Calibration | None, *,
+         batch_size: int = 8, progress: Progress = _quiet) -> Ranking:
+    """Rank the selected modules by the spec's method (sequential mode re-captures per layer)."""
+    modules = select_modules(loaded.model, spec.layers, spec.blocks)
+    protect = None
+    if spec.protect:
+        if calib is None:
+            raise MlpruneError("Protecting features needs calibration statistics.")
+        protect = detected_dims(calib.stats, spec.protect)
+    stats = calib.stats if calib else None
+    if spec.mode == "sequential" and needs_data(spec):
+        stats = sequential_stats(
+            loaded.model, loaded.tokenizer, calib.prompts.texts, calib.stats, method=spec.method,
+            sparsity=spec.sparsity, pattern=spec.pattern, other=calib.other, invert=spec.invert,
+            protect=protect, modules=modules, seed=spec.seed, batch_size=batch_size,
+            progress=lambda d, t: progress("sequential calibration", d / t))
+    return rank_modules(loaded.model, stats, method=spec.method, other=calib.other if calib else None,
+                        invert=spec.invert, protect=protect, modules=modules, seed=spec.seed,
+                        progress=lambda d, t: progress("ranking", d / t))
+
+
+def prune(loaded: LoadedModel, corpus: ParallelCorpus, spec: PruneSpec, *, batch_size: int = 8,
+          progress: Progress = _quiet) -> PruneResult:
+    """Calibrate (when the method needs data), rank and build masks. The model stays dense."""
+    spec.validate()
+    t0 = time.perf_counter()
+    calib = calibrate(loaded, corpus, spec, batch_size=batch_size, progress=progress) \
+        if needs_data(spec) or spec.protect else None
+    t1 = time.perf_counter()
+    ranking = rank(loaded, spec, calib, batch_size=batch_size, progress=progress)
+    t2 = time.perf_counter()
+    masks = ranking.masks(spec.sparsity, spec.pattern)
+    masks.meta.update(spec=asdict(spec))
+    t3 = time.perf_counter()
+    return PruneResult(spec, ranking, masks, calib,
+                       {"calibrate": t1 - t0, "rank": t2 - t1, "masks": t3 - t2})
+
+
+# --------------------------------------------------------------------------- sweep
+
+SWEEP_COLUMNS = ["pair", "method", "sparsity", "pattern", "chrf", "bleu",
+                 "target_language_rate", "perplexity", "n", "sparsity_reached"]
+SWEEP_METHODS = {
+    "wanda-mt": dict(method="wanda", calibration="mt"),
+    "wanda-mono": dict(method="wanda", calibration="mono"),
+    "wanda-code": dict(method="wanda", calibration="code"),
+    "ratio": dict(method="ratio", calibration="mt", other="code"),
+    "magnitude": dict(method="magnitude"),
+    "random": dict(method="random"),
+}
+
+
+def sweep(loaded: LoadedModel, corpus: ParallelCorpus, *, methods: list[str], sparsities: list[float],
+          pairs: list[str], base: PruneSpec | None = None,
+          limit: int | None = 16, out_csv: str | Path | None = None, batch_size: int = 8,
+          progress: Progress = _quiet, should_stop: Callable[[], bool] | None = None,
+          extra_eval: Callable[[LoadedModel, str, float], dict] | None = None) -> list[dict]:
+    """Evaluate every method x sparsity x pair (unstructured, one-shot; one ranking per
+    method and pair).
+
+    Each row is appended to ``out_csv`` as soon as it is measured, and rows already there are
+    not measured again, so an interrupted sweep resumes where it stopped.
+    """
+    unknown = [m for m in methods if m not in SWEEP_METHODS]
+    if unknown:
+        raise MlpruneError(f"Unknown sweep method {', '.join(unknown)}: use {', '.join(SWEEP_METHODS)}.")
+    for s in sparsities:
+        check_sparsity(s)
+    base = base or PruneSpec()
+    pattern = "unstructured"
+    done = _read_rows(out_csv) if out_csv else []
+    seen = {(r["pair"], r["method"], float(r["sparsity"]), r["pattern"]) for r in done}
+    rows = list(done)
+    total = len(methods) * len(sparsities) * len(pairs)
+    count = len(seen)
+    for pair in pairs:
+        for method in methods:
+            todo = [s for s in sparsities if (pair, method, float(s), pattern) not in seen]
+            if not todo:
+                continue
+            spec = replace(base, pair=pair, mode="one-shot", pattern="unstructured",
+                           **SWEEP_METHODS[method]).validate()
+            calib = calibrate(loaded, corpus, spec, batch_size=batch_size, should_stop=should_stop) \
+                if needs_data(spec) or spec.protect else None
+            ranking = rank(loaded, spec, calib)
+            for s in todo:
+                if should_stop is not None and should_stop():
+                    raise Cancelled("Sweep cancelled; finished rows are kept.")
+                masks = ranking.masks(s) if s > 0 else None
+                with pruned(loaded.model, masks):
+                    metrics = evaluate_translation(loaded.model, loaded.tokenizer, corpus,
+                                                   *parse_pair(pair), shots=spec.shots, limit=limit,
+                                                   batch_size=batch_size)
+                    extra = extra_eval(loaded, method, s) if extra_eval else {}
+                row = {"pair": pair, "method": method, "sparsity": float(s), "pattern": pattern,
+                       **{k: metrics[k] for k in ("chrf", "bleu", "target_language_rate", "perplexity", "n")},
+                       "sparsity_reached": masks.overall_sparsity() if masks else 0.0, **extra}
+                rows.append(row)
+                if out_csv:
+                    _append_row(out_csv, row)
+                count += 1
+                progress(f"{pair} {method} {s:.2f}", count / total)
+    return rows
+
+
+def _read_rows(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        return []
+    with path.open(newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        for k, v in r.items():
+            if k not in ("pair", "method", "pattern"):
+                try:
+                    r[k] = float(v)
+                except (TypeError, ValueError):
+                    pass
+    return rows
+
+
+def _append_row(path: str | Path, row: dict) -> None:
+    """Append one row and flush it to disk, writing the header for a new file."""
+    import os
+
+    path = Path(path)
+    new = not path.is_file() or path.stat().st_size == 0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(row))
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+        f.flush()
+        os.fsync(f.fileno())

@@ -1,0 +1,385 @@
+"""Pruning: scores -> ranks (computed once) -> masks at any sparsity and pattern -> apply/restore.
+
+Scores of W[i, j] (compared within each output row i):
+- ``wanda``     |W[i, j]| * ||X_j||, X from the calibration set's ActivationStats;
+- ``ratio``     |W[i, j]| * b_j * (b_j / o_j), b from translation and o from a second set
+                (e.g. code), so columns specific to the second set lose weight (the paper's
+                variant for BLOOM-like models);
+- ``magnitude`` |W[i, j]|;
+- ``random``    seeded uniform noise.
+``invert`` prunes the highest-scoring weights instead (the paper's ablation). Protected input
+columns (large-magnitude features) are ranked above everything and never pruned.
+
+Ranks are kept as small integers per weight, so a new sparsity or N:M pattern is one
+comparison per weight, with no pass over data. Applying masks keeps only the pruned values
+(to put them back): no second copy of the model.
+"""
+
+from __future__ import annotations
+
+import threading
+import zlib
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from mlprune import MlpruneError
+from mlprune.capture import ActivationStats, LayerRunner
+from mlprune.models import LinearInfo, linear_modules
+
+METHODS = ("wanda", "ratio", "magnitude", "random")
+MODES = ("one-shot", "sequential")
+
+
+# --------------------------------------------------------------------------- parameters
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """``unstructured`` or N:M (prune the N lowest of every M consecutive inputs of a row)."""
+
+    n: int = 0
+    m: int = 0
+
+    @classmethod
+    def parse(cls, text: str | Pattern) -> Pattern:
+        if isinstance(text, Pattern):
+            return text
+        text = str(text).strip().lower()
+        if text in ("", "unstructured", "none"):
+            return cls()
+        n, sep, m = text.partition(":")
+        if not sep or not n.isdigit() or not m.isdigit():
+            raise MlpruneError(f"'{text}' is not a pattern: use unstructured, 2:4 or 4:8.")
+        n_, m_ = int(n), int(m)
+        if not 0 < n_ < m_:
+            raise MlpruneError(f"In the pattern {text}, N must be at least 1 and smaller than M.")
+        return cls(n_, m_)
+
+    @property
+    def structured(self) -> bool:
+        return self.m > 0
+
+    def __str__(self) -> str:
+        return f"{self.n}:{self.m}" if self.structured else "unstructured"
+
+
+def check_sparsity(sparsity: float) -> float:
+    if not 0 <= float(sparsity) < 1:
+        raise MlpruneError(f"Sparsity must be in [0, 1); got {sparsity}.")
+    return float(sparsity)
+
+
+def select_modules(model: nn.Module, layers: tuple[int, int] | str | None = None,
+                   blocks: tuple[str, ...] | str | None = None) -> list[str]:
+    """Names of the linear modules to prune: a layer range (inclusive) and block kinds."""
+    infos = linear_modules(model)
+    n_layers = max(i.layer for i in infos.values()) + 1
+    if isinstance(layers, str):
+        lo, _, hi = layers.partition("-")
+        try:
+            layers = (int(lo), int(hi or lo))
+        except ValueError as e:
+            raise MlpruneError(f"'{layers}' is not a layer range; write it as 0-11.") from e
+    lo, hi = layers or (0, n_layers - 1)
+    if not 0 <= lo <= hi < n_layers:
+        raise MlpruneError(f"Layer range {lo}-{hi} is outside this model's layers 0-{n_layers - 1}.")
+    if isinstance(blocks, str):
+        blocks = tuple(b.strip() for b in blocks.split(",") if b.strip())
+    blocks = tuple(blocks or ("attn", "mlp", "other"))
+    unknown = set(blocks) - {"attn", "mlp", "other"}
+    if unknown:
+        raise MlpruneError(f"Unknown module kind {', '.join(sorted(unknown))}: use attn and/or mlp.")
+    names = [n for n, i in infos.items() if lo <= i.layer <= hi and i.block in blocks]
+    if not names:
+        raise MlpruneError("No linear modules match that layer range and module kind.")
+    return names
+
+
+def protected_columns(model: nn.Module, dims_by_layer: dict[int, list[int]] | None,
+                      names: list[str]) -> dict[str, torch.Tensor]:
+    """Input columns never to prune: a module reading the residual stream entering layer l
+    protects the dimensions detected at that stream (layer l-1's output; layer 0 uses its own)."""
+    infos = linear_modules(model)
+    out = {}
+    for name in names:
+        info = infos[name]
+        cols = torch.zeros(info.in_features, dtype=torch.bool)
+        if dims_by_layer and info.reads_residual:
+            dims = dims_by_layer.get(max(info.layer - 1, 0), [])
+            cols[[d for d in dims if d < info.in_features]] = True
+        out[name] = cols
+    return out
+
+
+# --------------------------------------------------------------------------- scores and ranks
+
+
+def scores(info: LinearInfo, method: str, stats: ActivationStats | None = None,
+           other: ActivationStats | None = None, seed: int = 0) -> torch.Tensor:
+    """Score of every weight of one module, fp32 [out, in]; low scores are pruned first."""
+    w = info.weight.detach().float().abs()
+    if method == "magnitude":
+        return w
+    if method == "random":
+        g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(info.name.encode()))
+        return torch.rand(w.shape, generator=g)
+    if stats is None or info.name not in stats.input_sqnorms:
+        raise MlpruneError(f"The {method} method needs calibration statistics for {info.name}.")
+    base = stats.input_norms(info.name).to(w.device)
+    if method == "wanda":
+        return w * base
+    if method == "ratio":
+        if other is None or info.name not in other.input_sqnorms:
+            raise MlpruneError("The ratio method needs a second calibration set (e.g. code).")
+        other_norms = other.input_norms(info.name).to(w.device).clamp_min(1e-8)
+        return w * (base * (base / other_norms))
+    raise MlpruneError(f"Unknown method '{method}': use {', '.join(METHODS)}.")
+
+
+def row_ranks(score: torch.Tensor, protected: torch.Tensor | None = None) -> torch.Tensor:
+    """Position of each weight in its row's ascending score order (protected columns last)."""
+    if protected is not None and protected.any():
+        score = score.masked_fill(protected.to(score.device).unsqueeze(0), float("inf"))
+    n_in = score.shape[1]
+    order = score.argsort(dim=1, stable=True)
+    dtype = torch.int16 if n_in <= torch.iinfo(torch.int16).max else torch.int32
+    ranks = torch.empty(order.shape, dtype=dtype, device=score.device)
+    ranks.scatter_(1, order, torch.arange(n_in, dtype=dtype, device=score.device).expand_as(order))
+    return ranks
+
+
+@dataclass
+class Ranking:
+    """Ranked scores of the selected modules: masks at any sparsity/pattern, no data pass."""
+
+    ranks: dict[str, torch.Tensor]
+    protected: dict[str, torch.Tensor]
+    meta: dict = field(default_factory=dict)
+    _group_ranks: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def modules(self) -> list[str]:
+        return list(self.ranks)
+
+    def masks(self, sparsity: float, pattern: str | Pattern = "unstructured") -> MaskSet:
+        """Keep-masks (True = kept) for every module at this sparsity or N:M pattern."""
+        pattern = Pattern.parse(pattern)
+        keep = {}
+        if pattern.structured:
+            for name, rank in self.ranks.items():
+                if rank.shape[1] % pattern.m:
+                    raise MlpruneError(
+                        f"{pattern} needs input widths divisible by {pattern.m}, but {name} has "
+                        f"{rank.shape[1]} inputs."
+                    )
+            for name, rank in self.ranks.items():
+                group = self._group_rank(name, pattern.m)
+                keep[name] = (group >= pattern.n).view_as(rank) | self.protected[name].to(rank.device)
+            target = pattern.n / pattern.m
+        else:
+            target = check_sparsity(sparsity)
+            for name, rank in self.ranks.items():
+                n_in = rank.shape[1]
+                k = min(int(n_in * target), n_in - int(self.protected[name].sum()))
+                keep[name] = rank >= k
+        return MaskSet(keep, target, str(pattern), dict(self.meta))
+
+    def _group_rank(self, name: str, m: int) -> torch.Tensor:
+        """Rank within each group of m inputs, derived from the row ranks (cached per m)."""
+        key = (name, m)
+        if key not in self._group_ranks:
+            rank = self.ranks[name]
+            grouped = rank.view(rank.shape[0], -1, m)
+            self._group_ranks[key] = grouped.argsort(dim=-1).argsort(dim=-1).to(torch.int8)
+        return self._group_ranks[key]
+
+
+def rank_modules(model: nn.Module, stats: ActivationStats | None = None, *, method: str = "wanda",
+                 other: ActivationStats | None = None, invert: bool = False,
+                 protect: dict[int, list[int]] | None = None, modules: list[str] | None = None,
+                 seed: int = 0, progress: Callable[[int, int], None] | None = None) -> Ranking:
+    """Score and rank every selected module once."""
+    if method not in METHODS:
+        raise MlpruneError(f"Unknown method '{method}': use {', '.join(METHODS)}.")
+    infos = linear_modules(model)
+    names = modules or list(infos)
+    prot = protected_columns(model, protect, names)
+    ranks = {}
+    for i, name in enumerate(names):
+        s = scores(infos[name], method, stats, other, seed)
+        ranks[name] = row_ranks(-s if invert else s, prot[name])
+        if progress:
+            progress(i + 1, len(names))
+    meta = {"method": method, "invert": invert, "seed": seed,
+            "protected_dims": {str(k): v for k, v in (protect or {}).items() if v},
+            "calibration": (stats.meta.get("prompts") if stats else None),
+            "other": (other.meta.get("prompts") if other else None)}
+    return Ranking(ranks, prot, meta)
+
+
+# --------------------------------------------------------------------------- masks
+
+
+@dataclass
+class MaskSet:
+    """Keep-masks per module, oriented like ``LinearInfo.weight`` (out, in); True = kept."""
+
+    keep: dict[str, torch.Tensor]
+    target: float
+    pattern: str
+    meta: dict = field(default_factory=dict)
+
+    def sparsity(self) -> dict[str, float]:
+        """Sparsity reached per module."""
+        return {n: 1.0 - k.float().mean().item() for n, k in self.keep.items()}
+
+    def overall_sparsity(self) -> float:
+        total = sum(k.numel() for k in self.keep.values())
+        kept = sum(int(k.sum()) for k in self.keep.values())
+        return 1.0 - kept / max(total, 1)
+
+    def save(self, path) -> None:
+        """Masks as a safetensors file (bool tensors) with target and pattern in its metadata."""
+        import json
+
+        meta = {"target": str(self.target), "pattern": self.pattern, "meta": json.dumps(self.meta)}
+        save_file({n: k.contiguous() for n, k in self.keep.items()}, str(path), metadata=meta)
+
+    @classmethod
+    def load(cls, path) -> MaskSet:
+        import json
+
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata()
+        return cls(load_file(str(path)), float(meta["target"]), meta["pattern"],
+                   json.loads(meta.get("meta", "{}")))
+
+
+_LOCKS: dict[int, threading.RLock] = {}
+_LOCKS_GUARD = threading.Lock()
+
+
+def model_lock(model: nn.Module) -> threading.RLock:
+    """One lock per model object: whoever applies masks holds it until they are restored."""
+    with _LOCKS_GUARD:
+        return _LOCKS.setdefault(id(model), threading.RLock())
+
+
+class AppliedMasks:
+    """Masks applied in place; keeps only the pruned values, so restore is exact and cheap."""
+
+    def __init__(self, model: nn.Module, masks: MaskSet):
+        self.model, self.masks = model, masks
+        infos = linear_modules(model)
+        self._saved: dict[str, torch.Tensor] = {}
+        previous = getattr(model, "_mlprune_applied", None)
+        if previous is not None:  # applying again replaces, never stacks
+            previous.restore()
+        try:
+            with torch.no_grad():
+                for name, keep in masks.keep.items():
+                    w = infos[name].weight
+                    pruned = ~keep.to(w.device)
+                    self._saved[name] = w[pruned].clone()
+                    w[pruned] = 0
+        except Exception:
+            self.restore()
+            raise
+        model._mlprune_applied = self
+
+    def restore(self) -> None:
+        """Put every pruned value back: the dense weights, bit for bit."""
+        infos = linear_modules(self.model)
+        with torch.no_grad():
+            for name, values in self._saved.items():
+                w = infos[name].weight
+                w[~self.masks.keep[name].to(w.device)] = values
+        self._saved.clear()
+        if getattr(self.model, "_mlprune_applied", None) is self:
+            self.model._mlprune_applied = None
+
+    @property
+    def active(self) -> bool:
+        return getattr(self.model, "_mlprune_applied", None) is self
+
+    def nbytes(self) -> int:
+        """Memory held to restore: the pruned values only."""
+        return sum(v.numel() * v.element_size() for v in self._saved.values())
+
+
+def apply_masks(model: nn.Module, masks: MaskSet) -> AppliedMasks:
+    """Zero the pruned weights in place; call ``.restore()`` on the result to undo."""
+    return AppliedMasks(model, masks)
+
+
+def restore(model: nn.Module) -> None:
+    """Undo whatever masks are applied to this model (no-op when dense)."""
+    applied = getattr(model, "_mlprune_applied", None)
+    if applied is not None:
+        applied.restore()
+
+
+@contextmanager
+def pruned(model: nn.Module, masks: MaskSet | None):
+    """Run code on the pruned model under the model's lock, restoring it afterwards."""
+    with model_lock(model):
+        if masks is None:
+            yield model
+            return
+        applied = apply_masks(model, masks)
+        try:
+            yield model
+        finally:
+            applied.restore()
+
+
+# --------------------------------------------------------------------------- sequential
+
+
+def sequential_stats(model: nn.Module, tokenizer, texts: list[str], dense: ActivationStats, *,
+                     method: str, sparsity: float, pattern: str | Pattern = "unstructured",
+                     other: ActivationStats | None = None, invert: bool = False,
+                     protect: dict[int, list[int]] | None = None, modules: list[str] | None = None,
+                     seed: int = 0, batch_size: int = 8,
+                     progress: Callable[[int, int], None] | None = None) -> ActivationStats:
+    """Statistics as Wanda takes them: layer l's inputs with layers < l already pruned.
+
+    The model is left dense. The result ranks like any stats; its masks are exact at the
+    sparsity and pattern it was taken with, and an approximation at others.
+    """
+    infos = linear_modules(model)
+    names = modules or list(infos)
+    n_layers = dense.n_layers
+    sqnorms = dict(dense.input_sqnorms)
+    applied: list[AppliedMasks] = []
+    with model_lock(model):
+        runner = LayerRunner(model, tokenizer, texts, batch_size)
+        try:
+            for layer in range(n_layers):
+                here = [n for n in names if infos[n].layer == layer]
+                if here:
+                    sqnorms.update(runner.collect(layer, here))
+                    partial = ActivationStats(dense.hidden_norms, sqnorms, runner.n_tokens,
+                                              dense.n_prompts, dense.meta)
+                    ranking = rank_modules(model, partial, method=method, other=other,
+                                           invert=invert, protect=protect, modules=here, seed=seed)
+                    masks = ranking.masks(sparsity, pattern)
+                    model._mlprune_applied = None  # stack layer masks: we restore them all below
+                    applied.append(apply_masks(model, masks))
+                runner.advance(layer)
+                if progress:
+                    progress(layer + 1, n_layers)
+        finally:
+            for a in reversed(applied):
+                a.restore()
+            model._mlprune_applied = None
+    meta = dict(dense.meta, mode="sequential", sequential_sparsity=sparsity,
+                sequential_pattern=str(Pattern.parse(pattern)))
+    return ActivationStats(dense.hidden_norms, sqnorms, runner.n_tokens, dense.n_prompts, meta)
