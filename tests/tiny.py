@@ -29,7 +29,7 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
                                    eos_token="<eos>")
 
 
-def tiny_config(arch: str, hidden: int = 32, layers: int = 2):
+def tiny_config(arch: str, hidden: int = 32, layers: int = 2, heads: int = 4):
     common = dict(vocab_size=259, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     if arch == "gpt2":
         return AutoConfig.for_model("gpt2", n_embd=hidden, n_layer=layers, n_head=4,
@@ -41,7 +41,7 @@ def tiny_config(arch: str, hidden: int = 32, layers: int = 2):
                                     ffn_dim=2 * hidden, max_position_embeddings=512, **common)
     extra = {"head_dim": 8} if arch == "gemma3_text" else {}
     return AutoConfig.for_model(arch, hidden_size=hidden, num_hidden_layers=layers,
-                                num_attention_heads=4, num_key_value_heads=2,
+                                num_attention_heads=heads, num_key_value_heads=2,
                                 intermediate_size=2 * hidden, max_position_embeddings=512,
                                 **extra, **common)
 

@@ -1,0 +1,196 @@
+"""Generation, metrics, perplexity, export, and the resumable sweep."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from mlprune import MlpruneError
+from mlprune.capture import Cancelled, capture, encode
+from mlprune.evaluate import (
+    _trim, bleu, chrf, generate, language_of, perplexity, side_by_side, target_language_rate,
+)
+from mlprune.export import MASKS, REPORT, build_report, export_pruned, read_report
+from mlprune.models import linear_modules, load_model
+from mlprune.pipeline import PruneSpec, prune, sweep
+from mlprune.prune import MaskSet, rank_modules
+
+
+def test_trim_stops_at_end_of_line_and_eos(tok):
+    ids = tok("Bonjour\nHello", add_special_tokens=False)["input_ids"]
+    g = _trim(tok, ids, [0.5] * len(ids))
+    assert g.text == "Bonjour" and len(g.probs) == len(g.tokens) == 7
+    ids = tok("Hi", add_special_tokens=False)["input_ids"] + [tok.eos_token_id, 70, 71]
+    assert _trim(tok, ids, [0.9] * len(ids)).text == "Hi"
+
+
+def test_generate_is_greedy_and_batched_consistently(llama, tok):
+    prompts = ["French: Bonjour\nEnglish:", "a much longer prompt to force left padding here:"]
+    batched = generate(llama, tok, prompts, max_new_tokens=8, batch_size=2)
+    alone = [generate(llama, tok, [p], max_new_tokens=8)[0] for p in prompts]
+    assert [g.text for g in batched] == [g.text for g in alone]
+    # the greedy continuation equals a manual argmax loop
+    ids = torch.tensor([encode(tok, [prompts[0]])[0]])
+    for _ in range(len(alone[0].tokens)):
+        nxt = llama(input_ids=ids).logits[0, -1].argmax()
+        ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
+    manual = tok.decode(ids[0, len(encode(tok, [prompts[0]])[0]):])
+    assert manual.split("\n")[0].strip() == alone[0].text
+    assert all(0 < p <= 1 for p in alone[0].probs)
+
+
+def test_side_by_side_leaves_model_dense(llama, tok):
+    stats = capture(llama, tok, ["some calibration text", "more text here"])
+    masks = rank_modules(llama, stats).masks(0.9)
+    dense_weights = {k: v.clone() for k, v in llama.state_dict().items()}
+    dense, sparse = side_by_side(llama, tok, ["Hello:"], masks, max_new_tokens=6)
+    assert all(torch.equal(dense_weights[k], v) for k, v in llama.state_dict().items())
+    assert dense[0].tokens != sparse[0].tokens or dense[0].probs != sparse[0].probs
+
+
+def test_metrics():
+    refs = ["The cat sleeps on the sofa.", "It is sunny today."]
+    assert chrf(refs, refs) == pytest.approx(100)
+    assert bleu(refs, refs) == pytest.approx(100)
+    assert chrf(["xyz qqq", "zzz"], refs) < 20
+    assert language_of("Le chat dort sur le canapé et il fait beau.", ("en", "fr", "de")) == "fr"
+    assert target_language_rate(["Le chat dort sur le canapé.", "The cat sleeps on the sofa."],
+                                "fr", ("en", "fr")) == 0.5
+
+
+def test_perplexity_equals_direct_computation(llama, tok):
+    texts = ["Hello world, this is a test.", "Short."]
+    nll, n = 0.0, 0
+    for t in texts:
+        ids = torch.tensor([encode(tok, [t])[0]])
+        logp = torch.log_softmax(llama(input_ids=ids).logits[0, :-1].double(), -1)
+        nll -= logp.gather(1, ids[0, 1:, None]).sum().item()
+        n += ids.shape[1] - 1
+    assert perplexity(llama, tok, texts, batch_size=2) == pytest.approx(math.exp(nll / n), rel=1e-4)
+    with pytest.raises(MlpruneError, match="too short"):
+        perplexity(llama, tok, [""])
+
+
+def test_export_round_trip(tmp_path, loaded, corpus):
+    result = prune(loaded, corpus, PruneSpec(pair="fr-en", sparsity=0.5, samples=4, mode="sequential",
+                                             protect="top-k:2"))
+    report = build_report(loaded, result.masks, spec={"x": 1},
+                          calibration_texts=result.calibration.prompts.texts, timings=result.timings)
+    out = export_pruned(loaded, result.masks, tmp_path / "pruned", report)
+    assert {p.name for p in out.iterdir()} >= {"config.json", "model.safetensors", MASKS, REPORT}
+    # the in-memory model stays dense
+    assert all((linear_modules(loaded.model)[n].weight != 0).all() for n in result.masks.modules)
+    # loads back with mlprune and with plain transformers, pruned weights zero
+    back = load_model(str(out))
+    plain = AutoModelForCausalLM.from_pretrained(out)
+    masks = MaskSet.load(out / MASKS)
+    for name in masks.modules:
+        for model in (back.model, plain):
+            w = linear_modules(model)[name].weight
+            assert torch.equal(w == 0, ~masks.keep(name))
+    rep = read_report(out)
+    assert rep["sparsity_reached"] == pytest.approx(0.5)
+    assert rep["calibration_texts"] == result.calibration.prompts.texts
+    assert rep["method"] == "wanda" and rep["pattern"] == "unstructured"
+    assert set(rep["sparsity_per_module"]) == set(result.masks.modules)
+    with pytest.raises(MlpruneError, match="already exists"):
+        export_pruned(loaded, result.masks, out, report)
+
+
+def test_interrupted_export_leaves_nothing_that_looks_complete(tmp_path, loaded, corpus, monkeypatch):
+    result = prune(loaded, corpus, PruneSpec(pair="fr-en", sparsity=0.5, samples=2, mode="one-shot"))
+    dense = {k: v.clone() for k, v in loaded.model.state_dict().items()}
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loaded.tokenizer, "save_pretrained", boom)
+    with pytest.raises(KeyboardInterrupt):
+        export_pruned(loaded, result.masks, tmp_path / "out", {})
+    assert list(tmp_path.iterdir()) == []
+    assert all(torch.equal(dense[k], v) for k, v in loaded.model.state_dict().items())
+
+
+def test_sweep_resumes_after_a_crash_with_the_same_table(tmp_path, loaded, corpus):
+    kwargs = dict(methods=["wanda-mt", "magnitude"], sparsities=[0.0, 0.5], pairs=["fr-en"],
+                  limit=2, base=PruneSpec(samples=2))
+    full = sweep(loaded, corpus, out_csv=tmp_path / "full.csv", **kwargs)
+    assert len(full) == 4
+    calls = {"n": 0}
+
+    def stop_after_two():
+        calls["n"] += 1
+        return calls["n"] > 2
+
+    with pytest.raises(Cancelled):
+        sweep(loaded, corpus, out_csv=tmp_path / "resumed.csv", should_stop=stop_after_two, **kwargs)
+    partial = (tmp_path / "resumed.csv").read_text().splitlines()
+    assert 1 < len(partial) < 5  # header + the rows finished before the stop
+    resumed = sweep(loaded, corpus, out_csv=tmp_path / "resumed.csv", **kwargs)
+    key = lambda r: (r["method"], float(r["sparsity"]))  # noqa: E731
+    for a, b in zip(sorted(full, key=key), sorted(resumed, key=key)):
+        assert a["method"] == b["method"] and float(a["sparsity"]) == float(b["sparsity"])
+        assert float(a["chrf"]) == pytest.approx(float(b["chrf"]))
+        assert float(a["perplexity"]) == pytest.approx(float(b["perplexity"]), rel=1e-5)
+    assert (tmp_path / "resumed.csv").read_text().count("\n") == 5
+
+
+def test_spec_validation():
+    for spec, message in [(PruneSpec(method="obs"), "Unknown method"), (PruneSpec(mode="x"), "Unknown mode"),
+                          (PruneSpec(sparsity=1.0), "Sparsity"), (PruneSpec(pair="en-en"), "same language"),
+                          (PruneSpec(samples=0), "at least 1"), (PruneSpec(pattern="8:4"), "smaller than M")]:
+        with pytest.raises(MlpruneError, match=message):
+            spec.validate()
+
+
+def test_cli_end_to_end(tmp_path, tiny_folder, corpus_file, capsys):
+    from mlprune.cli import main
+
+    out_json = tmp_path / "a.json"
+    assert main(["analyze", "--model", str(tiny_folder), "--corpus", str(corpus_file), "--pair", "fr-en",
+                 "--mono", "en", "--samples", "3", "--json", str(out_json), "--figure",
+                 str(tmp_path / "f.html")]) == 0
+    data = json.loads(out_json.read_text())
+    assert len(data["layers"]) == 2
+    top = data["layers"][0]["top"][0]
+    assert set(top) == {"dim", "magnitude", "ratio_to_median"} and "median" in data["layers"][0]
+    assert set(data["sets"]) == {"mt:fr-en", "mono:en"}
+    assert (tmp_path / "f.html").stat().st_size > 1000
+
+    pruned_dir = tmp_path / "p"
+    assert main(["prune", "--model", str(tiny_folder), "--corpus", str(corpus_file), "--pair", "fr-en",
+                 "--sparsity", "0.5", "--pattern", "2:4", "--samples", "3", "--out", str(pruned_dir)]) == 0
+    assert read_report(pruned_dir)["pattern"] == "2:4"
+    metrics = tmp_path / "e.json"
+    assert main(["eval", "--model", str(pruned_dir), "--corpus", str(corpus_file), "--pair", "fr-en",
+                 "--limit", "2", "--json", str(metrics)]) == 0
+    assert {"chrf", "bleu", "target_language_rate", "perplexity", "n"} <= set(json.loads(metrics.read_text()))
+    assert main(["compare", "--model", str(tiny_folder), "--pruned", str(pruned_dir), "--corpus",
+                 str(corpus_file), "--limit", "1"]) == 0
+    assert "pruned   :" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["prune", "--sparsity", "1.5", "--out", "x"], "Sparsity must be in [0, 1)"),
+    (["prune", "--method", "obs", "--out", "x"], "Unknown method 'obs'"),
+    (["prune", "--pattern", "4:2", "--out", "x"], "smaller than M"),
+    (["prune", "--pair", "fr-fr", "--out", "x"], "same language twice"),
+    (["eval", "--model", "/does/not/exist"], "No model folder or .gguf file"),
+])
+def test_cli_bad_input_is_one_sentence(args, message, capsys):
+    from mlprune.cli import main
+
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("mlprune: ") and message in err and "Traceback" not in err
+
+
+def test_cli_missing_language(tiny_folder, corpus_file, capsys):
+    from mlprune.cli import main
+
+    assert main(["eval", "--model", str(tiny_folder), "--corpus", str(corpus_file), "--pair", "fr-ja"]) == 2
+    assert "has no column for ja" in capsys.readouterr().err

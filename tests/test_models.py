@@ -1,0 +1,118 @@
+"""Loading and architecture-agnostic discovery of layers and linear modules."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny import ARCHITECTURES, save_tiny, tiny_model
+from transformers import AutoModelForCausalLM
+
+from mlprune import MlpruneError
+from mlprune.models import decoder_layers, linear_modules, load_model
+
+EXPECTED_ROLES = {
+    "gemma3_text": {"attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", "mlp.down"},
+    "llama": {"attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", "mlp.down"},
+    "qwen2": {"attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", "mlp.down"},
+    "xglm": {"attn.q", "attn.k", "attn.v", "attn.o", "mlp.up", "mlp.down"},
+    "bloom": {"attn.qkv", "attn.o", "mlp.up", "mlp.down"},
+    "gpt2": {"attn.qkv", "attn.o", "mlp.up", "mlp.down"},
+}
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_layers_and_readable_module_names(arch):
+    model = tiny_model(arch)
+    assert len(decoder_layers(model)) == 2
+    infos = linear_modules(model)
+    for layer in (0, 1):
+        roles = {n.split(".", 2)[2] for n, i in infos.items() if i.layer == layer}
+        assert roles == EXPECTED_ROLES[arch]
+    # the embeddings and LM head are never listed
+    assert all(n.startswith("layers.") for n in infos)
+    head = model.get_output_embeddings()
+    assert all(i.module is not head for i in infos.values())
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_weight_view_is_out_by_in_and_writes_reach_the_model(arch):
+    model = tiny_model(arch)
+    info = linear_modules(model)["layers.0.mlp.up"]
+    w = info.weight
+    assert w.shape == (info.module(torch.zeros(1, w.shape[1])).shape[-1], w.shape[1])
+    x = torch.randn(3, w.shape[1])
+    before = info.module(x)
+    w[0, :] = 0  # zero every input of output 0
+    after = info.module(x)
+    bias = info.module.bias if info.module.bias is not None else torch.zeros(w.shape[0])
+    assert torch.allclose(after[:, 0], bias[0].expand(3))
+    assert torch.allclose(after[:, 1:], before[:, 1:])
+    assert info.transposed == (arch == "gpt2")
+
+
+def test_load_local_folder(tiny_folder):
+    loaded = load_model(str(tiny_folder))
+    assert loaded.source == "local"
+    facts = loaded.facts()
+    assert facts["layers"] == 2 and facts["hidden_size"] == 32 and facts["dtype"] == "float32"
+    assert facts["dequantized_from"] is None
+
+
+def test_missing_path_is_one_sentence(tmp_path):
+    with pytest.raises(MlpruneError, match="No model folder or .gguf file at"):
+        load_model(str(tmp_path / "nope" / "model"))
+    with pytest.raises(MlpruneError, match="No GGUF file"):
+        load_model(str(tmp_path / "x.gguf"))
+
+
+def test_folder_without_weights(tmp_path):
+    save_tiny(tmp_path / "m")
+    for f in (tmp_path / "m").glob("*.safetensors"):
+        f.unlink()
+    with pytest.raises(MlpruneError, match="no weight files"):
+        load_model(str(tmp_path / "m"))
+
+
+def test_folder_without_config(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(MlpruneError, match="no config.json"):
+        load_model(str(tmp_path / "empty"))
+
+
+def test_truncated_safetensors_is_one_sentence(tmp_path):
+    folder = save_tiny(tmp_path / "m")
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:200])
+    with pytest.raises(MlpruneError, match="Could not read the model"):
+        load_model(str(folder))
+
+
+def test_corrupt_gguf_is_one_sentence(tmp_path):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + b"\x00" * 64)
+    with pytest.raises(MlpruneError, match="Could not read the GGUF file"):
+        load_model(str(bad))
+
+
+def test_unreachable_hub_id_fails_fast(monkeypatch, tmp_path):
+    import mlprune.models as models
+
+    monkeypatch.setattr(models, "hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    with pytest.raises(MlpruneError, match="hub cannot be reached"):
+        load_model("someone/not-a-cached-model")
+
+
+def test_no_recognisable_layers():
+    class Flat(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(4, 4)
+
+    with pytest.raises(MlpruneError, match="No decoder layers found"):
+        decoder_layers(Flat())
+
+
+def test_saved_folder_loads_with_plain_transformers(tiny_folder):
+    model = AutoModelForCausalLM.from_pretrained(tiny_folder)
+    assert len(decoder_layers(model)) == 2
