@@ -7,7 +7,15 @@ import torch
 from tiny import ARCHITECTURES, byte_tokenizer, tiny_model
 
 from mlprune import MlpruneError
-from mlprune.capture import ActivationStats, Cancelled, _Collector, capture, check_finite, encode, token_magnitudes
+from mlprune.capture import (
+    ActivationStats,
+    Cancelled,
+    _Collector,
+    capture,
+    check_finite,
+    encode,
+    token_magnitudes,
+)
 from mlprune.features import Rule, detect, detected_dims, overlap, overlap_matrix, top_dims
 from mlprune.models import linear_modules
 
@@ -24,7 +32,8 @@ def direct_stats(model, tok, texts):
         ids = torch.tensor([encode(tok, [text])[0]])
         seen = {}
         handles = [i.module.register_forward_pre_hook(
-            lambda m, a, n=n: seen.__setitem__(n, a[0].detach())) for n, i in infos.items()]
+            lambda m, a, n=n, seen=seen: seen.__setitem__(n, a[0].detach()))
+            for n, i in infos.items()]
         with torch.no_grad():
             out = model(input_ids=ids, output_hidden_states=True)
         for h in handles:

@@ -13,7 +13,11 @@ from hypothesis import strategies as st
 from mlprune import MlpruneError
 from mlprune.corpus import read_corpus
 from mlprune.prompts import (
-    eval_items, monolingual_prompts, parse_pair, split_rows, translation_prompts,
+    eval_items,
+    monolingual_prompts,
+    parse_pair,
+    split_rows,
+    translation_prompts,
 )
 
 # Sentences: any text but tabs/newlines (cell and row separators), not blank, no edge spaces.

@@ -12,7 +12,14 @@ from transformers import AutoModelForCausalLM
 from mlprune import MlpruneError
 from mlprune.capture import Cancelled, capture, encode
 from mlprune.evaluate import (
-    _trim, bleu, chrf, generate, language_of, perplexity, side_by_side, target_language_rate,
+    _trim,
+    bleu,
+    chrf,
+    generate,
+    language_of,
+    perplexity,
+    side_by_side,
+    target_language_rate,
 )
 from mlprune.export import MASKS, REPORT, build_report, export_pruned, read_report
 from mlprune.models import linear_modules, load_model

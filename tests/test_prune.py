@@ -10,7 +10,14 @@ from mlprune import MlpruneError
 from mlprune.capture import capture
 from mlprune.models import linear_modules
 from mlprune.prune import (
-    MaskSet, Pattern, apply_masks, pruned, rank_modules, restore, select_modules, sequential_stats,
+    MaskSet,
+    Pattern,
+    apply_masks,
+    pruned,
+    rank_modules,
+    restore,
+    select_modules,
+    sequential_stats,
 )
 
 TEXTS = ["French: Le chat dort.\nEnglish: The cat sleeps.\n", "Hello there, general.",
