@@ -305,6 +305,28 @@ def _check_folder(folder: Path) -> None:
     weights = [p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".pt")]
     if not weights:
         raise MlpruneError(f"{folder} has a config.json but no weight files (*.safetensors, *.bin).")
+    check_fits(sum(p.stat().st_size for p in weights), str(folder))
+
+
+def available_memory() -> int:
+    """Bytes of memory available to a new allocation (MemAvailable; physical memory elsewhere)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_fits(weight_bytes: int, what: str, headroom: float = 1.2) -> None:
+    """Refuse, before loading, a model whose weights cannot fit in the memory available."""
+    need, have = int(weight_bytes * headroom), available_memory()
+    if need > have:
+        raise MlpruneError(
+            f"{what} needs about {need / 2**30:.1f} GiB to load but only {have / 2**30:.1f} GiB "
+            "of memory is available; pick a smaller model or a machine with more memory."
+        )
 
 
 MARKER = "mlprune_source.json"
@@ -331,6 +353,16 @@ def _gguf_quant_type(path: Path) -> str:
         return "quantized"
 
 
+def _gguf_dequantized_bytes(path: Path) -> int:
+    """fp32 size of a GGUF's tensors once de-quantized (what loading it will hold)."""
+    try:
+        from gguf import GGUFReader
+
+        return sum(int(t.n_elements) for t in GGUFReader(path).tensors) * 4
+    except Exception as e:
+        raise MlpruneError(f"Could not read the GGUF file {path}: {str(e).splitlines()[0]}") from e
+
+
 def _embedded_folder(say) -> Path:
     """The embedded model's converted folder, assembling and converting it on first use."""
     try:
@@ -355,6 +387,7 @@ def _gguf_to_safetensors(path: Path, say, target: Path | None = None) -> Path:
     target = target or cache_dir() / "gguf" / f"{path.stem}-{key[:12]}"
     if (target / MARKER).is_file():
         return target
+    check_fits(_gguf_dequantized_bytes(path), path.name)
     say(0.1, f"De-quantizing {path.name} (first load only, ~40 s; cached in {target})")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -7,6 +7,7 @@ pruned model means the same thing wherever it was made.
 from __future__ import annotations
 
 import csv
+import hashlib
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -17,7 +18,7 @@ from mlprune.capture import ActivationStats, Cancelled, capture
 from mlprune.corpus import ParallelCorpus
 from mlprune.evaluate import evaluate_translation
 from mlprune.features import detected_dims
-from mlprune.models import LoadedModel
+from mlprune.models import LoadedModel, cache_dir
 from mlprune.prompts import PromptSet, calibration_prompts, parse_pair
 from mlprune.prune import (
     METHODS,
@@ -96,23 +97,49 @@ def _quiet(stage: str, fraction: float) -> None:
     pass
 
 
+def model_fingerprint(loaded: LoadedModel) -> str:
+    """A short id of the model's current weights: name, shapes and a sample of values."""
+    h = hashlib.sha256(loaded.name.encode())
+    for name, param in list(loaded.model.named_parameters())[:64]:
+        h.update(f"{name}{tuple(param.shape)}{param.dtype}".encode())
+        h.update(param.detach().flatten()[:256].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def cached_capture(loaded: LoadedModel, prompts: PromptSet, *, batch_size: int = 8,
+                   progress: Callable[[int, int], None] | None = None,
+                   should_stop: Callable[[], bool] | None = None) -> ActivationStats:
+    """Capture, saved to the cache folder as soon as it is done and read back next time,
+    so a crash later never costs the calibration again."""
+    key = hashlib.sha256(("\x00".join(prompts.texts) + model_fingerprint(loaded)).encode()).hexdigest()
+    path = cache_dir() / "stats" / f"{prompts.name.replace(':', '_')}-{key[:20]}.safetensors"
+    if path.is_file():
+        try:
+            return ActivationStats.load(path)
+        except MlpruneError:
+            path.unlink(missing_ok=True)  # a damaged cache entry: capture again
+    stats = capture(loaded.model, loaded.tokenizer, prompts, batch_size=batch_size,
+                    progress=progress, should_stop=should_stop)
+    stats.save(path)
+    return stats
+
+
 def calibrate(loaded: LoadedModel, corpus: ParallelCorpus, spec: PruneSpec, *,
               batch_size: int = 8, progress: Progress = _quiet,
               should_stop: Callable[[], bool] | None = None) -> Calibration:
-    """Capture the dense model's statistics on the spec's calibration set (and second set)."""
+    """The dense model's statistics on the spec's calibration set (and second set), cached."""
     start = time.perf_counter()
     prompts = calibration_prompts(corpus, spec.calibration, spec.pair, shots=spec.shots,
                                   samples=spec.samples, seed=spec.seed)
-    stats = capture(loaded.model, loaded.tokenizer, prompts, batch_size=batch_size,
-                    progress=lambda d, t: progress(f"calibration ({prompts.name})", d / t),
-                    should_stop=should_stop)
+    stats = cached_capture(loaded, prompts, batch_size=batch_size, should_stop=should_stop,
+                           progress=lambda d, t: progress(f"calibration ({prompts.name})", d / t))
     other = None
     if spec.method == "ratio":
         other_prompts = calibration_prompts(corpus, spec.other, spec.pair, shots=spec.shots,
                                             samples=spec.samples, seed=spec.seed)
-        other = capture(loaded.model, loaded.tokenizer, other_prompts, batch_size=batch_size,
-                        progress=lambda d, t: progress(f"second set ({other_prompts.name})", d / t),
-                        should_stop=should_stop)
+        other = cached_capture(
+            loaded, other_prompts, batch_size=batch_size, should_stop=should_stop,
+            progress=lambda d, t: progress(f"second set ({other_prompts.name})", d / t))
     return Calibration(prompts, stats, other, time.perf_counter() - start)
 
 

@@ -57,3 +57,11 @@ def corpus_file(tmp_path_factory):
     path.write_text("en\tfr\n" + "\n".join(f"{e}\t{f}" for e, f in zip(EN, FR)) + "\n",
                     encoding="utf-8")
     return path
+
+
+@pytest.fixture(autouse=True)
+def private_cache(request, tmp_path_factory, monkeypatch):
+    """Each test gets its own mlprune cache, except real-model tests, which reuse the
+    converted embedded model (converting it again would take ~90 s)."""
+    if request.node.get_closest_marker("real") is None:
+        monkeypatch.setenv("MLPRUNE_CACHE", str(tmp_path_factory.mktemp("cache")))

@@ -1,0 +1,64 @@
+"""A few tests on the embedded Gemma 3 270M (weights de-quantized from Q4_K_M).
+
+Marked ``real``: they load the real model (the first run converts the GGUF, ~90 s; later
+runs read the cached safetensors copy), and they still run in CI.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mlprune.capture import capture
+from mlprune.corpus import builtin_corpus
+from mlprune.evaluate import evaluate_translation, generate
+from mlprune.features import detect
+from mlprune.pipeline import PruneSpec, prune
+from mlprune.prompts import eval_items, translation_prompts
+from mlprune.prune import pruned
+
+pytestmark = pytest.mark.real
+
+
+@pytest.fixture(scope="module")
+def gemma():
+    from mlprune.models import load_model
+
+    return load_model()
+
+
+def test_embedded_model_loads_with_its_facts(gemma):
+    facts = gemma.facts()
+    assert facts["layers"] == 18 and facts["hidden_size"] == 640
+    assert facts["dequantized_from"] == "Q4_K_M" and facts["source"] == "embedded"
+    assert facts["linear_modules"] == 18 * 7
+
+
+def test_translating_shows_dimensions_hundreds_of_times_the_median(gemma):
+    stats = capture(gemma.model, gemma.tokenizer,
+                    translation_prompts(builtin_corpus(), "fr", "en", shots=4, samples=8))
+    table = detect(stats, "ratio:100")
+    middle = table[(table.layer >= 4) & (table.layer <= 12)]
+    assert len(middle) >= 5 and middle.ratio_to_median.max() > 300
+    # a handful of dimensions, not a smear: at most 5 per layer pass 100x the median
+    assert table.groupby("layer").size().max() <= 5
+
+
+def test_it_translates_and_pruning_changes_it_reversibly(gemma):
+    corpus = builtin_corpus()
+    items = eval_items(corpus, "fr", "en", shots=4, limit=3)
+    dense = generate(gemma.model, gemma.tokenizer, [it.prompt for it in items], max_new_tokens=32)
+    assert all(g.text and "\n" not in g.text for g in dense)
+    result = prune(gemma, corpus, PruneSpec(pair="fr-en", sparsity=0.5, samples=4, mode="one-shot"))
+    weights = {k: v.clone() for k, v in gemma.model.state_dict().items() if "layers.5." in k}
+    with pruned(gemma.model, result.masks):
+        sparse = generate(gemma.model, gemma.tokenizer, [it.prompt for it in items], max_new_tokens=32)
+    assert [g.text for g in sparse] != [g.text for g in dense]
+    assert all(torch.equal(weights[k], v) for k, v in gemma.model.state_dict().items() if k in weights)
+
+
+def test_few_shot_translation_scores_well_dense(gemma):
+    metrics = evaluate_translation(gemma.model, gemma.tokenizer, builtin_corpus(), "fr", "en",
+                                   limit=6, max_new_tokens=48)
+    assert metrics["chrf"] > 35 and metrics["target_language_rate"] >= 0.8
+    assert 1 < metrics["perplexity"] < 200
