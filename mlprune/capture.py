@@ -253,14 +253,15 @@ def check_finite(stats: ActivationStats) -> None:
 
 
 def token_magnitudes(model: nn.Module, tokenizer, text: str) -> tuple[list[str], torch.Tensor]:
-    """Tokens of one prompt and |h[layer, token, dim]| of the residual stream (fp16, CPU)."""
+    """Tokens of one prompt and |h[layer, token, dim]| of the residual stream (bf16, CPU;
+    fp16 would overflow to inf at the ~1e5 magnitudes real models reach)."""
     ids = encode(tokenizer, [text], context_length(model))[0]
     layers = decoder_layers(model)
     out: list[torch.Tensor] = []
 
     def hook(module, args, output):
         h = output[0] if isinstance(output, tuple) else output
-        out.append(h[0].detach().abs().to(torch.float16).cpu())
+        out.append(h[0].detach().abs().to(torch.bfloat16).cpu())
 
     handles = [layer.register_forward_hook(hook) for layer in layers]
     try:

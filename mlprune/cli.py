@@ -162,6 +162,62 @@ def cmd_prune(args) -> None:
 
 
 def cmd_eval(args) -> None:
+    if args.lm_eval:
+        import shlex
+
+        from mlprune import zeroshot as zs
+
+        model = zs.resolve_model_dir(args.pruned or args.model)
+        langs = args.langs.split(",") if args.langs else None
+        tasks = zs.lm_eval_tasks(args.lm_eval.split(","), langs)
+        if args.dry_run:
+            print(shlex.join(zs.lm_eval_command(model, tasks, output_path=args.lm_eval_out,
+                                                batch_size=args.batch_size, device=args.device,
+                                                dtype=args.dtype, limit=args.limit)))
+            return
+        results = zs.run_lm_eval(model, args.lm_eval.split(","), langs=langs,
+                                 output_path=args.lm_eval_out, batch_size=args.batch_size,
+                                 device=args.device, dtype=args.dtype, limit=args.limit)
+        for task, metrics in results.items():
+            print(f"{task}: " + "  ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+        if args.json:
+            _write_json(args.json, {"model": model, "lm_eval": results})
+        return
+    if args.task:
+        from mlprune import zeroshot as zs
+        from mlprune.models import load_model
+
+        langs = args.langs.split(",") if args.langs else None
+        tasks = [zs.load_task(t).subset(args.limit, langs) for t in args.task]  # fail before loading
+        args.corpus = None  # zero-shot tasks need no parallel corpus
+        loaded, _ = _load(args)
+        bar = _bar()
+
+        def score(model, tokenizer, who):
+            return [zs.evaluate_task(model, tokenizer, t, norm=args.norm, batch_size=args.batch_size,
+                                     progress=lambda d, n, t=t: bar(f"{who}: {t.name}", d / n))
+                    for t in tasks]
+
+        dense = score(loaded.model, loaded.tokenizer, "scoring")
+        report = {"model": loaded.name, "dequantized_from": loaded.dequantized_from,
+                  "tasks": {r.task: r.to_dict() for r in dense}}
+        if args.pruned:
+            other = load_model(args.pruned, dtype=args.dtype, device=args.device)
+            sparse = score(other.model, other.tokenizer, "scoring pruned")
+            report.update(pruned=other.name, pruned_tasks={r.task: r.to_dict() for r in sparse},
+                          comparison={})
+            for a, b in zip(dense, sparse):
+                rows = zs.compare_results(a, b, n_resamples=args.resamples, seed=args.seed)
+                report["comparison"][a.task] = rows
+                print(zs.format_comparison(f"{a.task} ({args.norm}-normalised)", rows))
+                print()
+        else:
+            for r in dense:
+                print(zs.format_result(r))
+                print()
+        if args.json:
+            _write_json(args.json, report)
+        return
     from mlprune.evaluate import evaluate_translation
     from mlprune.prompts import parse_pair
 
@@ -208,13 +264,23 @@ def cmd_sweep(args) -> None:
     from mlprune.pipeline import PruneSpec, sweep
     from mlprune.plots import sweep_figure
 
+    extra = None
+    if args.task:
+        from mlprune.zeroshot import sweep_eval
+
+        extra = sweep_eval(args.task, limit=args.task_limit, norm=args.norm,
+                           batch_size=args.batch_size, seed=args.seed)
+        extra.check_resume(args.csv)
     loaded, corpus = _load(args)
     sparsities = [float(s) for s in args.sparsities.split(",")]
     rows = sweep(loaded, corpus, methods=args.methods.split(","), sparsities=sparsities,
                  pairs=args.pair or ["fr-en"], limit=args.limit, out_csv=args.csv,
                  base=PruneSpec(shots=args.shots, samples=args.samples, seed=args.seed),
-                 batch_size=args.batch_size, progress=_bar())
+                 batch_size=args.batch_size, progress=_bar(), extra_eval=extra)
     table = pd.DataFrame(rows)
+    if extra is not None:  # the CSV has every column; the terminal gets the summary ones
+        summary = ("_acc_en", "_acc_non_en", "_rankc_mean", "_diff_non_en", "_p_non_en")
+        table = table[[c for c in table.columns if c not in extra.columns or c.endswith(summary)]]
     print(table.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
     print(f"wrote {args.csv}", file=sys.stderr)
     if args.figure:
@@ -271,11 +337,43 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--overwrite", action="store_true")
     pr.set_defaults(func=cmd_prune)
 
-    e = sub.add_parser("eval", help="few-shot translation: chrF, BLEU, language, perplexity")
+    e = sub.add_parser(
+        "eval", help="few-shot translation (chrF, BLEU, language, perplexity) or zero-shot tasks",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Few-shot translation by default. With --task: zero-shot multiple choice "
+                    "(accuracy per language, RankC consistency with English; with --pruned, "
+                    "dense vs pruned with a paired bootstrap). With --lm-eval: run "
+                    "lm-evaluation-harness on a model folder (needs 'pip install lm-eval' and "
+                    "a reachable Hugging Face hub, which serves the benchmarks' data).",
+        epilog="examples:\n"
+               "  mlprune eval --task nli --task sentiment --limit 40\n"
+               "  mlprune eval --task my_task.jsonl --pruned runs/wanda-mt-50\n"
+               "  mlprune eval --lm-eval xnli,xcopa --langs fr,sw --pruned runs/wanda-mt-50\n"
+               "  mlprune eval --lm-eval pawsx --pruned runs/wanda-mt-50 --dry-run")
     common(e)
     e.add_argument("--pair", default="fr-en")
-    e.add_argument("--limit", type=int, default=None, help="held-out sentences to use")
+    e.add_argument("--limit", type=int, default=None,
+                   help="held-out sentences; with --task items per language; with --lm-eval "
+                        "examples per lm-eval task")
     e.add_argument("--json", help="write the metrics here")
+    e.add_argument("--task", action="append", default=[],
+                   help="zero-shot task: nli, sentiment or a JSONL file of {id, lang, prompt, "
+                        "choices, label} (repeatable)")
+    e.add_argument("--pruned", "--compare-to", dest="pruned", default=None, metavar="DIR",
+                   help="with --task: also score this model (e.g. an mlprune export) and test "
+                        "the difference; with --lm-eval: the model to evaluate")
+    e.add_argument("--langs", default=None, help="languages to keep, e.g. en,fr,sw")
+    e.add_argument("--norm", default="token", choices=("token", "byte", "none"),
+                   help="score of a choice: log-likelihood per token (default), per byte, or "
+                        "summed (none)")
+    e.add_argument("--resamples", type=int, default=10_000, help="bootstrap resamples")
+    e.add_argument("--lm-eval", default=None, metavar="BENCHMARKS",
+                   help="xnli, xstorycloze, xcopa and/or pawsx (comma-separated), zero-shot "
+                        "through lm-evaluation-harness")
+    e.add_argument("--lm-eval-out", default="lm_eval_results",
+                   help="folder where lm-eval writes its results")
+    e.add_argument("--dry-run", action="store_true",
+                   help="with --lm-eval: print the lm_eval command instead of running it")
     e.set_defaults(func=cmd_eval)
 
     c = sub.add_parser("compare", help="dense and pruned generations side by side")
@@ -294,6 +392,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--limit", type=int, default=16, help="held-out sentences per point")
     s.add_argument("--csv", default="sweep.csv", help="results, appended row by row (resumable)")
     s.add_argument("--figure", default=None, help="chrF against sparsity (.html or .png)")
+    s.add_argument("--task", action="append", default=[],
+                   help="also score a zero-shot task per row: nli, sentiment or a JSONL file "
+                        "(repeatable); adds accuracy per language, the non-English mean, "
+                        "RankC with English and the difference from dense with its p-value")
+    s.add_argument("--task-limit", type=int, default=None, help="items per language per task")
+    s.add_argument("--norm", default="token", choices=("token", "byte", "none"),
+                   help="zero-shot choice score: per token (default), per byte, or summed")
     s.set_defaults(func=cmd_sweep)
     return p
 

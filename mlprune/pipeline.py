@@ -222,6 +222,7 @@ def sweep(loaded: LoadedModel, corpus: ParallelCorpus, *, methods: list[str], sp
     rows = list(done)
     total = len(methods) * len(sparsities) * len(pairs)
     count = len(seen)
+    dense: dict[str, tuple[dict, dict]] = {}  # pair -> dense metrics: the same for every method
     for pair in pairs:
         for method in methods:
             todo = [s for s in sparsities if (pair, method, float(s), pattern) not in seen]
@@ -229,18 +230,26 @@ def sweep(loaded: LoadedModel, corpus: ParallelCorpus, *, methods: list[str], sp
                 continue
             spec = replace(base, pair=pair, mode="one-shot", pattern="unstructured",
                            **SWEEP_METHODS[method]).validate()
-            calib = calibrate(loaded, corpus, spec, batch_size=batch_size, should_stop=should_stop) \
-                if needs_data(spec) or spec.protect else None
-            ranking = rank(loaded, spec, calib)
+            ranking = None
             for s in todo:
                 if should_stop is not None and should_stop():
                     raise Cancelled("Sweep cancelled; finished rows are kept.")
-                masks = ranking.masks(s) if s > 0 else None
-                with pruned(loaded.model, masks):
-                    metrics = evaluate_translation(loaded.model, loaded.tokenizer, corpus,
-                                                   *parse_pair(pair), shots=spec.shots, limit=limit,
-                                                   batch_size=batch_size)
-                    extra = extra_eval(loaded, method, s) if extra_eval else {}
+                if s == 0 and pair in dense:
+                    (metrics, extra), masks = dense[pair], None
+                else:
+                    if s > 0 and ranking is None:  # calibrate and rank only when pruning
+                        calib = calibrate(loaded, corpus, spec, batch_size=batch_size,
+                                          should_stop=should_stop) \
+                            if needs_data(spec) or spec.protect else None
+                        ranking = rank(loaded, spec, calib)
+                    masks = ranking.masks(s) if s > 0 else None
+                    with pruned(loaded.model, masks):
+                        metrics = evaluate_translation(loaded.model, loaded.tokenizer, corpus,
+                                                       *parse_pair(pair), shots=spec.shots,
+                                                       limit=limit, batch_size=batch_size)
+                        extra = extra_eval(loaded, method, s) if extra_eval else {}
+                    if s == 0:
+                        dense[pair] = metrics, extra
                 row = {"pair": pair, "method": method, "sparsity": float(s), "pattern": pattern,
                        **{k: metrics[k] for k in ("chrf", "bleu", "target_language_rate", "perplexity", "n")},
                        "sparsity_reached": masks.overall_sparsity() if masks else 0.0, **extra}

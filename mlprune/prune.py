@@ -23,6 +23,7 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -142,12 +143,37 @@ def scores(info: LinearInfo, method: str, stats: ActivationStats | None = None,
 
 
 def row_order(score: torch.Tensor, protected: torch.Tensor | None = None) -> torch.Tensor:
-    """Input columns of each row in ascending score order (protected columns last), int16/32."""
+    """Input columns of each row in ascending score order (protected columns last), int16/32.
+
+    Ties keep column order: the result is ``score.argsort(dim=1, stable=True)``.
+    """
     if protected is not None and protected.any():
         score = score.masked_fill(protected.to(score.device).unsqueeze(0), float("inf"))
     n_in = score.shape[1]
     dtype = torch.int16 if n_in <= torch.iinfo(torch.int16).max else torch.int32
-    return score.argsort(dim=1, stable=True).to(dtype)
+    if score.device.type != "cpu" or score.dtype != torch.float32:
+        return score.argsort(dim=1, stable=True).to(dtype)
+    order = _stable_argsort_rows(score)
+    return torch.from_numpy(order.astype(np.int16 if dtype == torch.int16 else np.int32))
+
+
+def _stable_argsort_rows(score: torch.Tensor) -> np.ndarray:
+    """``score.argsort(dim=1, stable=True)`` for fp32 on CPU, ~2x faster (ranking's main cost).
+
+    Each score becomes one int64 key: its float bits, mapped to an int32 that sorts like the
+    float, above its column index. Keys are then unique, so numpy's unstable (SIMD) integer
+    sort gives exactly the stable order, with no comparison sort of floats.
+    """
+    score = (score.detach() + 0.0).contiguous()  # our own copy; -0.0 ties with 0.0 as in a float sort
+    if score.isnan().any():  # a float sort puts every NaN last: give them one bit pattern
+        score = torch.where(score.isnan(), float("nan"), score)
+    bits = score.view(torch.int32)
+    bits ^= (bits >> 31) & 0x7FFFFFFF  # negative floats: flip the magnitude bits
+    keys = bits.numpy().astype(np.int64)
+    keys <<= 32
+    keys |= np.arange(score.shape[1], dtype=np.int64)
+    keys.sort(axis=1)
+    return keys & 0xFFFFFFFF
 
 
 @dataclass
@@ -197,14 +223,39 @@ class Ranking:
         if its group holds more than M - N protected columns (the report counts those)."""
         key = (name, pattern)
         if key not in self._nm_cache:
-            order = self.order[name]
-            out, n_in = order.shape
-            ranks = torch.empty_like(order)
-            ranks.scatter_(1, order.long(), torch.arange(n_in, dtype=order.dtype).expand_as(order))
-            in_group = ranks.view(out, n_in // pattern.m, pattern.m).argsort(dim=-1)[..., : pattern.n]
-            offsets = torch.arange(0, n_in, pattern.m).view(1, -1, 1)
-            self._nm_cache[key] = (in_group + offsets).reshape(out, -1).to(order.dtype)
+            self._nm_cache[key] = _lowest_in_groups(self.order[name], pattern.n, pattern.m)
         return self._nm_cache[key]
+
+
+def _lowest_in_groups(order: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Per row, the n lowest-ranked columns of each group of m, lowest first: [out, groups * n].
+
+    Equal to ``ranks.view(out, groups, m).argsort(-1)[..., :n]`` (plus group offsets), ~2.5x
+    faster: an argsort over millions of 4- or 8-element groups is slow, while a partial
+    selection sort across m contiguous planes (plane j = the j-th column of every group) is a
+    few vectorised min/max passes.
+    """
+    out, n_in = order.shape
+    groups = n_in // m
+    ranks = torch.empty_like(order)  # rank of each column in its row
+    ranks.scatter_(1, order.long(), torch.arange(n_in, dtype=order.dtype).expand_as(order))
+    # key = rank, then the column's place j in its group in the low bits: keys compare like
+    # ranks (they are unique in a row) and carry j along through the min/max passes
+    shift = (m - 1).bit_length()
+    keys = torch.empty(m, out, groups, dtype=torch.int32)
+    keys.copy_(ranks.view(out, groups, m).permute(2, 0, 1))
+    keys.bitwise_left_shift_(shift).bitwise_or_(torch.arange(m, dtype=torch.int32).view(m, 1, 1))
+    planes, spare = list(keys.unbind(0)), torch.empty(out, groups, dtype=torch.int32)
+    for r in range(n):  # after pass r, plane r holds the r-th lowest key of each group
+        for j in range(r + 1, m):
+            torch.minimum(planes[r], planes[j], out=spare)
+            torch.maximum(planes[r], planes[j], out=planes[j])
+            planes[r], spare = spare, planes[r]
+    cols = torch.empty(out, groups, n, dtype=order.dtype)
+    offsets = torch.arange(0, n_in, m, dtype=torch.int32)
+    for r in range(n):
+        cols[..., r] = planes[r].bitwise_and_((1 << shift) - 1).add_(offsets)
+    return cols.view(out, -1)
 
 
 def rank_modules(model: nn.Module, stats: ActivationStats | None = None, *, method: str = "wanda",
@@ -319,10 +370,13 @@ class AppliedMasks:
         model._mlprune_applied = self
         try:
             with torch.no_grad():
-                for name, cols in masks.pruned_cols.items():
+                items = list(masks.pruned_cols.items())
+                slots = _value_slots([infos[n].weight for n, _ in items], [c.numel() for _, c in items])
+                for (name, cols), slot in zip(items, slots):
                     w = infos[name].weight
                     idx = cols.to(w.device, torch.long)
-                    values = w.gather(1, idx)
+                    values = slot.view(cols.shape)
+                    torch.gather(w, 1, idx, out=values)
                     self._saved[name] = values
                     w.scatter_(1, idx, torch.zeros_like(values))
         except BaseException:
@@ -347,6 +401,22 @@ class AppliedMasks:
     def nbytes(self) -> int:
         """Memory held to restore: the pruned values only."""
         return sum(v.numel() * v.element_size() for v in self._saved.values())
+
+
+def _value_slots(weights: list[torch.Tensor], counts: list[int]) -> list[torch.Tensor]:
+    """Room for ``counts[i]`` pruned values of ``weights[i]``: slices of one buffer per device
+    and dtype. One allocation, freed whole on restore: a tensor per module would leave ~100
+    freed blocks between other allocations, which the C allocator keeps (+0.2 GB resident
+    memory on Gemma 3 270M)."""
+    groups: dict[tuple, list[int]] = {}
+    for i, w in enumerate(weights):
+        groups.setdefault((w.device, w.dtype), []).append(i)
+    slots: list[torch.Tensor] = [torch.empty(0)] * len(weights)
+    for (device, dtype), members in groups.items():
+        flat = torch.empty(sum(counts[i] for i in members), dtype=dtype, device=device)
+        for i, piece in zip(members, flat.split([counts[i] for i in members])):
+            slots[i] = piece
+    return slots
 
 
 def apply_masks(model: nn.Module, masks: MaskSet) -> AppliedMasks:

@@ -220,3 +220,22 @@ def test_masks_save_and_load(tmp_path, setup):
     back = MaskSet.load(tmp_path / "m.safetensors")
     assert back.pattern == "2:4" and back.target == 0.5
     assert all(torch.equal(back.keep(n), masks.keep(n)) for n in masks.modules)
+
+
+def test_fast_row_order_and_nm_match_the_plain_sorts():
+    """row_order's packed-key sort and N:M's selection passes equal the argsorts they replace."""
+    from mlprune.prune import _lowest_in_groups, row_order
+
+    g = torch.Generator().manual_seed(0)
+    odd = torch.tensor([0.0, -0.0, 1.0, float("inf"), -1.0, -float("inf"), float("nan"), 3e-42])
+    cases = [torch.randn(7, 48, generator=g), torch.randint(-2, 3, (7, 48), generator=g).float(),
+             odd[torch.randint(0, len(odd), (7, 48), generator=g)], torch.randn(48, 7, generator=g).t()]
+    for score in cases:
+        protected = torch.rand(48, generator=g) < 0.2
+        expected = score.masked_fill(protected, float("inf")).argsort(dim=1, stable=True)
+        order = row_order(score, protected)
+        assert order.dtype == torch.int16 and torch.equal(order.long(), expected)
+        ranks = torch.empty_like(expected).scatter_(1, expected, torch.arange(48).expand_as(expected))
+        for n, m in [(2, 4), (4, 8), (1, 4), (3, 6)]:
+            lowest = ranks.view(7, -1, m).argsort(dim=-1)[..., :n] + torch.arange(0, 48, m).view(1, -1, 1)
+            assert torch.equal(_lowest_in_groups(order, n, m).long(), lowest.reshape(7, -1))

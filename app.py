@@ -1,0 +1,149 @@
+"""mlprune dashboard: the home page (model and corpus) and the navigation to the task pages.
+
+Run it with ``streamlit run app.py``. The default model is the embedded Gemma 3 270M, or the
+spec in the MLPRUNE_MODEL environment variable; the default corpus is the built-in one, or
+the file in MLPRUNE_CORPUS.
+"""
+
+from __future__ import annotations
+
+import os
+
+import streamlit as st
+
+from mlprune import MlpruneError
+from mlprune import dashboard as db
+from mlprune.corpus import flores_corpus, language_name, read_corpus
+from mlprune.models import DEFAULT_MODEL
+from mlprune.prompts import split_rows
+
+SOURCES = {
+    "embedded": "Embedded default: Gemma 3 270M",
+    "hub": "Hugging Face hub id",
+    "folder": "Local folder",
+    "gguf": "GGUF file",
+}
+PLACEHOLDERS = {"hub": "google/gemma-3-270m", "folder": "/path/to/model-folder",
+                "gguf": "/path/to/model.gguf"}
+CORPORA = {"builtin": "Built-in corpus", "upload": "Upload a file (TSV, CSV, JSONL)",
+           "flores": "FLORES+ (needs the Hugging Face hub)"}
+
+
+def model_section() -> None:
+    st.header("Model")
+    current = db.model_spec()
+    db.default("w.model_source", db.source_of(current))
+    for kind in PLACEHOLDERS:
+        db.default(f"w.model_{kind}", current if db.source_of(current) == kind else "")
+    source = st.radio("Where the model comes from", list(SOURCES), format_func=SOURCES.get,
+                      key="w.model_source", horizontal=True)
+    if source == "embedded":
+        spec = DEFAULT_MODEL
+        st.caption("Gemma 3 270M (base), shipped on PyPI as a Q4_K_M GGUF and de-quantized "
+                   "once into a cached safetensors copy (~90 s the first time, seconds after).")
+    else:
+        spec = st.text_input(SOURCES[source], key=f"w.model_{source}",
+                             placeholder=PLACEHOLDERS[source]).strip()
+    if st.button("Load model", type="primary"):
+        with db.errors() as ok:
+            if not spec:
+                raise MlpruneError(f"Type a {SOURCES[source].lower()} first.")
+            db.loaded_model(spec)
+        if ok.ok:
+            db.set_model_spec(spec)
+    with db.errors() as ok:
+        loaded = db.loaded_model()
+    if not ok.ok:
+        return
+    facts = loaded.facts()
+    st.subheader(facts["model"])
+    cols = st.columns(6)
+    n = facts["parameters"]
+    cols[0].metric("Parameters", f"{n / 1e6:.1f} M" if n >= 1e5 else f"{n:,}")
+    cols[1].metric("Layers", facts["layers"])
+    cols[2].metric("Hidden size", facts["hidden_size"])
+    cols[3].metric("Linear modules", facts["linear_modules"])
+    cols[4].metric("Device", facts["device"])
+    cols[5].metric("dtype", facts["dtype"])
+    job = db.shared().jobs.get(db.model_spec())
+    st.caption(f"Source: {facts['source']} ({db.model_spec()})"
+               + (f"; loaded in {job.seconds:.1f} s" if job is not None else ""))
+    note = db.dequant_text(loaded.dequantized_from)
+    if note:
+        st.warning(note)
+
+
+def corpus_section() -> None:
+    st.header("Corpus")
+    db.default("w.corpus_source", "builtin")
+    choice = st.radio("Parallel corpus", list(CORPORA), format_func=CORPORA.get,
+                      key="w.corpus_source", horizontal=True)
+    if choice == "builtin":
+        if os.environ.get(db.CORPUS_ENV):
+            st.caption(f"{db.CORPUS_ENV} sets the default corpus here: "
+                       f"{os.environ[db.CORPUS_ENV]}")
+        current = st.session_state.get("corpus")
+        if current is not None and st.session_state.get("corpus_origin") != "default":
+            if st.button("Use the built-in corpus"):
+                with db.errors() as ok:
+                    corpus = db.default_corpus()
+                if ok.ok:
+                    db.set_corpus(corpus)
+                    st.session_state["corpus_origin"] = "default"
+    elif choice == "upload":
+        upload = st.file_uploader("One column per language, a header of language codes "
+                                  "(en, fr, zh...), one aligned sentence per row",
+                                  type=["tsv", "csv", "jsonl", "txt", "json"], key="corpus_upload")
+        if upload is not None:
+            marker = (upload.name, upload.size)
+            if st.session_state.get("corpus_origin") != marker:
+                with db.errors() as ok:
+                    fmt = upload.name.rsplit(".", 1)[-1].lower() if "." in upload.name else "tsv"
+                    corpus = read_corpus(upload.getvalue(), name=upload.name, fmt=fmt)
+                if ok.ok:
+                    db.set_corpus(corpus)
+                    st.session_state["corpus_origin"] = marker
+    else:
+        if st.button("Load FLORES+ (dev split)"):
+            with db.errors() as ok, st.spinner("Fetching FLORES+ from the hub"):
+                corpus = flores_corpus("dev")
+            if ok.ok:
+                db.set_corpus(corpus)
+                st.session_state["corpus_origin"] = "flores"
+    corpus = db.require_corpus()
+    if corpus is None:
+        return
+    pool, test = split_rows(corpus)
+    st.subheader(f"{corpus.name}: {len(corpus)} aligned sentences")
+    st.caption(f"{len(pool)} for demonstrations and calibration, {len(test)} held out for "
+               "evaluation (a fixed split). Languages: "
+               + ", ".join(f"{c} ({language_name(c)})" for c in corpus.languages))
+    st.dataframe(corpus.table.head(8), hide_index=True)
+
+
+def home() -> None:
+    st.title("mlprune")
+    st.markdown(
+        "See the **large-magnitude features** of a multilingual LLM while it translates, and "
+        "prune it with **Wanda calibrated on translation demonstrations** "
+        "(Kim et al., EMNLP 2024 Findings). Pick a model and a corpus here, then: "
+        "**Features** (which dimensions are large, per layer, token and language), "
+        "**Prune** (method, sparsity, pattern, protection; live), **Compare** (dense and "
+        "pruned side by side) and **Sweep** (methods x sparsities x directions).")
+    model_section()
+    corpus_section()
+
+
+st.set_page_config(page_title="mlprune", page_icon=":scissors:", layout="wide")
+db.keep_widget_state()
+navigation = st.navigation([
+    st.Page(home, title="Home", icon=":material/home:", default=True),
+    st.Page("pages/1_Features.py", title="Features", icon=":material/bar_chart:"),
+    st.Page("pages/2_Prune.py", title="Prune", icon=":material/content_cut:"),
+    st.Page("pages/3_Compare.py", title="Compare", icon=":material/compare:"),
+    st.Page("pages/4_Sweep.py", title="Sweep", icon=":material/stacked_line_chart:"),
+])
+status = st.sidebar.container()  # filled after the page, so it shows what the page just did
+navigation.run()
+with status:
+    db.sidebar_status()

@@ -1,0 +1,140 @@
+"""Sweep: methods x sparsities x directions, with progress, cancel, charts and a CSV."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import streamlit as st
+
+from mlprune import dashboard as db
+from mlprune import plots
+from mlprune.pipeline import SWEEP_METHODS, PruneSpec
+
+SPARSITIES = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
+
+
+def csv_path(loaded, corpus, config: dict) -> Path:
+    """One resumable CSV per session and per setting that changes what a row means."""
+    session = st.session_state.setdefault("session_id", uuid.uuid4().hex[:12])
+    what = json.dumps([db.model_key(loaded), db.corpus_key(corpus), config["limit"],
+                       config["samples"], config["shots"], config["extra"]])
+    name = hashlib.sha256(what.encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / "mlprune-sweeps" / session / f"{name}.csv"
+
+
+def cancel() -> None:
+    """The Cancel button: a click interrupts the running sweep at its next progress update
+    (Streamlit stops a script at its next st.* call when a new run is asked for)."""
+    st.session_state["sweep_running"] = None
+    st.session_state["sweep_cancelled"] = True
+    event = st.session_state.get("sweep_stop")
+    if event is not None:
+        event.set()
+
+
+def run(loaded, corpus, config: dict, out_csv: Path) -> None:
+    bar, _, stages = db.progress_bar("Sweeping")
+    beat = st.empty()
+    stop = st.session_state["sweep_stop"] = threading.Event()
+    start = time.perf_counter()
+
+    def should_stop() -> bool:
+        # Drawing is a yield point: a pending Cancel click stops the run right here.
+        beat.caption(f"running for {time.perf_counter() - start:.0f} s; rows are saved as "
+                     "they are measured, so a cancelled sweep resumes where it stopped")
+        return stop.is_set()
+
+    extra = [db.SWEEP_EXTRA_EVALS[name] for name in config["extra"]]
+
+    def extra_eval(loaded_, method, sparsity):
+        row = {}
+        for fn in extra:
+            row.update(fn(loaded_, method, sparsity))
+        return row
+
+    base = PruneSpec(shots=config["shots"], samples=config["samples"])
+    with db.errors():
+        db.run_sweep(loaded, corpus, methods=config["methods"], sparsities=config["sparsities"],
+                     pairs=config["pairs"], base=base, limit=config["limit"], out_csv=out_csv,
+                     progress=stages, should_stop=should_stop,
+                     extra_eval=extra_eval if extra else None)
+    st.session_state["sweep_running"] = None
+    bar.empty()
+    beat.empty()
+
+
+def main() -> None:
+    st.title("Sweep")
+    loaded = db.require_model()
+    corpus = db.require_corpus()
+    if loaded is None or corpus is None:
+        return
+    st.caption("Every method x sparsity x direction: unstructured, one-shot, one ranking per "
+               "method and direction; chrF, BLEU, output language and perplexity of the "
+               "held-out slice.")
+    pairs = db.all_pairs(corpus.languages)
+    db.valid_choices("w.sw_methods", list(SWEEP_METHODS), ["wanda-mt", "magnitude"])
+    db.valid_choices("w.sw_sparsities", SPARSITIES, [0.0, 0.3, 0.5])
+    db.valid_choices("w.sw_pairs", pairs, db.default_pairs(corpus.languages)[:1])
+    db.default("w.sw_limit", 8)
+    db.default("w.sw_samples", 8)
+    db.default("w.sw_shots", 4)
+    c1, c2, c3 = st.columns(3)
+    methods = c1.multiselect("Methods", list(SWEEP_METHODS), key="w.sw_methods")
+    sparsities = c2.multiselect("Sparsities", SPARSITIES, key="w.sw_sparsities",
+                                format_func=lambda s: f"{s:.0%}")
+    chosen_pairs = c3.multiselect("Directions", pairs, key="w.sw_pairs",
+                                  format_func=db.pair_label)
+    c1, c2, c3, c4 = st.columns(4)
+    limit = c1.number_input("Held-out sentences per cell", 1, 500, step=1, key="w.sw_limit")
+    samples = c2.number_input("Calibration prompts", 1, 256, step=1, key="w.sw_samples")
+    shots = c3.number_input("Shots", 1, 16, step=1, key="w.sw_shots")
+    db.valid_choices("w.sw_extra", list(db.SWEEP_EXTRA_EVALS), [])
+    extra = c4.multiselect("Zero-shot tasks", list(db.SWEEP_EXTRA_EVALS), key="w.sw_extra",
+                           help=f"Accuracy per language, RankC with English and the "
+                                f"difference from dense ({db.ZERO_SHOT_ITEMS} items per "
+                                "language); adds ~30 s per task and cell on 2 CPU cores.")
+    config = {"methods": methods, "sparsities": sorted(sparsities), "pairs": chosen_pairs,
+              "limit": int(limit), "samples": int(samples), "shots": int(shots), "extra": extra}
+    out_csv = csv_path(loaded, corpus, config)
+    cells = len(methods) * len(sparsities) * len(chosen_pairs)
+    b1, b2, b3 = st.columns([1, 1, 4])
+    if b1.button(f"Run {cells} cells", type="primary", disabled=cells == 0):
+        st.session_state["sweep_running"] = config
+        st.session_state["sweep_cancelled"] = False
+    b2.button("Cancel", on_click=cancel)
+    b3.caption("Rows already measured with these settings are kept and not measured again.")
+    if st.session_state.get("sweep_running") == config:
+        run(loaded, corpus, config, out_csv)
+    elif st.session_state.get("sweep_running"):
+        st.session_state["sweep_running"] = None  # the settings changed under it: stop
+    table = db.sweep_table(db.read_sweep_csv(out_csv), methods, sparsities, chosen_pairs)
+    if st.session_state.get("sweep_cancelled"):
+        st.warning(f"Sweep cancelled; {len(table)} finished rows are kept. Run it again to "
+                   "resume.")
+    if table.empty:
+        st.info("No results yet for these settings.")
+        return
+    q = loaded.dequantized_from
+    metrics = {"chrF": "chrf", "perplexity": "perplexity"}
+    for col in table.columns:  # zero-shot columns, when an extra evaluation added them
+        if col.endswith(("_acc_non_en", "_acc_en", "_rankc_mean")) and table[col].notna().any():
+            metrics[col.replace("_", " ")] = col
+    for tab, metric in zip(st.tabs(list(metrics)), metrics.values()):
+        with tab:
+            db.plot(plots.sweep_figure(table, metric, dequantized_from=q))
+    if any(c.endswith("_p_non_en") for c in table.columns):
+        st.caption("Zero-shot: `*_diff_*` is accuracy minus dense on the same items, `*_p_*` "
+                   "its paired-bootstrap p-value; `*_rankc_*` is consistency with English.")
+    st.dataframe(table, hide_index=True)
+    st.download_button("Download CSV", table.to_csv(index=False), file_name="mlprune-sweep.csv",
+                       mime="text/csv")
+
+
+main()

@@ -1,0 +1,205 @@
+"""The dashboard in headless Chromium on the embedded model: features -> prune -> compare.
+
+Starts ``streamlit run app.py`` on a free loopback port, drives Debian's /usr/bin/chromium
+with Playwright, checks the side-by-side outputs are on the page, measures how long a move
+of the sparsity slider takes to show a new pruned output, and saves a screenshot of every
+page to artifacts/screenshots/ (MLPRUNE_SCREENSHOTS moves it; MLPRUNE_ASSETS=1 also copies
+them to assets/ for the README).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.browser, pytest.mark.real]
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = "/usr/bin/chromium"
+SHOTS = Path(os.environ.get("MLPRUNE_SCREENSHOTS", ROOT / "artifacts" / "screenshots"))
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--no-first-run"]
+LOAD_S = 300  # the first start converts the embedded GGUF (~90 s on 2 cores)
+WORK_S = 240  # a capture, a ranking or a small sweep on 2 busy cores
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def builtin_corpus_present() -> bool:
+    return (ROOT / "mlprune" / "data" / "parallel.tsv").is_file()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """``streamlit run app.py`` on a free loopback port, the embedded model by default."""
+    port = free_port()
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.pop("MLPRUNE_MODEL", None)  # the embedded default, as a user gets it
+    if not builtin_corpus_present():  # an install without the corpus file: use the tests'
+        sys.path.insert(0, str(ROOT / "tests"))
+        from conftest import EN, FR
+
+        path = tmp_path_factory.mktemp("corpus") / "enfr.tsv"
+        path.write_text("en\tfr\n" + "".join(f"{e}\t{f}\n" for e, f in zip(EN, FR)), "utf-8")
+        env["MLPRUNE_CORPUS"] = str(path)
+    log = (tmp_path_factory.mktemp("server") / "streamlit.log").open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port),
+         "--server.address", "127.0.0.1", "--server.headless", "true"],
+        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).read() == b"ok":
+                break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        proc.terminate()
+        pytest.fail(f"streamlit did not start; see {log.name}")
+    yield url
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+
+
+@pytest.fixture(scope="module")
+def page(server):
+    if not Path(CHROMIUM).is_file():
+        pytest.skip(f"{CHROMIUM} is absent (apt-get install chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        tab = browser.new_page(viewport={"width": 1440, "height": 1000})
+        tab.set_default_timeout(WORK_S * 1000)
+        tab.goto(server)
+        yield tab
+        browser.close()
+
+
+def shoot(page, name: str) -> Path:
+    """Screenshot of the whole page. Streamlit scrolls inside its main section, not the
+    document, so the window is made as tall as that section's content for the picture."""
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.wait_for_timeout(1500)  # figures reach their final height
+    size = page.viewport_size
+    height = page.evaluate("""() => {
+        const main = document.querySelector('[data-testid="stMain"]');
+        return main ? main.scrollHeight : document.body.scrollHeight; }""")
+    page.set_viewport_size({"width": size["width"], "height": min(max(height, size["height"]),
+                                                                   6000)})
+    page.wait_for_timeout(1200)  # plotly redraws at the new size
+    path = SHOTS / f"{name}.png"
+    page.screenshot(path=str(path))
+    page.set_viewport_size(size)
+    print(f"screenshot: {path}")
+    return path
+
+
+def go(page, title: str) -> None:
+    """Follow the sidebar link to a page (a new URL would start a new session)."""
+    page.locator('[data-testid="stSidebarNav"] a', has_text=title).first.click()
+
+
+class Clock:
+    """Prints how long each step took, so a slow CI run shows where the time went."""
+
+    def __init__(self):
+        self.last = time.perf_counter()
+
+    def __call__(self, step: str) -> None:
+        now = time.perf_counter()
+        print(f"{step}: {now - self.last:.1f} s")
+        self.last = now
+
+    def skip(self) -> None:
+        """Leave out what follows (screenshots) from the next step's time."""
+        self.last = time.perf_counter()
+
+
+def test_features_prune_compare_on_the_embedded_model(page):
+    clock = Clock()
+    # Home: the embedded model loads (converted once, then cached) and shows its facts.
+    page.get_by_text("Hidden size").wait_for(timeout=LOAD_S * 1000)
+    page.get_by_text("de-quantized from 4-bit").first.wait_for()
+    clock("home (model loaded)")
+    shoot(page, "home")
+    clock.skip()
+
+    # Features: one capture, then the figures and the detected set.
+    go(page, "Features")
+    page.get_by_role("button", name="Run capture").click()
+    page.get_by_text("Detected dimensions").wait_for()
+    page.locator(".js-plotly-plot").first.wait_for()
+    clock("features (capture)")
+    shoot(page, "features")
+    clock.skip()
+
+    # Prune: rank once, then the slider re-prunes and the live preview follows.
+    go(page, "Prune")
+    page.get_by_role("button", name="Calibrate and rank").click()
+    page.locator('.mlp-out[data-kind="pruned"]').wait_for()
+    page.get_by_text("Pruned · unstructured · 50%").wait_for()
+    clock("prune (calibrate, rank, first pruned output)")
+    shoot(page, "prune")
+    clock.skip()
+    slider = page.locator('[data-testid="stSlider"]', has_text="Sparsity").get_by_role("slider")
+    latencies = []
+    for target in (55, 60, 65, 70):
+        slider.focus()
+        start = time.perf_counter()
+        page.keyboard.press("ArrowRight")
+        page.get_by_text(f"Pruned · unstructured · {target}%").wait_for()
+        latencies.append(time.perf_counter() - start)
+    clock("four slider moves")
+    print(f"slider -> new pruned output, seconds: {[round(x, 2) for x in latencies]} "
+          f"(median {statistics.median(latencies):.2f})")
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    (SHOTS / "slider_latency.json").write_text(json.dumps({"seconds": latencies}))
+    assert max(latencies) < 60  # a hang, not a speed limit: the number is reported above
+
+    # Compare: dense and pruned side by side for a held-out sentence.
+    go(page, "Compare")
+    dense = page.locator('.mlp-out[data-kind="dense"]')
+    pruned = page.locator('.mlp-out[data-kind="pruned"]')
+    dense.wait_for()
+    pruned.wait_for()
+    page.get_by_text("Output language").first.wait_for()
+    assert dense.inner_text().strip() and pruned.inner_text().strip()
+    clock("compare")
+    shoot(page, "compare")
+    clock.skip()
+
+    # Sweep: the page and a small grid (results of the runs above are reused where cached).
+    go(page, "Sweep")
+    cells = page.get_by_label("Held-out sentences per cell")
+    cells.fill("4")  # a small grid: 2 methods x 3 sparsities x 4 sentences
+    cells.press("Enter")
+    page.wait_for_timeout(1500)
+    page.get_by_role("button", name="Run").first.click()
+    page.locator(".js-plotly-plot").first.wait_for(timeout=2 * WORK_S * 1000)
+    clock("sweep (6 cells)")
+    shoot(page, "sweep")
+    clock.skip()
+
+    if os.environ.get("MLPRUNE_ASSETS") == "1":
+        for name in ("home", "features", "prune", "compare", "sweep"):
+            shutil.copy(SHOTS / f"{name}.png", ROOT / "assets" / f"{name}.png")

@@ -1,0 +1,593 @@
+"""The dashboard driven by Streamlit's AppTest on a tiny random model, and its figure builders.
+
+Every page: widgets changed, buttons pressed, figures present, bad input shown as one
+message (never an exception). And shared state: two sessions never see each other's masks,
+and the shared model is dense whenever no session is generating with its masks.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import EN
+from streamlit.testing.v1 import AppTest
+
+from mlprune import MlpruneError, plots
+from mlprune import dashboard as db
+from mlprune.capture import Cancelled, capture, token_magnitudes
+from mlprune.evaluate import Generation, generate
+from mlprune.features import detect, overlap_matrix
+from mlprune.models import load_model
+from mlprune.pipeline import PruneSpec
+from mlprune.prompts import eval_items, monolingual_prompts, translation_prompts
+from mlprune.prune import rank_modules
+
+ROOT = Path(__file__).resolve().parents[1]
+TIMEOUT = 60  # AppTest's default is 3 s; a first tiny-model load or ranking takes longer
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+@pytest.fixture
+def app_env(monkeypatch, tiny_folder, corpus_file):
+    """The app's default model is the tiny llama folder and its corpus the small en/fr file."""
+    monkeypatch.setenv(db.MODEL_ENV, str(tiny_folder))
+    monkeypatch.setenv(db.CORPUS_ENV, str(corpus_file))
+    return tiny_folder
+
+
+def new_app() -> AppTest:
+    return AppTest.from_file(str(ROOT / "app.py"), default_timeout=TIMEOUT)
+
+
+def run(at: AppTest) -> AppTest:
+    at.run(timeout=TIMEOUT)
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def goto(at: AppTest, page: str) -> AppTest:
+    return run(at.switch_page(f"pages/{page}.py"))
+
+
+def click(at: AppTest, label: str) -> AppTest:
+    matches = [b for b in at.button if b.label.startswith(label)]
+    assert matches, f"no button '{label}' in {[b.label for b in at.button]}"
+    matches[0].click()
+    return run(at)
+
+
+def charts(at: AppTest) -> list[dict]:
+    return [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
+
+
+def values(data) -> list:
+    """A plotly JSON array, plain or base64-typed (plotly >= 6 writes numbers as bdata)."""
+    if isinstance(data, dict) and "bdata" in data:
+        import base64
+
+        import numpy as np
+
+        return np.frombuffer(base64.b64decode(data["bdata"]), dtype=data["dtype"]).tolist()
+    return list(data)
+
+
+def chart_titles(at: AppTest) -> list[str]:
+    return [c["layout"].get("title", {}).get("text", "") for c in charts(at)]
+
+
+def errors(at: AppTest) -> list[str]:
+    return [e.value for e in at.error]
+
+
+def metric(at: AppTest, label: str) -> str:
+    return next(m.value for m in at.metric if m.label == label)
+
+
+def outputs(at: AppTest) -> dict[str, str]:
+    """The dense/pruned output boxes' HTML by kind."""
+    found = {}
+    for m in at.markdown:
+        for kind in ("dense", "pruned"):
+            if f'data-kind="{kind}"' in m.value:
+                found[kind] = m.value
+    return found
+
+
+def tokens_of(box: str) -> list[tuple[str, str]]:
+    """(probability, token) pairs of an output box, without the diff highlighting."""
+    import re
+
+    return re.findall(r'title="p = ([0-9.]+)">(.*?)</span>', box)
+
+
+def pruned_app(sparsity: int = 70) -> AppTest:
+    """A session that has ranked the default settings and pruned at ``sparsity``."""
+    at = goto(run(new_app()), "2_Prune")
+    if any(b.label == "Calibrate and rank" for b in at.button):
+        click(at, "Calibrate and rank")
+    at.slider(key="w.sparsity").set_value(sparsity)
+    return run(at)
+
+
+def dense_weights(folder) -> dict[str, torch.Tensor]:
+    return dict(load_model(str(folder)).model.state_dict())
+
+
+# --------------------------------------------------------------------------- home
+
+
+def test_home_shows_the_model_facts_and_the_corpus(app_env):
+    at = run(new_app())
+    assert metric(at, "Layers") == "2" and metric(at, "Hidden size") == "32"
+    assert metric(at, "dtype") == "float32" and metric(at, "Device") == "cpu"
+    assert at.radio(key="w.model_source").value == "folder"  # preselected from the spec
+    assert any("enfr.tsv: 20 aligned sentences" in s.value for s in at.subheader)
+    assert at.dataframe and not errors(at)
+    captions = [c.value for c in at.caption]
+    assert "none: the model is dense" in captions  # the sidebar's status
+
+
+def test_the_embedded_default_is_preselected_without_the_variable(monkeypatch):
+    monkeypatch.delenv(db.MODEL_ENV, raising=False)
+    at = AppTest.from_string(
+        "from mlprune import dashboard as db\nimport streamlit as st\nst.write(db.model_spec())")
+    at.run()
+    assert at.markdown[0].value == "embedded:gemma3-270m"
+    assert db.source_of("embedded:gemma3-270m") == "embedded"
+    assert db.source_of("/m/x.gguf") == "gguf" and db.source_of("./m") == "folder"
+    assert db.source_of("google/gemma-3-270m") == "hub"
+
+
+def test_a_model_that_cannot_be_found_is_one_message_and_the_page_stays(app_env, tmp_path):
+    at = run(new_app())
+    at.text_input(key="w.model_folder").set_value(str(tmp_path / "no-such-model"))
+    click(at, "Load model")
+    assert len(errors(at)) == 1 and "No model folder" in errors(at)[0]
+    assert metric(at, "Layers") == "2"  # the session keeps its working model
+    at.radio(key="w.model_source").set_value("gguf")
+    run(at)
+    at.text_input(key="w.model_gguf").set_value(str(tmp_path / "missing.gguf"))
+    click(at, "Load model")
+    assert errors(at) == [f"No GGUF file at {tmp_path / 'missing.gguf'}."]
+    at.text_input(key="w.model_gguf").set_value("")
+    click(at, "Load model")
+    assert errors(at) == ["Type a gguf file first."]
+
+
+def test_corpus_upload_flores_and_bad_files(app_env, monkeypatch):
+    def offline(split="dev", langs=None):
+        raise MlpruneError("FLORES+ could not be loaded: the Hugging Face hub is not reachable.")
+
+    monkeypatch.setattr("mlprune.corpus.flores_corpus", offline)
+    at = run(new_app())
+    at.radio(key="w.corpus_source").set_value("upload")
+    run(at)
+    text = "en,de\n" + "".join(f'"{e}","{e} (de)"\n' for e in EN)
+    at.file_uploader[0].set_value(("ende.csv", text.encode(), "text/csv"))
+    run(at)
+    assert any("ende.csv: 20 aligned sentences" in s.value for s in at.subheader)
+    assert not errors(at)
+    at.file_uploader[0].set_value(("broken.tsv", b"en\tfr\nonly one field\n", "text/plain"))
+    run(at)
+    assert errors(at) == ["Row 2 of 'broken.tsv' has 1 fields but the header has 2."]
+    assert any("ende.csv" in s.value for s in at.subheader)  # the good corpus stays
+    at.radio(key="w.corpus_source").set_value("flores")
+    run(at)
+    click(at, "Load FLORES+")
+    assert len(errors(at)) == 1 and errors(at)[0].startswith("FLORES+ could not be loaded")
+    at.radio(key="w.corpus_source").set_value("builtin")
+    run(at)
+    click(at, "Use the built-in corpus")  # MLPRUNE_CORPUS stands in for the built-in one
+    assert any("enfr.tsv" in s.value for s in at.subheader)
+
+
+# --------------------------------------------------------------------------- features
+
+
+def test_features_capture_figures_thresholds_and_downloads(app_env):
+    at = goto(run(new_app()), "1_Features")
+    assert not at.get("plotly_chart")
+    click(at, "Run capture")
+    titles = chart_titles(at)
+    assert len(titles) == 5
+    assert titles[0].startswith("Top 5 dimensions per layer (fr→en)")
+    assert "Magnitude per layer and dimension" in titles[1]
+    assert "Which tokens carry the large values" in titles[2]
+    assert "(x = 5%, mean over layers)" in titles[3]
+    assert titles[4].startswith("fr→en vs en→fr, dimension by dimension")
+    heatmap = charts(at)[1]
+    assert heatmap["data"][0]["type"] == "heatmap"
+    # thresholds update the detected set at once: top-k:2 on 2 layers is 4 dims
+    at.radio(key="w.rule_kind").set_value("top-k")
+    run(at)
+    at.number_input(key="w.rule_top-k").set_value(2)
+    run(at)
+    assert metric(at, "Detected dimensions") == "4"
+    assert at.session_state["rule"] == "top-k:2"
+    detected = charts(at)[1]["data"][1]  # the circled dims on the heatmap
+    assert len(values(detected["x"])) == 4
+    assert [d.label for d in at.get("download_button")] == ["Download CSV", "Download JSON"]
+    at.selectbox(key="w.feat_set").set_value("mono:en")
+    at.slider(key="w.top_n").set_value(3)
+    at.radio(key="w.ov_measure").set_value("top_in_bottom")
+    at.selectbox(key="w.ov_layer").set_value(1)
+    at.toggle(key="w.tok_only_detected").set_value(False)
+    run(at)
+    titles = chart_titles(at)
+    assert titles[0].startswith("Top 3 dimensions per layer (en (mono))")
+    assert "bottom-x% (x = 5%, layer 1)" in titles[3]
+
+
+def test_features_bad_input_is_one_message(app_env):
+    at = goto(run(new_app()), "1_Features")
+    at.text_input(key="w.directions").set_value("fr-en, zh-en")
+    click(at, "Run capture")
+    assert errors(at) == ["The corpus 'enfr.tsv' has no column for zh; it has en, fr."]
+    at.text_input(key="w.directions").set_value("fr")
+    click(at, "Run capture")
+    assert errors(at) == ["'fr' is not a language pair; write it as src-tgt, e.g. fr-en."]
+    at.text_input(key="w.directions").set_value("fr→en")
+    at.number_input(key="w.feat_shots").set_value(16)
+    click(at, "Run capture")
+    assert "16 shots need 16 demonstration sentences" in errors(at)[0]
+    at.number_input(key="w.feat_shots").set_value(2)
+    click(at, "Run capture")  # and the page still works
+    assert not errors(at) and len(at.get("plotly_chart")) == 5
+
+
+# --------------------------------------------------------------------------- prune
+
+
+def test_prune_slider_re_prunes_without_a_pass_over_data(app_env, monkeypatch):
+    import mlprune.pipeline as pipeline
+
+    at = goto(run(new_app()), "2_Prune")
+    at.number_input(key="w.prune_samples").set_value(5)  # settings no other test ranked
+    run(at)
+    assert any("need scores ranked once" in i.value for i in at.info)
+    click(at, "Calibrate and rank")
+    assert metric(at, "Sparsity reached") == "50.0%"
+    assert len(charts(at)) == 2 and set(outputs(at)) == {"dense", "pruned"}
+    calls = {"capture": 0, "rank": 0}
+    real_capture, real_rank = pipeline.capture, pipeline.rank_modules
+
+    def counting_capture(*a, **k):
+        calls["capture"] += 1
+        return real_capture(*a, **k)
+
+    def counting_rank(*a, **k):
+        calls["rank"] += 1
+        return real_rank(*a, **k)
+
+    monkeypatch.setattr(pipeline, "capture", counting_capture)
+    monkeypatch.setattr(pipeline, "rank_modules", counting_rank)
+    for value, reached in ((70, "68.8%"), (25, "25.0%"), (60, "59.4%")):
+        at.slider(key="w.sparsity").set_value(value)
+        run(at)
+        assert metric(at, "Sparsity reached") == reached  # exact per row: int(32 * s) / 32
+        assert f"reached {reached}" in chart_titles(at)[0]
+        assert any(f"Pruned · unstructured · {value}%" in m.value for m in at.markdown)
+    at.radio(key="w.pattern").set_value("2:4")
+    run(at)
+    assert metric(at, "Sparsity reached") == "50.0%"
+    assert calls == {"capture": 0, "rank": 0}  # masks came from the cached ranking
+    state = at.session_state["pruned"]
+    assert state.masks.pattern == "2:4" and state.spec.pattern == "2:4"
+
+
+def test_prune_impossible_patterns_and_empty_selections_are_messages(app_env):
+    at = pruned_app(50)
+    at.radio(key="w.pattern").set_value("other N:M")
+    run(at)
+    at.text_input(key="w.pattern_other").set_value("3:7")
+    run(at)
+    assert errors(at) == ["3:7 needs input widths divisible by 7, but layers.0.attn.q has 32 "
+                          "inputs."]
+    at.text_input(key="w.pattern_other").set_value("5:4")
+    run(at)
+    assert errors(at) == ["In the pattern 5:4, N must be at least 1 and smaller than M."]
+    at.text_input(key="w.pattern_other").set_value("1:4")
+    run(at)
+    assert not errors(at) and metric(at, "Sparsity reached") == "25.0%"
+    at.multiselect(key="w.blocks").set_value([])
+    run(at)
+    assert errors(at) == ["Pick at least one kind of module to prune (attn, mlp)."]
+    at.multiselect(key="w.blocks").set_value(["mlp"])
+    at.toggle(key="w.protect").set_value(True)
+    run(at)
+    at.text_input(key="w.protect_rule").set_value("top-k:0")
+    run(at)
+    assert errors(at) == ["The value in 'top-k:0' must be a positive integer."]
+
+
+def test_prune_protection_layers_mask_view_and_export(app_env, tmp_path):
+    at = goto(run(new_app()), "2_Prune")
+    at.toggle(key="w.protect").set_value(True)
+    run(at)
+    at.text_input(key="w.protect_rule").set_value("top-k:3")
+    at.slider(key="w.layers").set_value((1, 1))
+    at.radio(key="w.mode").set_value("sequential")
+    run(at)
+    click(at, "Calibrate and rank")
+    state = at.session_state["pruned"]
+    assert state.masks.modules == [f"layers.1.{m}" for m in
+                                   ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate",
+                                    "mlp.up", "mlp.down")]
+    assert int(state.masks.protected["layers.1.attn.q"].sum()) == 3
+    at.selectbox(key="w.mask_module").set_value("layers.1.mlp.up")
+    run(at)
+    title = chart_titles(at)[1]
+    assert title.startswith("layers.1.mlp.up") and "3 protected input columns" in title
+    at.radio(key="w.mask_view").set_value("crop")
+    run(at)
+    assert "one cell per weight" in chart_titles(at)[1]
+    at.slider(key="w.sparsity").set_value(60)
+    run(at)
+    assert any("Sequential statistics were taken at 50%" in w.value for w in at.warning)
+    click(at, "Recalibrate here")
+    at.text_input(key="w.export_dir").set_value(str(tmp_path / "out"))
+    click(at, "Export the pruned model")
+    report = json.loads((tmp_path / "out" / "mlprune_report.json").read_text())
+    assert report["spec"]["protect"] == "top-k:3" and report["spec"]["sparsity"] == 0.6
+    assert any("Wrote" in s.value for s in at.success)
+    click(at, "Export the pruned model")  # it exists now: one message, not a traceback
+    assert errors(at) == [f"{tmp_path / 'out'} already exists; choose another folder or allow "
+                          "overwriting."]
+    assert [d.label for d in at.get("download_button")] == ["Download the report (JSON)"]
+
+
+# --------------------------------------------------------------------------- compare
+
+
+def test_compare_side_by_side_language_and_chrf(app_env):
+    at = pruned_app(70)
+    goto(at, "3_Compare")
+    boxes = outputs(at)
+    assert set(boxes) == {"dense", "pruned"}
+    assert 'title="p = ' in boxes["pruned"]  # per-token probability on hover
+    assert sum("Output language" in m.value for m in at.markdown) == 2
+    assert any("Pruned · wanda-mt · unstructured · 70%" in m.value for m in at.markdown)
+    assert chart_titles(at) == ["Probability of each generated token"]
+    at.selectbox(key="w.cmp_item").set_value(2)
+    run(at)
+    at.number_input(key="w.cmp_limit").set_value(3)
+    run(at)
+    click(at, "Score fr→en on 3 held-out sentences")
+    assert {m.label for m in at.metric} >= {"chrF, dense", "chrF, pruned", "in English, dense",
+                                            "in English, pruned"}
+    at.radio(key="w.cmp_kind").set_value("free")
+    run(at)
+    at.text_area(key="w.cmp_text").set_value("French: Bonjour.\nEnglish:")
+    run(at)
+    assert set(outputs(at)) == {"dense", "pruned"}
+    assert any("looks like" in m.value or "no output" in m.value for m in at.markdown)
+
+
+def test_compare_without_masks_shows_the_dense_side_and_a_way_to_prune(app_env):
+    at = goto(run(new_app()), "3_Compare")
+    assert set(outputs(at)) == {"dense"}
+    assert any("No pruned model in this session yet" in i.value for i in at.info)
+
+
+# --------------------------------------------------------------------------- sweep
+
+
+def test_sweep_runs_draws_and_cancels(app_env):
+    at = goto(run(new_app()), "4_Sweep")
+    assert any("No results yet" in i.value for i in at.info)
+    at.multiselect(key="w.sw_methods").set_value(["magnitude", "random"])
+    at.multiselect(key="w.sw_sparsities").set_value([0.0, 0.5])
+    at.number_input(key="w.sw_limit").set_value(2)
+    run(at)
+    click(at, "Run 4 cells")
+    assert chart_titles(at) == ["chrf against sparsity", "perplexity against sparsity"]
+    table = at.dataframe[0].value
+    assert len(table) == 4 and set(table["method"]) == {"magnitude", "random"}
+    assert [d.label for d in at.get("download_button")] == ["Download CSV"]
+    assert not errors(at)
+    click(at, "Cancel")
+    assert any("Sweep cancelled; 4 finished rows are kept" in w.value for w in at.warning)
+    at.multiselect(key="w.sw_methods").set_value([])
+    run(at)
+    assert at.button[0].disabled  # nothing to run
+
+
+def test_sweep_with_zero_shot_tasks_adds_accuracy_consistency_and_significance(app_env, monkeypatch):
+    monkeypatch.setattr(db, "ZERO_SHOT_ITEMS", 3)
+    at = goto(run(new_app()), "4_Sweep")
+    at.multiselect(key="w.sw_methods").set_value(["magnitude"])
+    at.multiselect(key="w.sw_sparsities").set_value([0.0, 0.5])
+    at.number_input(key="w.sw_limit").set_value(1)
+    at.multiselect(key="w.sw_extra").set_value(["zero-shot nli"])
+    run(at)
+    click(at, "Run 2 cells")
+    assert not errors(at)
+    assert "nli_acc_non_en against sparsity" in chart_titles(at)
+    table = at.dataframe[0].value.set_index("sparsity")
+    assert {"nli_acc_en", "nli_acc_fr", "nli_rankc_fr", "nli_p_non_en"} <= set(table.columns)
+    assert table.loc[0.0, "nli_diff_non_en"] == 0  # dense against itself
+    assert 0 <= table.loc[0.5, "nli_p_non_en"] <= 1 and 0 <= table.loc[0.5, "nli_acc_fr"] <= 1
+
+
+def test_a_cancelled_sweep_keeps_its_rows(tmp_path, loaded, corpus):
+    out = tmp_path / "sweep.csv"
+    seen = []
+
+    def stop_after_two():
+        seen.append(1)
+        return len(seen) > 2
+
+    with pytest.raises(Cancelled):
+        db.run_sweep(loaded, corpus, methods=["magnitude"], sparsities=[0.0, 0.3, 0.6],
+                     pairs=["fr-en"], base=PruneSpec(samples=2), limit=1, out_csv=out,
+                     should_stop=stop_after_two)
+    assert len(db.read_sweep_csv(out)) == 2
+    with pytest.raises(MlpruneError, match="at least one method"):
+        db.run_sweep(loaded, corpus, methods=[], sparsities=[0.5], pairs=["fr-en"],
+                     base=PruneSpec(), limit=1, out_csv=out)
+
+
+# --------------------------------------------------------------------------- shared state
+
+
+def test_two_sessions_never_see_each_others_pruning(app_env):
+    reference = dense_weights(app_env)
+    a = pruned_app(70)
+    goto(a, "3_Compare")
+    a_out = outputs(a)
+    assert set(a_out) == {"dense", "pruned"} and a_out["dense"] != a_out["pruned"]
+    shared = db.shared().model(str(app_env))
+    assert shared is not None
+    # after session A pruned and generated, the one shared model is dense, bit for bit
+    for name, value in shared.model.state_dict().items():
+        assert torch.equal(value, reference[name]), name
+    b = run(new_app())
+    assert "none: the model is dense" in [c.value for c in b.caption]  # B's sidebar
+    goto(b, "3_Compare")
+    assert "pruned" not in b.session_state and set(outputs(b)) == {"dense"}
+    assert tokens_of(outputs(b)["dense"]) == tokens_of(a_out["dense"])
+    # B's dense output is what a freshly loaded copy generates
+    fresh = load_model(str(app_env))
+    items = eval_items(a.session_state["corpus"], "fr", "en", shots=4)
+    expected = generate(fresh.model, fresh.tokenizer, [items[0].prompt], max_new_tokens=48)[0]
+    got = db.dense_generations(shared, [items[0].prompt], 48)[0]
+    assert (got.text, got.tokens) == (expected.text, expected.tokens)
+    # and A still has its masks
+    assert a.session_state["pruned"].masks.overall_sparsity() > 0.6
+
+
+def test_dense_generation_waits_while_another_session_generates_pruned(tiny_folder, corpus):
+    """Session A holds its masks applied (as while it generates); session B asks for a dense
+    output meanwhile. B must get the dense answer: it waits for A's lock, never computing on
+    A's masked weights. Without the lock this fails (B finishes on pruned weights)."""
+    shared = load_model(str(tiny_folder))
+    fresh = load_model(str(tiny_folder))
+    prompt = eval_items(corpus, "fr", "en", shots=4)[1].prompt + " "  # not in any cache
+    expected = generate(fresh.model, fresh.tokenizer, [prompt], max_new_tokens=24)[0]
+    stats = capture(shared.model, shared.tokenizer, ["French: Bonjour.\nEnglish: Hello.\n"])
+    masks = rank_modules(shared.model, stats).masks(0.9)
+    with db.masked(shared, masks):  # a pruned output really differs here
+        assert generate(shared.model, shared.tokenizer, [prompt], max_new_tokens=24)[0].text \
+            != expected.text
+    applied, b_started, b_done = threading.Event(), threading.Event(), threading.Event()
+    result: list[Generation] = []
+
+    def session_a():
+        with db.masked(shared, masks):
+            applied.set()
+            b_started.wait(5)
+            b_done.wait(1.0)  # with the lock, B cannot finish while we hold it
+
+    def session_b():
+        applied.wait(5)
+        b_started.set()
+        result.append(db.dense_generations(shared, [prompt], 24)[0])
+        b_done.set()
+
+    threads = [threading.Thread(target=session_a), threading.Thread(target=session_b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert (result[0].text, result[0].tokens) == (expected.text, expected.tokens)
+    for name, value in shared.model.state_dict().items():
+        assert torch.equal(value, fresh.model.state_dict()[name]), name
+
+
+def test_errors_are_messages_and_unexpected_ones_say_where_to_look():
+    def page():
+        import streamlit as st
+
+        from mlprune import MlpruneError
+        from mlprune import dashboard as db
+
+        with db.errors() as first:
+            raise MlpruneError("A readable sentence.")
+        with db.errors() as second:
+            raise KeyError("oops")
+        with db.errors() as third:
+            open("/nonexistent/file")
+        st.write(first.ok, second.ok, third.ok)
+
+    at = AppTest.from_function(page).run()
+    assert not at.exception
+    assert errors(at)[0] == "A readable sentence."
+    assert errors(at)[1].startswith("Something went wrong (KeyError: 'oops')")
+    assert "missing: /nonexistent/file" in errors(at)[2]
+
+
+# --------------------------------------------------------------------------- figures
+
+
+@pytest.fixture
+def feature_stats(loaded, corpus):
+    sets = [translation_prompts(corpus, "fr", "en", shots=2, samples=3),
+            translation_prompts(corpus, "en", "fr", shots=2, samples=3),
+            monolingual_prompts(corpus, "en", shots=2, samples=3)]
+    return {ps.name: capture(loaded.model, loaded.tokenizer, ps) for ps in sets}
+
+
+def test_feature_figures(loaded, feature_stats):
+    stats = feature_stats["mt:fr-en"]
+    table = detect(stats, "top-k:2")
+    fig = plots.layer_dim_heatmap(stats, table, dequantized_from="Q4_K_M")
+    assert fig.data[0].z.shape == (2, 32) and len(fig.data[1].x) == 4
+    assert "de-quantized from Q4_K_M" in fig.layout.annotations[0].text
+    assert not plots.layer_dim_heatmap(stats).layout.annotations  # no note when not
+    tokens, mags = token_magnitudes(loaded.model, loaded.tokenizer, "French: Le chat.\n")
+    fig = plots.token_figure(tokens, mags, 1, [3, 5])
+    assert fig.data[0].z.shape == (len(tokens), 2) and list(fig.data[0].x) == ["3", "5"]
+    assert plots.token_figure(tokens, mags, 0).data[0].z.shape == (len(tokens), 32)
+    with pytest.raises(MlpruneError, match="outside"):
+        plots.token_figure(tokens, mags, 5)
+    saturated = mags.float().to(torch.float16)
+    saturated[1, 0, 0] = float("inf")  # what fp16 makes of real models' ~1e5 magnitudes
+    assert torch.isfinite(torch.tensor(plots.token_figure(tokens, saturated, 1).data[0].z)).all()
+    assert mags.dtype == torch.bfloat16  # the library keeps range, not precision
+    matrix = overlap_matrix(feature_stats, 0.1, "jaccard")
+    fig = plots.overlap_figure(matrix, "jaccard", 0.1)
+    assert fig.data[0].z.shape == (3, 3) and fig.data[0].z[0][0] == 1.0
+    fig = plots.direction_compare_figure(stats, feature_stats["mt:en-fr"], "fr→en", "en→fr", 1)
+    assert len(fig.data[0].x) == 32 and len(fig.data[1].x) == 6
+    assert fig.layout.xaxis.type == "log"
+
+
+def test_pruning_figures_and_token_views(loaded, feature_stats):
+    stats = feature_stats["mt:fr-en"]
+    masks = rank_modules(loaded.model, stats, protect={0: [1, 2]}).masks(0.5)
+    fig = plots.sparsity_figure(masks)
+    kinds = {t.name for t in fig.data}
+    assert {"attn.q", "mlp.down", "layer (all modules)"} <= kinds
+    assert all(abs(y - 0.5) < 1e-9 for t in fig.data for y in t.y)
+    fig = plots.mask_figure(masks, "layers.1.attn.q", max_side=16)
+    strip, main = fig.data
+    assert main.z.shape == (16, 16) and abs(main.z.mean() - 0.5) < 1e-6
+    assert strip.z.sum() > 0  # protected columns marked
+    assert "2 protected input columns" in fig.layout.title.text
+    crop = plots.mask_figure(masks, "layers.1.attn.q", crop=(4, 8, 8))
+    assert crop.data[1].z.shape == (8, 8) and crop.data[1].x[0] == 8
+    with pytest.raises(MlpruneError, match="No mask"):
+        plots.mask_figure(masks, "layers.9.attn.q")
+    dense = Generation("The cat.", ["The", " cat", "."], [0.9, 0.8, 0.7])
+    sparse = Generation("The dog.", ["The", " dog", "."], [0.9, 0.3, 0.7])
+    fig = plots.token_probs_figure(dense, sparse)
+    assert [t.name for t in fig.data] == ["dense", "pruned"]
+    fa, fb = db.diff_flags(dense.tokens, sparse.tokens)
+    assert fa == [False, True, False] and fb == [False, True, False]
+    html = db.generation_html(Generation("<b>", ["<b>"], [0.2]), [True])
+    assert "&lt;b&gt;" in html and "mlp-diff" in html and 'title="p = 0.200"' in html
+
+
+def test_pairs_and_notes():
+    assert db.all_pairs(["en", "fr", "zh"])[:2] == ["fr-en", "zh-en"]
+    assert db.default_pairs(["en", "fr"]) == ["fr-en", "en-fr"]
+    assert db.default_pairs(["de", "es"]) == ["de-es"]
+    assert db.pair_label("fr-en") == "fr→en"
+    assert "4-bit (Q4_K_M)" in db.dequant_text("Q4_K_M")
+    assert db.dequant_text(None) is None
