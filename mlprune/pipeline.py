@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -262,11 +264,17 @@ def sweep(loaded: LoadedModel, corpus: ParallelCorpus, *, methods: list[str], sp
 
 
 def _read_rows(path: str | Path) -> list[dict]:
+    """The complete rows of a sweep CSV. A last line cut short by a crash mid-write (no final
+    newline) is cut off the file, so it is measured again rather than read as a result."""
     path = Path(path)
     if not path.is_file():
         return []
-    with path.open(newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        data = data[: data.rfind(b"\n") + 1]
+        with path.open("r+b") as f:
+            f.truncate(len(data))
+    rows = list(csv.DictReader(io.StringIO(data.decode("utf-8"), newline="")))
     for r in rows:
         for k, v in r.items():
             if k not in ("pair", "method", "pattern"):
@@ -278,16 +286,16 @@ def _read_rows(path: str | Path) -> list[dict]:
 
 
 def _append_row(path: str | Path, row: dict) -> None:
-    """Append one row and flush it to disk, writing the header for a new file."""
-    import os
-
+    """Append one row in a single write and fsync it, writing the header for a new file."""
     path = Path(path)
     new = not path.is_file() or path.stat().st_size == 0
     path.parent.mkdir(parents=True, exist_ok=True)
+    line = io.StringIO(newline="")
+    writer = csv.DictWriter(line, fieldnames=list(row))
+    if new:
+        writer.writeheader()
+    writer.writerow(row)
     with path.open("a", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=list(row))
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
+        f.write(line.getvalue())
         f.flush()
         os.fsync(f.fileno())

@@ -116,3 +116,11 @@ def test_no_recognisable_layers():
 def test_saved_folder_loads_with_plain_transformers(tiny_folder):
     model = AutoModelForCausalLM.from_pretrained(tiny_folder)
     assert len(decoder_layers(model)) == 2
+
+
+def test_linear_modules_cover_every_prunable_weight():
+    model = tiny_model("bloom")
+    names = {i.path for i in linear_modules(model).values()}
+    expected = {n.rsplit(".", 1)[0] for n, p in model.named_parameters()
+                if n.endswith("weight") and p.dim() == 2 and ".h." in n}
+    assert names == expected
