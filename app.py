@@ -40,7 +40,7 @@ def model_section() -> None:
     if source == "embedded":
         spec = DEFAULT_MODEL
         st.caption("Gemma 3 270M (base), shipped on PyPI as a Q4_K_M GGUF and de-quantized "
-                   "once into a cached safetensors copy (~90 s the first time, seconds after).")
+                   "once into a cached safetensors copy (~2 min the first time on 2 cores, seconds after).")
     else:
         spec = st.text_input(SOURCES[source], key=f"w.model_{source}",
                              placeholder=PLACEHOLDERS[source]).strip()

@@ -81,7 +81,7 @@ for _task in ("nli", "sentiment"):
 
 class LoadJob:
     """A model load in a background thread, so a page rerun never interrupts it half-way
-    (the first conversion of the embedded model takes ~90 s)."""
+    (the first conversion of the embedded model takes ~2 min on 2 cores)."""
 
     def __init__(self, spec: str, loader: Callable[..., LoadedModel] = load_model):
         self.spec = spec

@@ -62,6 +62,6 @@ def corpus_file(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def private_cache(request, tmp_path_factory, monkeypatch):
     """Each test gets its own mlprune cache, except real-model tests, which reuse the
-    converted embedded model (converting it again would take ~90 s)."""
+    converted embedded model (converting it again would take ~2 min)."""
     if request.node.get_closest_marker("real") is None:
         monkeypatch.setenv("MLPRUNE_CACHE", str(tmp_path_factory.mktemp("cache")))

@@ -29,7 +29,7 @@ CHROMIUM = "/usr/bin/chromium"
 SHOTS = Path(os.environ.get("MLPRUNE_SCREENSHOTS", ROOT / "artifacts" / "screenshots"))
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
         "--disable-component-update", "--disable-sync", "--no-first-run"]
-LOAD_S = 300  # the first start converts the embedded GGUF (~90 s on 2 cores)
+LOAD_S = 300  # the first start converts the embedded GGUF (~2 min on 2 cores)
 WORK_S = 240  # a capture, a ranking or a small sweep on 2 busy cores
 
 

@@ -1,6 +1,6 @@
 """A few tests on the embedded Gemma 3 270M (weights de-quantized from Q4_K_M).
 
-Marked ``real``: they load the real model (the first run converts the GGUF, ~90 s; later
+Marked ``real``: they load the real model (the first run converts the GGUF, ~2 min; later
 runs read the cached safetensors copy), and they still run in CI.
 """
 
