@@ -624,6 +624,16 @@ def require_corpus() -> ParallelCorpus | None:
     return corpus
 
 
+def page(title: str) -> tuple[LoadedModel, ParallelCorpus] | None:
+    """A task page's title, model and corpus; None (after saying why) when either is missing."""
+    st.title(title)
+    loaded = require_model()
+    corpus = require_corpus()
+    if loaded is None or corpus is None:
+        return None
+    return loaded, corpus
+
+
 def dequant_caption(loaded: LoadedModel) -> None:
     """The de-quantization sentence under a page's title, when it applies."""
     text = dequant_text(loaded.dequantized_from)

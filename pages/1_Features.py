@@ -164,11 +164,10 @@ def figures(loaded, result, name: str, table) -> None:
 
 
 def main() -> None:
-    st.title("Large-magnitude features")
-    loaded = db.require_model()
-    corpus = db.require_corpus()
-    if loaded is None or corpus is None:
+    ready = db.page("Large-magnitude features")
+    if ready is None:
         return
+    loaded, corpus = ready
     st.caption("A few hidden dimensions carry magnitudes hundreds of times the layer's median "
                "while the model reads translation demonstrations. Capture some prompt sets, "
                "then detect and compare them. Corpus languages: "

@@ -188,11 +188,10 @@ def export_section(loaded, ranked, state) -> None:
 
 
 def main() -> None:
-    st.title("Prune")
-    loaded = db.require_model()
-    corpus = db.require_corpus()
-    if loaded is None or corpus is None:
+    ready = db.page("Prune")
+    if ready is None:
         return
+    loaded, corpus = ready
     spec, sparsity, pattern = settings(loaded, corpus)
     with db.errors() as ok:
         if spec.blocks == "none":

@@ -140,11 +140,10 @@ def held_out_scores(loaded, corpus, state) -> None:
 
 
 def main() -> None:
-    st.title("Compare dense and pruned")
-    loaded = db.require_model()
-    corpus = db.require_corpus()
-    if loaded is None or corpus is None:
+    ready = db.page("Compare dense and pruned")
+    if ready is None:
         return
+    loaded, corpus = ready
     state = db.session_pruned(loaded)
     with db.errors() as ok:
         prompt, target, reference = choose_prompt(corpus, state)

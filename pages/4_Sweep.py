@@ -70,11 +70,10 @@ def run(loaded, corpus, config: dict, out_csv: Path) -> None:
 
 
 def main() -> None:
-    st.title("Sweep")
-    loaded = db.require_model()
-    corpus = db.require_corpus()
-    if loaded is None or corpus is None:
+    ready = db.page("Sweep")
+    if ready is None:
         return
+    loaded, corpus = ready
     st.caption("Every method x sparsity x direction: unstructured, one-shot, one ranking per "
                "method and direction; chrF, BLEU, output language and perplexity of the "
                "held-out slice.")
