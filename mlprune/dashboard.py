@@ -27,7 +27,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import pandas as pd
@@ -250,7 +250,6 @@ class Ranked:
     calibration: pipeline.Calibration | None
     spec: PruneSpec
     seconds: float
-    made: float = field(default_factory=time.time)
 
     def masks(self, sparsity: float, pattern: str) -> MaskSet:
         """Masks at this sparsity and pattern, their meta carrying the full spec."""

@@ -394,10 +394,6 @@ class AppliedMasks:
         if getattr(self.model, "_mlprune_applied", None) is self:
             self.model._mlprune_applied = None
 
-    @property
-    def active(self) -> bool:
-        return getattr(self.model, "_mlprune_applied", None) is self
-
     def nbytes(self) -> int:
         """Memory held to restore: the pruned values only."""
         return sum(v.numel() * v.element_size() for v in self._saved.values())
