@@ -73,6 +73,17 @@ def builtin_corpus() -> ParallelCorpus:
     return _from_text(text, "tsv", "built-in")
 
 
+def json_object(line: str, place: str, of: str = "") -> dict:
+    """One JSONL line as a dict; ``place`` ("Line 3 of 'x'") starts the error sentence."""
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise MlpruneError(f"{place} is not valid JSON ({e.msg} at column {e.colno}).") from e
+    if not isinstance(obj, dict):
+        raise MlpruneError(f"{place} is not a JSON object{' of ' + of if of else ''}.")
+    return obj
+
+
 def read_corpus(source: str | Path | bytes, *, name: str | None = None,
                 fmt: str | None = None) -> ParallelCorpus:
     """Read a corpus from a .tsv/.csv/.jsonl path, or from raw bytes with ``fmt`` given.
@@ -118,13 +129,7 @@ def _from_text(text: str, fmt: str, label: str) -> ParallelCorpus:
         for n, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise MlpruneError(f"Line {n} of '{label}' is not valid JSON ({e.msg}).") from e
-            if not isinstance(obj, dict):
-                raise MlpruneError(f"Line {n} of '{label}' is not a JSON object of language: text.")
-            rows.append(obj)
+            rows.append(json_object(line, f"Line {n} of '{label}'", "language: text"))
         header = list(dict.fromkeys(k for r in rows for k in r))
         records = [[r.get(k) for k in header] for r in rows]
         lines = list(range(1, len(rows) + 1))

@@ -52,6 +52,7 @@ from torch import nn
 
 from mlprune import MlpruneError
 from mlprune.capture import context_length, encode
+from mlprune.corpus import json_object
 
 CHOICE_SLOT = "{choice}"
 BUILTIN_TASKS = ("nli", "sentiment")
@@ -187,12 +188,7 @@ def parse_task(text: str, name: str, *, label: str | None = None) -> Task:
 
 
 def _parse_line(line: str, n: int, where: str) -> TaskItem:
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise MlpruneError(f"{where} line {n} is not valid JSON ({e.msg} at column {e.colno}).") from e
-    if not isinstance(obj, dict):
-        raise MlpruneError(f"{where} line {n} is not a JSON object.")
+    obj = json_object(line, f"{where} line {n}")
     for key in ("id", "lang", "prompt", "choices", "label"):
         if key not in obj:
             raise MlpruneError(f"{where} line {n} has no '{key}' field.")
