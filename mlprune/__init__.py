@@ -1,6 +1,16 @@
 """mlprune: see, tune and demo pruning of multilingual LLMs calibrated on translation."""
 
+from collections.abc import Callable
+
 __version__ = "0.1.0"
+
+# The one progress protocol of the library: ``progress(stage, fraction)`` with a short stage
+# name ("calibration (mt:fr-en)", "ranking") and the fraction of that stage done, in [0, 1].
+Progress = Callable[[str, float], None]
+
+
+def no_progress(stage: str, fraction: float) -> None:
+    """The default :data:`Progress`: report nothing."""
 
 
 class MlpruneError(Exception):
