@@ -260,7 +260,7 @@ class Ranked:
     @property
     def approximate_at(self) -> str | None:
         """Sequential statistics are exact only at the sparsity they were taken with."""
-        if self.spec.mode != "sequential" or not pipeline.needs_data(self.spec):
+        if self.spec.mode != "sequential" or not self.spec.uses_activations:
             return None
         return f"{self.spec.sparsity:.0%} {self.spec.pattern}"
 
@@ -284,7 +284,7 @@ def make_ranking(loaded: LoadedModel, corpus: ParallelCorpus, spec: PruneSpec,
     with dense(loaded):  # scores read the weights: they must be the dense ones
         calib = (pipeline.calibrate(loaded, corpus, spec, batch_size=CAPTURE_BATCH,
                                     progress=progress)
-                 if pipeline.needs_data(spec) or spec.protect else None)
+                 if spec.needs_calibration else None)
         ranking = pipeline.rank(loaded, spec, calib, batch_size=CAPTURE_BATCH, progress=progress)
     ranked = Ranked(ranking, calib, spec, time.perf_counter() - start)
     shared().store("rankings", ranking_key(loaded, corpus, spec), ranked)

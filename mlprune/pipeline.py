@@ -70,10 +70,37 @@ class PruneSpec:
             raise MlpruneError("The number of samples must be at least 1.")
         return self
 
+    @classmethod
+    def preset(cls, name: str, **changes) -> PruneSpec:
+        """A named starting point (see :data:`PRESETS`) with ``changes`` on top, validated."""
+        if name not in PRESETS:
+            raise MlpruneError(f"Unknown preset '{name}': use {', '.join(PRESETS)}.")
+        return replace(cls(), **PRESETS[name], **changes).validate()
+
+    @property
+    def uses_activations(self) -> bool:
+        """Whether the method's scores read calibration statistics (Wanda and its ratio variant)."""
+        return self.method in ("wanda", "ratio")
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether a run must capture calibration prompts: for the scores, or to detect the
+        features that ``protect`` keeps."""
+        return self.uses_activations or bool(self.protect)
+
     @property
     def label(self) -> str:
         calib = f"-{self.calibration}" if self.method in ("wanda",) else ""
         return f"{self.method}{calib}{'-inv' if self.invert else ''}"
+
+
+# Named presets: what differs from the field defaults above, written once. The dashboard's
+# live pages use ``interactive`` (one-shot statistics: a slider move is then a slice of one
+# ranking; 8 prompts keep the first capture short); the command line can ask for any.
+PRESETS: dict[str, dict] = {
+    "default": {},
+    "interactive": {"mode": "one-shot", "samples": 8},
+}
 
 
 @dataclass
@@ -145,10 +172,6 @@ def calibrate(loaded: LoadedModel, corpus: ParallelCorpus, spec: PruneSpec, *,
     return Calibration(prompts, stats, other, time.perf_counter() - start)
 
 
-def needs_data(spec: PruneSpec) -> bool:
-    return spec.method in ("wanda", "ratio")
-
-
 def rank(loaded: LoadedModel, spec: PruneSpec, calib: Calibration | None, *,
          batch_size: int = 8, progress: Progress = _quiet) -> Ranking:
     """Rank the selected modules by the spec's method (sequential mode re-captures per layer)."""
@@ -159,7 +182,7 @@ def rank(loaded: LoadedModel, spec: PruneSpec, calib: Calibration | None, *,
             raise MlpruneError("Protecting features needs calibration statistics.")
         protect = detected_dims(calib.stats, spec.protect)
     stats = calib.stats if calib else None
-    if spec.mode == "sequential" and needs_data(spec):
+    if spec.mode == "sequential" and spec.uses_activations:
         stats = sequential_stats(
             loaded.model, loaded.tokenizer, calib.prompts.texts, calib.stats, method=spec.method,
             sparsity=spec.sparsity, pattern=spec.pattern, other=calib.other, invert=spec.invert,
@@ -176,7 +199,7 @@ def prune(loaded: LoadedModel, corpus: ParallelCorpus, spec: PruneSpec, *, batch
     spec.validate()
     t0 = time.perf_counter()
     calib = calibrate(loaded, corpus, spec, batch_size=batch_size, progress=progress) \
-        if needs_data(spec) or spec.protect else None
+        if spec.needs_calibration else None
     t1 = time.perf_counter()
     ranking = rank(loaded, spec, calib, batch_size=batch_size, progress=progress)
     t2 = time.perf_counter()
@@ -242,7 +265,7 @@ def sweep(loaded: LoadedModel, corpus: ParallelCorpus, *, methods: list[str], sp
                     if s > 0 and ranking is None:  # calibrate and rank only when pruning
                         calib = calibrate(loaded, corpus, spec, batch_size=batch_size,
                                           should_stop=should_stop) \
-                            if needs_data(spec) or spec.protect else None
+                            if spec.needs_calibration else None
                         ranking = rank(loaded, spec, calib)
                     masks = ranking.masks(s) if s > 0 else None
                     with pruned(loaded.model, masks):
