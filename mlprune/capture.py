@@ -1,13 +1,19 @@
 """One pass of forward hooks over calibration prompts -> ActivationStats.
 
 Collected, with padding excluded from every statistic and the LM head never run:
-- per decoder layer, the magnitude of each residual-stream dimension: the L2 norm over a
-  prompt's tokens, averaged over prompts (the paper's analysis);
+- per residual-stream site, the magnitude of each dimension: the L2 norm over a prompt's
+  tokens, averaged over prompts (the paper's analysis). Sites have readable names:
+  ``embed`` (the embedding output, what layer 0 reads), ``layers.{i}.resid_post`` (layer i's
+  output) and ``final_norm`` (the last layer's output after the model's final norm);
 - per linear module, the running squared L2 norm of each input column (Wanda's ||X_j||^2),
   accumulated in fp32 so that fp16/bf16 activations cannot overflow.
 
 ``LayerRunner`` replays the decoder one layer at a time from captured inputs, which is what
 sequential calibration (layer l's statistics taken with layers < l already pruned) needs.
+
+``pad_to=N`` reproduces the authors' statistics, bug included: every prompt is padded (or cut)
+to N tokens, run without a padding mask as their calibration runs it, and every position,
+padding too, counts.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from mlprune.models import LinearInfo, decoder_layers, hidden_size, linear_modul
 from mlprune.prompts import PromptSet
 
 Progress = Callable[[int, int], None]
+NUMBERINGS = ("sites", "hidden_states")
 
 
 class Cancelled(MlpruneError):
@@ -37,15 +44,44 @@ class Cancelled(MlpruneError):
 class ActivationStats:
     """What one prompt set does to a model, per layer and per linear module."""
 
-    hidden_norms: torch.Tensor  # [layers, hidden] fp32
+    hidden_norms: torch.Tensor  # [layers, hidden] fp32: layers.{i}.resid_post
     input_sqnorms: dict[str, torch.Tensor]  # module name -> [in_features] fp32, summed over tokens
     n_tokens: int
     n_prompts: int
     meta: dict = field(default_factory=dict)
+    embed_norms: torch.Tensor | None = None  # [hidden]: the embedding output (layer 0's input)
+    final_norms: torch.Tensor | None = None  # [hidden]: after the final norm
 
     @property
     def n_layers(self) -> int:
         return self.hidden_norms.shape[0]
+
+    def sites(self) -> dict[str, torch.Tensor]:
+        """Magnitudes per residual-stream site, by name, in stream order."""
+        out = {} if self.embed_norms is None else {"embed": self.embed_norms}
+        out.update({f"layers.{i}.resid_post": self.hidden_norms[i] for i in range(self.n_layers)})
+        if self.final_norms is not None:
+            out["final_norm"] = self.final_norms
+        return out
+
+    def layer_view(self, numbering: str = "sites") -> tuple[list[str], torch.Tensor]:
+        """Rows of magnitudes and their site names, as a numbering lays them out.
+
+        ``sites``: one row per layer output (row i = ``layers.{i}.resid_post``).
+        ``hidden_states``: as ``output_hidden_states`` numbers them, L + 1 rows: 0 is
+        ``embed``, i is ``layers.{i-1}.resid_post``, and L, the last, is ``final_norm``.
+        """
+        if numbering == "sites":
+            return [f"layers.{i}.resid_post" for i in range(self.n_layers)], self.hidden_norms
+        if numbering != "hidden_states":
+            raise MlpruneError(f"Unknown layer numbering '{numbering}': use {' or '.join(NUMBERINGS)}.")
+        if self.embed_norms is None or self.final_norms is None:
+            raise MlpruneError("These statistics predate the embedding and final-norm sites; "
+                               "capture them again.")
+        names = ["embed"] + [f"layers.{i}.resid_post" for i in range(self.n_layers - 1)] \
+            + ["final_norm"]
+        rows = torch.cat([self.embed_norms[None], self.hidden_norms[:-1], self.final_norms[None]])
+        return names, rows
 
     def input_norms(self, name: str) -> torch.Tensor:
         """||X_j|| per input column of a module, per token (RMS) so sets of any size compare."""
@@ -56,6 +92,9 @@ class ActivationStats:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {"hidden_norms": self.hidden_norms.contiguous()}
+        for site, norms in (("embed_norms", self.embed_norms), ("final_norms", self.final_norms)):
+            if norms is not None:
+                tensors[site] = norms.contiguous()
         tensors.update({f"in.{k}": v.contiguous() for k, v in self.input_sqnorms.items()})
         header = {"n_tokens": self.n_tokens, "n_prompts": self.n_prompts, "meta": self.meta}
         tmp = path.with_name(path.name + ".partial")
@@ -79,6 +118,8 @@ class ActivationStats:
             raise MlpruneError(f"{path} is not an mlprune statistics file ({e}).") from e
         return cls(
             hidden_norms=tensors.pop("hidden_norms"),
+            embed_norms=tensors.pop("embed_norms", None),
+            final_norms=tensors.pop("final_norms", None),
             input_sqnorms={k[3:]: v for k, v in tensors.items()},
             n_tokens=header["n_tokens"], n_prompts=header["n_prompts"], meta=header["meta"],
         )
@@ -99,12 +140,44 @@ def encode(tokenizer, texts: list[str], max_length: int | None = None) -> list[l
     return ids
 
 
-def batches(ids: list[list[int]], batch_size: int, pad_id: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Right-padded (input_ids, attention_mask) batches of similar lengths (less padding)."""
+def prompt_ids(tokenizer, prompts: PromptSet | list[str],
+               max_length: int | None = None) -> list[list[int]]:
+    """Token ids of every prompt. EOS-separated prompt sets get the tokenizer's EOS id after
+    each line (a token id: the text of a line is never parsed for special tokens)."""
+    if not isinstance(prompts, PromptSet) or prompts.segments is None:
+        return encode(tokenizer, prompts.texts if isinstance(prompts, PromptSet) else list(prompts),
+                      max_length)
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise MlpruneError("This tokenizer has no EOS token, which EOS-separated prompts need.")
+    start = encode(tokenizer, [""])[0]  # what the tokenizer puts before any text (e.g. BOS)
+    out = []
+    for lines in prompts.segments:
+        seq = list(start)
+        for line in _plain_ids(tokenizer, lines):
+            seq += line + [eos]
+        out.append(seq[:max_length] if max_length else seq)
+    return out
+
+
+def _plain_ids(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Token ids of texts with no special tokens added and none parsed from the text."""
+    try:
+        return tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    except TypeError:  # tokenizers without split_special_tokens
+        return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
+def batches(ids: list[list[int]], batch_size: int, pad_id: int,
+            pad_to: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Right-padded (input_ids, attention_mask) batches of similar lengths (less padding);
+    with ``pad_to``, every row is cut or padded to exactly that many tokens."""
+    if pad_to is not None:
+        ids = [s[:pad_to] for s in ids]
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     for start in range(0, len(order), batch_size):
         chunk = [ids[i] for i in order[start:start + batch_size]]
-        width = max(len(s) for s in chunk)
+        width = pad_to or max(len(s) for s in chunk)
         input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(chunk), width), dtype=torch.long)
         for row, seq in enumerate(chunk):
@@ -130,12 +203,17 @@ class _Collector:
     def __init__(self, layers: list[nn.Module], linears: list[LinearInfo], hidden: int):
         self.layers, self.linears = layers, linears
         self.hidden_sum = torch.zeros(len(layers), hidden, dtype=torch.float32)
+        self.embed_sum = torch.zeros(hidden, dtype=torch.float32)
+        self.final_sum = torch.zeros(hidden, dtype=torch.float32)
         self.sqnorms = {info.name: torch.zeros(info.in_features, dtype=torch.float32) for info in linears}
         self.mask: torch.Tensor | None = None  # [B, T] bool for the batch in flight
         self._last: tuple[torch.Tensor, torch.Tensor] | None = None
         self._handles: list = []
 
     def __enter__(self):
+        if self.layers:
+            self._handles.append(self.layers[0].register_forward_pre_hook(self._embed_hook,
+                                                                          with_kwargs=True))
         for i, layer in enumerate(self.layers):
             self._handles.append(layer.register_forward_hook(self._layer_hook(i)))
         for info in self.linears:
@@ -157,12 +235,23 @@ class _Collector:
             x = x.reshape(-1, x.shape[-1])
         return x.float()
 
+    def prompt_norms(self, h: torch.Tensor) -> torch.Tensor | None:
+        """Sum over the batch's prompts of each dimension's L2 norm over real tokens [hidden]."""
+        if self.mask is None or h.dim() != 3 or h.shape[:2] != self.mask.shape:
+            return None
+        sq = h.float().square() * self.mask.unsqueeze(-1)
+        return sq.sum(dim=1).sqrt().sum(dim=0).cpu()
+
+    def _embed_hook(self, module, args, kwargs):
+        norms = self.prompt_norms(args[0] if args else kwargs["hidden_states"])
+        if norms is not None:
+            self.embed_sum += norms
+
     def _layer_hook(self, i: int):
         def hook(module, args, output):
-            h = output[0] if isinstance(output, tuple) else output
-            if self.mask is not None and h.dim() == 3 and h.shape[:2] == self.mask.shape:
-                sq = h.float().square() * self.mask.unsqueeze(-1)
-                self.hidden_sum[i] += sq.sum(dim=1).sqrt().sum(dim=0).cpu()
+            norms = self.prompt_norms(output[0] if isinstance(output, tuple) else output)
+            if norms is not None:
+                self.hidden_sum[i] += norms
         return hook
 
     def _linear_hook(self, name: str):
@@ -184,39 +273,67 @@ def _base_model(model: nn.Module) -> nn.Module:
     return base if isinstance(base, nn.Module) and base is not model else model
 
 
+def _check_pad_to(pad_to: int | None, model: nn.Module) -> None:
+    limit = context_length(model)
+    if pad_to is not None and not (0 < pad_to <= (limit or pad_to)):
+        raise MlpruneError(f"--pad-to must be between 1 and the model's context ({limit}); "
+                           f"got {pad_to}.")
+
+
+def _forward_batches(ids: list[list[int]], batch_size: int, tokenizer, device,
+                     pad_to: int | None) -> Iterator[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]]:
+    """(input_ids, attention_mask for the model, positions that count) per batch. With
+    ``pad_to`` the model gets no padding mask and every position counts, as the authors ran it."""
+    for input_ids, mask in batches(ids, batch_size, _pad_id(tokenizer), pad_to):
+        if pad_to is None:
+            yield input_ids.to(device), mask.to(device), mask.bool().to(device)
+        else:
+            yield input_ids.to(device), None, torch.ones_like(mask, dtype=torch.bool).to(device)
+
+
 def capture(model: nn.Module, tokenizer, prompts: PromptSet | list[str], *, batch_size: int = 8,
             modules: list[str] | None = None, progress: Progress | None = None,
-            should_stop: Callable[[], bool] | None = None) -> ActivationStats:
+            should_stop: Callable[[], bool] | None = None,
+            pad_to: int | None = None) -> ActivationStats:
     """Run every prompt once through the decoder and collect :class:`ActivationStats`.
 
     ``modules`` restricts the linear modules collected (default: all in the decoder layers).
     ``should_stop()`` is polled between batches; if it says so, :class:`Cancelled` is raised.
+    ``pad_to`` reproduces the authors' padded statistics (see the module notes).
     """
     texts = prompts.texts if isinstance(prompts, PromptSet) else list(prompts)
     if not texts:
         raise MlpruneError("There are no prompts to run.")
+    _check_pad_to(pad_to, model)
     layers = decoder_layers(model)
     infos = linear_modules(model)
     selected = [infos[n] for n in (modules or infos)]
-    ids = encode(tokenizer, texts, context_length(model))
+    ids = prompt_ids(tokenizer, prompts, context_length(model))
     device = next(model.parameters()).device
     n_batches = -(-len(ids) // batch_size)
-    n_tokens = sum(len(s) for s in ids)
+    n_tokens = len(ids) * pad_to if pad_to else sum(len(s) for s in ids)
     base = _base_model(model)
     collector = _Collector(layers, selected, hidden_size(model))
     with collector, torch.inference_mode():
-        for b, (input_ids, mask) in enumerate(batches(ids, batch_size, _pad_id(tokenizer))):
+        for b, (input_ids, attention, counted) in enumerate(
+                _forward_batches(ids, batch_size, tokenizer, device, pad_to)):
             if should_stop is not None and should_stop():
                 raise Cancelled("Capture cancelled; nothing was changed.")
-            collector.mask = mask.bool().to(device)
+            collector.mask = counted
             collector._last = None
-            base(input_ids=input_ids.to(device), attention_mask=mask.to(device), use_cache=False)
+            out = base(input_ids=input_ids, attention_mask=attention, use_cache=False)
+            last = getattr(out, "last_hidden_state", None)
+            collector.final_sum += collector.prompt_norms(out[0] if last is None else last)
             if progress:
                 progress(b + 1, n_batches)
+    meta = _meta(prompts, tokenizer, model)
+    if pad_to:
+        meta["pad_to"] = pad_to
     stats = ActivationStats(
         hidden_norms=collector.hidden_sum / len(texts),
         input_sqnorms=collector.sqnorms, n_tokens=n_tokens, n_prompts=len(texts),
-        meta=_meta(prompts, tokenizer, model),
+        meta=meta, embed_norms=collector.embed_sum / len(texts),
+        final_norms=collector.final_sum / len(texts),
     )
     check_finite(stats)
     return stats
@@ -287,11 +404,13 @@ class LayerRunner:
     states and :meth:`advance` pushes them through layer l, pruned or not.
     """
 
-    def __init__(self, model: nn.Module, tokenizer, texts: list[str], batch_size: int = 8):
+    def __init__(self, model: nn.Module, tokenizer, prompts: PromptSet | list[str],
+                 batch_size: int = 8, pad_to: int | None = None):
         self.model, self.layers = model, decoder_layers(model)
         self.infos = linear_modules(model)
-        ids = encode(tokenizer, texts, context_length(model))
-        self.n_tokens = sum(len(s) for s in ids)
+        _check_pad_to(pad_to, model)
+        ids = prompt_ids(tokenizer, prompts, context_length(model))
+        self.n_tokens = len(ids) * pad_to if pad_to else sum(len(s) for s in ids)
         device = next(model.parameters()).device
         self.masks: list[torch.Tensor] = []
         self.hidden: list[torch.Tensor] = []
@@ -301,10 +420,11 @@ class LayerRunner:
             handles.append(layer.register_forward_pre_hook(self._recorder(i), with_kwargs=True))
         try:
             with torch.inference_mode():
-                for input_ids, mask in batches(ids, batch_size, _pad_id(tokenizer)):
-                    self.masks.append(mask.bool().to(device))
-                    _base_model(model)(input_ids=input_ids.to(device),
-                                       attention_mask=mask.to(device), use_cache=False)
+                for input_ids, attention, counted in _forward_batches(ids, batch_size, tokenizer,
+                                                                      device, pad_to):
+                    self.masks.append(counted)
+                    _base_model(model)(input_ids=input_ids, attention_mask=attention,
+                                       use_cache=False)
         finally:
             for h in handles:
                 h.remove()

@@ -11,6 +11,10 @@ from pathlib import Path
 from mlprune import MlpruneError
 
 CORPUS_HELP = "corpus file (.tsv/.csv/.jsonl), 'builtin' (default) or 'flores:dev'"
+# Every PruneSpec field is a flag of `mlprune prune`; the other commands take the few they use.
+PRUNE_FIELDS = ("method", "calibration", "pair", "other", "sparsity", "pattern", "invert",
+                "protect", "layers", "blocks", "mode", "shots", "samples", "seed", "protocol",
+                "pad_to")
 
 
 def _bar():
@@ -67,33 +71,51 @@ def cmd_analyze(args) -> None:
     from mlprune.capture import capture
     from mlprune.features import detect, overlap_matrix, top_dims
     from mlprune.prompts import monolingual_prompts, parse_pair, translation_prompts
+    from mlprune.protocol import get_protocol
 
+    protocol = get_protocol(args.protocol)
+    top = args.top or protocol.top_n
+    fraction = args.overlap_fraction or protocol.overlap_fraction
+    counts = dict(shots=args.shots, samples=args.samples, seed=args.seed,
+                  separator=protocol.separator)
     loaded, corpus = _load(args)
-    sets = [translation_prompts(corpus, *parse_pair(p), shots=args.shots, samples=args.samples,
-                                seed=args.seed) for p in args.pair]
-    sets += [monolingual_prompts(corpus, lang, shots=args.shots, samples=args.samples, seed=args.seed)
-             for lang in args.mono]
+    sets = [translation_prompts(corpus, *parse_pair(p), **counts) for p in args.pair]
+    sets += [monolingual_prompts(corpus, lang, **counts) for lang in args.mono]
     if not sets:
         raise MlpruneError("Name at least one --pair (e.g. fr-en) or --mono language.")
     progress = _bar()
     stats = {}
     for ps in sets:
         stats[ps.name] = capture(loaded.model, loaded.tokenizer, ps, batch_size=args.batch_size,
+                                 pad_to=args.pad_to,
                                  progress=lambda d, t, n=ps.name: progress(f"capture {n}", d / t))
     first = next(iter(stats.values()))
+    numbering = protocol.numbering
     result = {"model": loaded.name, "dequantized_from": loaded.dequantized_from,
-              "rule": args.rule, **top_dims(first, args.top),
-              "sets": {name: top_dims(s, args.top) for name, s in stats.items()}}
+              "protocol": protocol.name, "numbering": numbering, "pad_to": args.pad_to,
+              "rule": args.rule, **top_dims(first, top, numbering),
+              "sets": {name: top_dims(s, top, numbering) for name, s in stats.items()}}
     if len(stats) > 1:
-        result["overlap_top5pct"] = overlap_matrix(stats, 0.05).round(3).to_dict()
+        result["overlap"] = {
+            "fraction": fraction,
+            **{measure: overlap_matrix(stats, fraction, measure, numbering=numbering)
+               .round(3).to_dict() for measure in ("top_in_top", "top_in_bottom")}}
     for name, s in stats.items():
-        table = detect(s, args.rule)
-        print(f"\n{name}: {s.n_prompts} prompts, {s.n_tokens} tokens; dims detected by {args.rule}")
+        table = detect(s, args.rule, numbering)
+        sites, norms = s.layer_view(numbering)
+        print(f"\n{name}: {s.n_prompts} prompts, {s.n_tokens} tokens; dims detected by {args.rule}"
+              f" (layers numbered as {'output_hidden_states' if numbering != 'sites' else 'layer outputs'})")
         print(f"{'layer':>5} {'median':>10}  top dimensions (x median)")
-        for layer in range(s.n_layers):
-            part = table[table.layer == layer].head(args.top)
+        for layer in range(len(sites)):
+            part = table[table.layer == layer].head(top)
             tops = ", ".join(f"{int(r.dim)} ({r.ratio_to_median:.0f}x)" for r in part.itertuples())
-            print(f"{layer:>5} {float(s.hidden_norms[layer].median()):>10.2f}  {tops or '-'}")
+            print(f"{layer:>5} {float(norms[layer].median()):>10.2f}  {tops or '-'}")
+    if len(stats) > 1:
+        for measure in ("top_in_top", "top_in_bottom"):
+            what = "top-in-top" if measure == "top_in_top" else "top-in-bottom (the paper's)"
+            print(f"\noverlap {what}, top {fraction:.0%} of dims, mean over layers:")
+            print(overlap_matrix(stats, fraction, measure, numbering=numbering)
+                  .to_string(float_format=lambda x: f"{x:.2f}"))
     if loaded.dequantized_from:
         print(f"\nnote: weights de-quantized from {loaded.dequantized_from}; magnitudes are those "
               "of the de-quantized model.")
@@ -102,7 +124,8 @@ def cmd_analyze(args) -> None:
     if args.figure:
         from mlprune.plots import top_dims_figure
 
-        fig = top_dims_figure(first, args.top, dequantized_from=loaded.dequantized_from)
+        fig = top_dims_figure(first, top, dequantized_from=loaded.dequantized_from,
+                              numbering=numbering)
         _write_figure(fig, args.figure)
 
 
@@ -121,23 +144,13 @@ def _write_figure(fig, path: str) -> None:
 # --------------------------------------------------------------------------- prune / eval
 
 
-def _spec(args):
-    from mlprune.pipeline import PruneSpec
-
-    return PruneSpec(method=args.method, calibration=args.calibration, pair=args.pair,
-                     other=args.other, sparsity=args.sparsity, pattern=args.pattern,
-                     invert=args.invert, protect=args.protect, layers=args.layers,
-                     blocks=args.blocks, mode=args.mode, shots=args.shots, samples=args.samples,
-                     seed=args.seed).validate()
-
-
 def cmd_prune(args) -> None:
     from dataclasses import asdict
 
     from mlprune.export import build_report, export_pruned
     from mlprune.pipeline import prune
 
-    spec = _spec(args)
+    spec = args.spec
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise MlpruneError(f"{out} already exists; choose another --out or pass --overwrite.")
@@ -261,7 +274,7 @@ def cmd_compare(args) -> None:
 def cmd_sweep(args) -> None:
     import pandas as pd
 
-    from mlprune.pipeline import PruneSpec, sweep
+    from mlprune.pipeline import sweep
     from mlprune.plots import sweep_figure
 
     extra = None
@@ -275,7 +288,7 @@ def cmd_sweep(args) -> None:
     sparsities = [float(s) for s in args.sparsities.split(",")]
     rows = sweep(loaded, corpus, methods=args.methods.split(","), sparsities=sparsities,
                  pairs=args.pair or ["fr-en"], limit=args.limit, out_csv=args.csv,
-                 base=PruneSpec(shots=args.shots, samples=args.samples, seed=args.seed),
+                 base=args.spec,
                  batch_size=args.batch_size, progress=_bar(), extra_eval=extra)
     table = pd.DataFrame(rows)
     if extra is not None:  # the CSV has every column; the terminal gets the summary ones
@@ -290,11 +303,51 @@ def cmd_sweep(args) -> None:
 # --------------------------------------------------------------------------- parser
 
 
+def add_spec_arguments(parser: argparse.ArgumentParser, names: tuple[str, ...]) -> None:
+    """One flag per named PruneSpec field, its type, help and default read from the spec.
+
+    Flags default to None ("not given"), so :func:`spec_from_args` can lay what was given
+    over a preset; the help shows the spec's own default."""
+    from dataclasses import fields
+
+    from mlprune.pipeline import PruneSpec
+
+    spec_fields = {f.name: f for f in fields(PruneSpec)}
+    for name in names:
+        f = spec_fields[name]
+        flag = "--" + name.replace("_", "-")
+        help_text = f"{f.metadata['help']} (default: {f.default})"
+        if f.default is False:
+            parser.add_argument(flag, action="store_true", default=None, help=help_text)
+        else:
+            kind = type(f.default) if f.default is not None else (int if name == "pad_to" else str)
+            parser.add_argument(flag, type=kind, default=None, help=help_text,
+                                metavar=f.metadata.get("metavar"))
+    parser.add_argument("--preset", default=None,
+                        help="start from a named preset: default, interactive (one-shot, as the "
+                             "dashboard), paper (the authors' setup: --protocol paper, 100 "
+                             "samples, sequential); flags given override it")
+    parser.set_defaults(spec_fields=names)
+
+
+def spec_from_args(args: argparse.Namespace):
+    """The run's PruneSpec: the preset (``--protocol paper`` implies the paper preset), with
+    every flag the user gave on top. Fills the namespace with the spec's values."""
+    from mlprune.pipeline import PruneSpec
+
+    given = {n: getattr(args, n) for n in args.spec_fields if getattr(args, n) is not None}
+    preset = args.preset or ("paper" if given.get("protocol") == "paper" else "default")
+    spec = PruneSpec.preset(preset, **given)
+    for name in args.spec_fields:
+        setattr(args, name, getattr(spec, name))
+    return spec
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mlprune", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
-    def common(sp, corpus=True):
+    def common(sp, corpus=True, spec=True):
         sp.add_argument("--model", default=None,
                         help="hub id, model folder, .gguf file; default: embedded Gemma 3 270M")
         sp.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: as saved)")
@@ -302,35 +355,29 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--trust-remote-code", action="store_true",
                         help="run code shipped with a hub model (off unless you ask)")
         sp.add_argument("--batch-size", type=int, default=8)
-        sp.add_argument("--seed", type=int, default=0)
         if corpus:
             sp.add_argument("--corpus", default="builtin", help=CORPUS_HELP)
-            sp.add_argument("--shots", type=int, default=4)
-            sp.add_argument("--samples", type=int, default=16, help="calibration prompts")
+        if spec:
+            add_spec_arguments(sp, ("shots", "samples", "seed", "protocol", "pad_to")
+                               if corpus else ("seed",))
 
     a = sub.add_parser("analyze", help="find large-magnitude features while the model translates")
     common(a)
     a.add_argument("--pair", action="append", default=[], help="src-tgt, repeatable")
     a.add_argument("--mono", action="append", default=[], help="monolingual language, repeatable")
     a.add_argument("--rule", default="ratio:100", help="top-k:8, ratio:100 or absolute:500")
-    a.add_argument("--top", type=int, default=5, help="dimensions shown per layer")
+    a.add_argument("--top", type=int, default=None,
+                   help="dimensions shown per layer (default: 5; 20 under --protocol paper)")
+    a.add_argument("--overlap-fraction", type=float, default=None, metavar="X",
+                   help="overlaps compare the top X of dimensions (in (0, 0.5]; default 0.05; "
+                        "0.4 under --protocol paper, as the authors' code)")
     a.add_argument("--json", help="write the per-layer analysis here")
     a.add_argument("--figure", help="write the per-layer top-dimension figure (.html or .png)")
     a.set_defaults(func=cmd_analyze)
 
     pr = sub.add_parser("prune", help="prune and export a model")
-    common(pr)
-    pr.add_argument("--method", default="wanda", help="wanda, ratio, magnitude, random")
-    pr.add_argument("--calibration", default="mt", help="mt (translation), mono, code")
-    pr.add_argument("--pair", default="fr-en")
-    pr.add_argument("--other", default="code", help="second set of the ratio method")
-    pr.add_argument("--sparsity", type=float, default=0.5)
-    pr.add_argument("--pattern", default="unstructured", help="unstructured, 2:4, 4:8")
-    pr.add_argument("--invert", action="store_true", help="prune the highest scores (ablation)")
-    pr.add_argument("--protect", default=None, help="never prune detected dims: top-k:8, ratio:100")
-    pr.add_argument("--layers", default=None, help="layer range, e.g. 0-11")
-    pr.add_argument("--blocks", default=None, help="attn, mlp or attn,mlp")
-    pr.add_argument("--mode", default="sequential", help="sequential (as Wanda) or one-shot")
+    common(pr, spec=False)
+    add_spec_arguments(pr, PRUNE_FIELDS)
     pr.add_argument("--eval", type=int, default=0, metavar="N",
                     help="also evaluate on N held-out sentences and store it in the report")
     pr.add_argument("--out", required=True)
@@ -406,6 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        args.spec = spec_from_args(args)
         args.func(args)
     except MlpruneError as e:
         print(f"mlprune: {e}", file=sys.stderr)

@@ -33,7 +33,7 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from mlprune import MlpruneError, pipeline
+from mlprune import MlpruneError, Progress, no_progress, pipeline
 from mlprune.capture import ActivationStats, Cancelled, token_magnitudes
 from mlprune.corpus import ParallelCorpus, builtin_corpus, read_corpus
 from mlprune.evaluate import Generation, generate
@@ -277,7 +277,7 @@ def cached_ranking(loaded: LoadedModel, corpus: ParallelCorpus, spec: PruneSpec)
 
 
 def make_ranking(loaded: LoadedModel, corpus: ParallelCorpus, spec: PruneSpec,
-                 progress: pipeline.Progress = pipeline._quiet) -> Ranked:
+                 progress: Progress = no_progress) -> Ranked:
     """Calibrate (one pass over the calibration prompts, or a cached one) and rank, once."""
     spec.validate()
     start = time.perf_counter()
@@ -319,7 +319,7 @@ def pruned_generations(loaded: LoadedModel, masks: MaskSet, prompts: list[str],
 
 def run_sweep(loaded: LoadedModel, corpus: ParallelCorpus, *, methods: list[str],
               sparsities: list[float], pairs: list[str], base: PruneSpec, limit: int,
-              out_csv: Path, progress: pipeline.Progress = pipeline._quiet,
+              out_csv: Path, progress: Progress = no_progress,
               should_stop: Callable[[], bool] | None = None,
               extra_eval: Callable[[LoadedModel, str, float], dict] | None = None) -> pd.DataFrame:
     """``pipeline.sweep`` under the model's lock (it prunes the shared model cell by cell)."""

@@ -1,9 +1,11 @@
 """Large-magnitude features: detect them per layer, and compare them across prompt sets.
 
-A dimension is large when its magnitude (ActivationStats.hidden_norms) stands far above the
-layer's typical dimension. Rules: ``top-k`` per layer, ``ratio`` to the layer median, or an
-``absolute`` magnitude. Overlaps follow the paper: the share of one set's top-x% dimensions
-that fall in another's bottom-x%, and the Jaccard overlap of the top sets.
+A dimension is large when its magnitude at a residual-stream site stands far above the
+site's typical dimension. Rules: ``top-k`` per layer, ``ratio`` to the layer median, or an
+``absolute`` magnitude. Layers are numbered as ``ActivationStats.layer_view`` lays them out:
+``sites`` (row i is layer i's output) or ``hidden_states`` (the paper's: row 0 is the
+embedding output, the last row is after the final norm). Overlaps: the share of one set's
+top-x% dimensions in another's top-x% (and Jaccard), and in its bottom-x% (the paper's).
 """
 
 from __future__ import annotations
@@ -44,10 +46,15 @@ class Rule:
         return f"{self.kind}:{int(self.value) if self.kind == 'top-k' else self.value:g}"
 
 
-def detect(stats: ActivationStats, rule: Rule | str = "ratio:100") -> pd.DataFrame:
-    """Detected dimensions, one row each: layer, dim, magnitude, median, ratio_to_median."""
+def detect(stats: ActivationStats, rule: Rule | str = "ratio:100",
+           numbering: str = "sites") -> pd.DataFrame:
+    """Detected dimensions, one row each: layer, site, dim, magnitude, median, ratio_to_median."""
     rule = Rule.parse(rule) if isinstance(rule, str) else rule
-    norms = stats.hidden_norms.float()
+    sites, norms = stats.layer_view(numbering)
+    return _detect_rows(sites, norms.float(), rule)
+
+
+def _detect_rows(sites: list[str], norms: torch.Tensor, rule: Rule) -> pd.DataFrame:
     medians = norms.median(dim=1).values.clamp_min(1e-12)
     rows = []
     for layer in range(norms.shape[0]):
@@ -60,28 +67,34 @@ def detect(stats: ActivationStats, rule: Rule | str = "ratio:100") -> pd.DataFra
             dims = (mags >= rule.value).nonzero().flatten()
         dims = dims[mags[dims].argsort(descending=True)]
         for d in dims.tolist():
-            rows.append((layer, d, float(mags[d]), float(med), float(mags[d] / med)))
-    return pd.DataFrame(rows, columns=["layer", "dim", "magnitude", "median", "ratio_to_median"])
+            rows.append((layer, sites[layer], d, float(mags[d]), float(med), float(mags[d] / med)))
+    return pd.DataFrame(rows, columns=["layer", "site", "dim", "magnitude", "median",
+                                       "ratio_to_median"])
 
 
-def detected_dims(stats: ActivationStats, rule: Rule | str) -> dict[int, list[int]]:
-    """{layer: [dims]} for every layer (empty lists where nothing is detected)."""
-    table = detect(stats, rule)
-    out = {layer: [] for layer in range(stats.n_layers)}
-    for layer, group in table.groupby("layer"):
-        out[int(layer)] = group["dim"].astype(int).tolist()
+def detected_dims(stats: ActivationStats, rule: Rule | str) -> dict[str, list[int]]:
+    """{site: [dims]} for every residual-stream site the statistics hold (``embed``,
+    ``layers.{i}.resid_post``, ``final_norm``), with empty lists where nothing is detected."""
+    rule = Rule.parse(rule) if isinstance(rule, str) else rule
+    sites = stats.sites()
+    table = _detect_rows(list(sites), torch.stack(list(sites.values())).float(), rule)
+    out = {site: [] for site in sites}
+    for site, group in table.groupby("site", sort=False):
+        out[str(site)] = group["dim"].astype(int).tolist()
     return out
 
 
-def top_dims(stats: ActivationStats, n: int = 5) -> dict:
+def top_dims(stats: ActivationStats, n: int = 5, numbering: str = "sites") -> dict:
     """The analysis JSON: per layer the median and the top n dims with their ratio to it."""
-    table = detect(stats, Rule("top-k", n))
+    sites, norms = stats.layer_view(numbering)
+    table = detect(stats, Rule("top-k", n), numbering)
     layers = []
-    for layer in range(stats.n_layers):
+    for layer in range(len(sites)):
         part = table[table.layer == layer]
         layers.append({
             "layer": layer,
-            "median": float(stats.hidden_norms[layer].median()),
+            "site": sites[layer],
+            "median": float(norms[layer].median()),
             "top": [{"dim": int(r.dim), "magnitude": r.magnitude, "ratio_to_median": r.ratio_to_median}
                     for r in part.itertuples()],
         })
@@ -94,16 +107,20 @@ def _top_bottom(norms: torch.Tensor, fraction: float) -> tuple[set[int], set[int
     return set(order[:k]), set(order[-k:])
 
 
-def overlap(a: ActivationStats, b: ActivationStats, fraction: float = 0.05) -> pd.DataFrame:
-    """Per layer: share of a's top-x% dims in b's top-x% (Jaccard too) and in b's bottom-x%."""
+def overlap(a: ActivationStats, b: ActivationStats, fraction: float = 0.05,
+            numbering: str = "sites") -> pd.DataFrame:
+    """Per layer: share of a's top-x% dims in b's top-x% (Jaccard too) and in b's bottom-x%
+    (the paper's measure: |top-x%(a) & bottom-x%(b)| / |top-x%(a)|)."""
     if not 0 < fraction <= 0.5:
         raise MlpruneError("The overlap fraction must be in (0, 0.5].")
     if a.hidden_norms.shape != b.hidden_norms.shape:
         raise MlpruneError("These statistics come from different models and cannot be compared.")
+    _, norms_a = a.layer_view(numbering)
+    _, norms_b = b.layer_view(numbering)
     rows = []
-    for layer in range(a.n_layers):
-        top_a, _ = _top_bottom(a.hidden_norms[layer], fraction)
-        top_b, bottom_b = _top_bottom(b.hidden_norms[layer], fraction)
+    for layer in range(norms_a.shape[0]):
+        top_a, _ = _top_bottom(norms_a[layer], fraction)
+        top_b, bottom_b = _top_bottom(norms_b[layer], fraction)
         rows.append({
             "layer": layer,
             "top_in_top": len(top_a & top_b) / len(top_a),
@@ -114,13 +131,14 @@ def overlap(a: ActivationStats, b: ActivationStats, fraction: float = 0.05) -> p
 
 
 def overlap_matrix(sets: dict[str, ActivationStats], fraction: float = 0.05,
-                   measure: str = "top_in_top", layer: int | None = None) -> pd.DataFrame:
+                   measure: str = "top_in_top", layer: int | None = None,
+                   numbering: str = "sites") -> pd.DataFrame:
     """Names x names table of an overlap measure, at one layer or averaged over layers."""
     names = list(sets)
     table = pd.DataFrame(index=names, columns=names, dtype=float)
     for x in names:
         for y in names:
-            per_layer = overlap(sets[x], sets[y], fraction)
+            per_layer = overlap(sets[x], sets[y], fraction, numbering)
             col = per_layer[measure]
             table.loc[x, y] = float(col.iloc[layer] if layer is not None else col.mean())
     return table

@@ -15,13 +15,14 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from mlprune import MlpruneError
+from mlprune import MlpruneError, Progress, no_progress
 from mlprune.capture import ActivationStats, Cancelled, capture
 from mlprune.corpus import ParallelCorpus
 from mlprune.evaluate import evaluate_translation
 from mlprune.features import detected_dims
 from mlprune.models import LoadedModel, cache_dir
 from mlprune.prompts import PromptSet, calibration_prompts, parse_pair
+from mlprune.protocol import get_protocol
 from mlprune.prune import (
     METHODS,
     MODES,
@@ -35,29 +36,43 @@ from mlprune.prune import (
     sequential_stats,
 )
 
-Progress = Callable[[str, float], None]
+
+def _setting(default, help: str, **cli):
+    """A spec field with its command-line help (``cli`` holds argparse extras: metavar...)."""
+    return field(default=default, metadata={"help": help, **cli})
 
 
 @dataclass(frozen=True)
 class PruneSpec:
-    """Everything that decides a pruned model. Plain values: hashable, JSON-able, cacheable."""
+    """Everything that decides a pruned model. Plain values: hashable, JSON-able, cacheable.
 
-    method: str = "wanda"
-    calibration: str = "mt"  # mt | mono | code
-    pair: str = "fr-en"
-    other: str = "code"  # second set of the ratio method
-    sparsity: float = 0.5
-    pattern: str = "unstructured"
-    invert: bool = False
-    protect: str | None = None  # a detection rule, e.g. "top-k:8" or "ratio:100"
-    layers: str | None = None  # "0-11"
-    blocks: str | None = None  # "attn", "mlp" or "attn,mlp"
-    mode: str = "sequential"
-    shots: int = 4
-    samples: int = 16
-    seed: int = 0
+    This is the one place where a setting and its default are written: the command line's
+    flags and the dashboard's widgets are built from these fields (see :func:`spec_flags`).
+    """
+
+    method: str = _setting("wanda", "wanda, ratio, magnitude or random")
+    calibration: str = _setting("mt", "calibration set: mt (translation), mono or code")
+    pair: str = _setting("fr-en", "language pair src-tgt of the calibration and evaluation")
+    other: str = _setting("code", "second calibration set of the ratio method")
+    sparsity: float = _setting(0.5, "share of each row's weights to prune, in [0, 1)")
+    pattern: str = _setting("unstructured", "unstructured, 2:4 or 4:8")
+    invert: bool = _setting(False, "prune the highest scores instead (the paper's ablation)")
+    protect: str | None = _setting(None, "never prune detected feature dims: top-k:8, ratio:100")
+    layers: str | None = _setting(None, "layer range to prune, e.g. 0-11")
+    blocks: str | None = _setting(None, "module kinds to prune: attn, mlp or attn,mlp")
+    mode: str = _setting("sequential", "sequential (as Wanda: each layer calibrated with the "
+                                       "layers before it pruned) or one-shot")
+    shots: int = _setting(4, "demonstrations per calibration prompt")
+    samples: int = _setting(16, "calibration prompts")
+    seed: int = _setting(0, "seed of the demonstration draws and of random pruning")
+    protocol: str = _setting("clean", "clean (padding excluded, newline-separated "
+                                      "demonstrations) or paper (the authors' setup)")
+    pad_to: int | None = _setting(None, "pad every calibration prompt to N tokens and count "
+                                        "the padding, as the authors' code did (a bug; off)",
+                                  metavar="N")
 
     def validate(self) -> PruneSpec:
+        """Check every field; returns the spec (one clear sentence for anything wrong)."""
         if self.method not in METHODS:
             raise MlpruneError(f"Unknown method '{self.method}': use {', '.join(METHODS)}.")
         if self.mode not in MODES:
@@ -68,14 +83,22 @@ class PruneSpec:
         parse_pair(self.pair)
         if self.samples < 1:
             raise MlpruneError("The number of samples must be at least 1.")
+        get_protocol(self.protocol)
+        if self.pad_to is not None and self.pad_to < 1:
+            raise MlpruneError(f"--pad-to must be a positive number of tokens; got {self.pad_to}.")
         return self
+
+    @property
+    def separator(self) -> str:
+        """How demonstrations are separated under this spec's protocol."""
+        return get_protocol(self.protocol).separator
 
     @classmethod
     def preset(cls, name: str, **changes) -> PruneSpec:
         """A named starting point (see :data:`PRESETS`) with ``changes`` on top, validated."""
         if name not in PRESETS:
             raise MlpruneError(f"Unknown preset '{name}': use {', '.join(PRESETS)}.")
-        return replace(cls(), **PRESETS[name], **changes).validate()
+        return replace(cls(), **{**PRESETS[name], **changes}).validate()
 
     @property
     def uses_activations(self) -> bool:
@@ -100,6 +123,8 @@ class PruneSpec:
 PRESETS: dict[str, dict] = {
     "default": {},
     "interactive": {"mode": "one-shot", "samples": 8},
+    # the authors' published setup (prune.sh: 100 samples, 4 shots; Wanda's sequential pass)
+    "paper": {"protocol": "paper", "samples": 100, "mode": "sequential"},
 }
 
 
@@ -122,10 +147,6 @@ class PruneResult:
     timings: dict = field(default_factory=dict)
 
 
-def _quiet(stage: str, fraction: float) -> None:
-    pass
-
-
 def model_fingerprint(loaded: LoadedModel) -> str:
     """A short id of the model's current weights: name, shapes and a sample of values."""
     h = hashlib.sha256(loaded.name.encode())
@@ -135,12 +156,17 @@ def model_fingerprint(loaded: LoadedModel) -> str:
     return h.hexdigest()[:16]
 
 
+STATS_VERSION = "2"  # bumped when ActivationStats gain fields: older cache entries are not read
+
+
 def cached_capture(loaded: LoadedModel, prompts: PromptSet, *, batch_size: int = 8,
                    progress: Callable[[int, int], None] | None = None,
-                   should_stop: Callable[[], bool] | None = None) -> ActivationStats:
+                   should_stop: Callable[[], bool] | None = None,
+                   pad_to: int | None = None) -> ActivationStats:
     """Capture, saved to the cache folder as soon as it is done and read back next time,
     so a crash later never costs the calibration again."""
-    key = hashlib.sha256(("\x00".join(prompts.texts) + model_fingerprint(loaded)).encode()).hexdigest()
+    what = f"{STATS_VERSION}\x00{pad_to}\x00{prompts.key}{model_fingerprint(loaded)}"
+    key = hashlib.sha256(what.encode()).hexdigest()
     path = cache_dir() / "stats" / f"{prompts.name.replace(':', '_')}-{key[:20]}.safetensors"
     if path.is_file():
         try:
@@ -148,32 +174,35 @@ def cached_capture(loaded: LoadedModel, prompts: PromptSet, *, batch_size: int =
         except MlpruneError:
             path.unlink(missing_ok=True)  # a damaged cache entry: capture again
     stats = capture(loaded.model, loaded.tokenizer, prompts, batch_size=batch_size,
-                    progress=progress, should_stop=should_stop)
+                    progress=progress, should_stop=should_stop, pad_to=pad_to)
     stats.save(path)
     return stats
 
 
 def calibrate(loaded: LoadedModel, corpus: ParallelCorpus, spec: PruneSpec, *,
-              batch_size: int = 8, progress: Progress = _quiet,
+              batch_size: int = 8, progress: Progress = no_progress,
               should_stop: Callable[[], bool] | None = None) -> Calibration:
     """The dense model's statistics on the spec's calibration set (and second set), cached."""
     start = time.perf_counter()
     prompts = calibration_prompts(corpus, spec.calibration, spec.pair, shots=spec.shots,
-                                  samples=spec.samples, seed=spec.seed)
+                                  samples=spec.samples, seed=spec.seed, separator=spec.separator)
     stats = cached_capture(loaded, prompts, batch_size=batch_size, should_stop=should_stop,
+                           pad_to=spec.pad_to,
                            progress=lambda d, t: progress(f"calibration ({prompts.name})", d / t))
     other = None
     if spec.method == "ratio":
         other_prompts = calibration_prompts(corpus, spec.other, spec.pair, shots=spec.shots,
-                                            samples=spec.samples, seed=spec.seed)
+                                            samples=spec.samples, seed=spec.seed,
+                                            separator=spec.separator)
         other = cached_capture(
             loaded, other_prompts, batch_size=batch_size, should_stop=should_stop,
+            pad_to=spec.pad_to,
             progress=lambda d, t: progress(f"second set ({other_prompts.name})", d / t))
     return Calibration(prompts, stats, other, time.perf_counter() - start)
 
 
 def rank(loaded: LoadedModel, spec: PruneSpec, calib: Calibration | None, *,
-         batch_size: int = 8, progress: Progress = _quiet) -> Ranking:
+         batch_size: int = 8, progress: Progress = no_progress) -> Ranking:
     """Rank the selected modules by the spec's method (sequential mode re-captures per layer)."""
     modules = select_modules(loaded.model, spec.layers, spec.blocks)
     protect = None
@@ -184,9 +213,10 @@ def rank(loaded: LoadedModel, spec: PruneSpec, calib: Calibration | None, *,
     stats = calib.stats if calib else None
     if spec.mode == "sequential" and spec.uses_activations:
         stats = sequential_stats(
-            loaded.model, loaded.tokenizer, calib.prompts.texts, calib.stats, method=spec.method,
+            loaded.model, loaded.tokenizer, calib.prompts, calib.stats, method=spec.method,
             sparsity=spec.sparsity, pattern=spec.pattern, other=calib.other, invert=spec.invert,
             protect=protect, modules=modules, seed=spec.seed, batch_size=batch_size,
+            pad_to=spec.pad_to,
             progress=lambda d, t: progress("sequential calibration", d / t))
     return rank_modules(loaded.model, stats, method=spec.method, other=calib.other if calib else None,
                         invert=spec.invert, protect=protect, modules=modules, seed=spec.seed,
@@ -194,7 +224,7 @@ def rank(loaded: LoadedModel, spec: PruneSpec, calib: Calibration | None, *,
 
 
 def prune(loaded: LoadedModel, corpus: ParallelCorpus, spec: PruneSpec, *, batch_size: int = 8,
-          progress: Progress = _quiet) -> PruneResult:
+          progress: Progress = no_progress) -> PruneResult:
     """Calibrate (when the method needs data), rank and build masks. The model stays dense."""
     spec.validate()
     t0 = time.perf_counter()
@@ -227,7 +257,7 @@ SWEEP_METHODS = {
 def sweep(loaded: LoadedModel, corpus: ParallelCorpus, *, methods: list[str], sparsities: list[float],
           pairs: list[str], base: PruneSpec | None = None,
           limit: int | None = 16, out_csv: str | Path | None = None, batch_size: int = 8,
-          progress: Progress = _quiet, should_stop: Callable[[], bool] | None = None,
+          progress: Progress = no_progress, should_stop: Callable[[], bool] | None = None,
           extra_eval: Callable[[LoadedModel, str, float], dict] | None = None) -> list[dict]:
     """Evaluate every method x sparsity x pair (unstructured, one-shot; one ranking per
     method and pair).

@@ -36,9 +36,11 @@ def _note(fig: go.Figure, dequantized_from: str | None) -> go.Figure:
 
 
 def top_dims_figure(stats: ActivationStats, n: int = 5, title: str | None = None,
-                    dequantized_from: str | None = None) -> go.Figure:
-    """Per-layer bars of the n largest dimensions' ratio to the layer median (paper, Fig. 2)."""
-    table = detect(stats, f"top-k:{n}")
+                    dequantized_from: str | None = None, numbering: str = "sites") -> go.Figure:
+    """Per-layer bars of the n largest dimensions' ratio to the layer median (paper, Fig. 2).
+
+    ``numbering="hidden_states"`` lays layers out as the paper does (0 = embedding output)."""
+    table = detect(stats, f"top-k:{n}", numbering)
     fig = go.Figure()
     for rank in range(n):
         part = table.groupby("layer").nth(rank)
@@ -47,7 +49,9 @@ def top_dims_figure(stats: ActivationStats, n: int = 5, title: str | None = None
                     hovertemplate="layer %{x}<br>dim %{customdata[0]}<br>magnitude %{customdata[1]:.1f}"
                                   "<br>%{y:.0f}x median<extra></extra>")
     fig.update_layout(barmode="group", title=title or f"Top {n} dimensions per layer ({stats.meta.get('prompts', '')})",
-                      xaxis_title="layer", yaxis_title="magnitude / layer median", yaxis_type="log",
+                      xaxis_title="layer" if numbering == "sites"
+                      else "layer (output_hidden_states: 0 = embeddings)",
+                      yaxis_title="magnitude / layer median", yaxis_type="log",
                       legend_title="rank", margin={"b": 90})
     return _note(fig, dequantized_from)
 

@@ -1,8 +1,10 @@
 """Prompt sets: monolingual, translation (src->tgt) and code demonstrations, and eval items.
 
-The paper's demonstration form is ``{Language name}: {sentence}<eos>``; mlprune ends each line
-with a newline, the separator a base model continues naturally and the one generation stops
-at. Sentences are split once, with a fixed seed, into a demonstration pool and a held-out test
+The paper's demonstration form is ``{Language name}: {sentence}<eos>``; mlprune's clean protocol
+ends each line with a newline, the separator a base model continues naturally and the one
+generation stops at. With ``separator="eos"`` (the paper protocol) each line is kept as a
+segment, and the tokenizer's EOS id is inserted after it when the prompt is encoded: the EOS is
+a token id, never text, so a sentence that contains the string ``<eos>`` stays text. Sentences are split once, with a fixed seed, into a demonstration pool and a held-out test
 slice, so no test sentence is ever a demonstration or a calibration text.
 """
 
@@ -18,17 +20,45 @@ SPLIT_SEED = 20240917  # fixed: the test slice must not move when the calibratio
 TEST_FRACTION = 0.25
 
 
+SEPARATORS = ("newline", "eos")
+EOS_MARK = "<eos>"  # how an inserted EOS is shown in texts meant for reading, never encoded
+
+
 @dataclass
 class PromptSet:
-    """Texts to run through the model, with what they are for display and reports."""
+    """Texts to run through the model, with what they are for display and reports.
+
+    ``segments`` (EOS-separated prompts only) holds each prompt's lines; the prompt is those
+    lines, each followed by the EOS token id. ``texts`` is then for reading and reports.
+    """
 
     name: str  # "mt:fr-en", "mono:en", "code"
     kind: str  # "mt" | "mono" | "code" | "text"
     texts: list[str]
     meta: dict = field(default_factory=dict)
+    segments: list[list[str]] | None = None
 
     def __len__(self) -> int:
         return len(self.texts)
+
+    @property
+    def key(self) -> str:
+        """What the prompts are, exactly, as one string (for cache keys)."""
+        if self.segments is None:
+            return "\x00".join(self.texts)
+        return "\x00".join("\x01".join(lines) for lines in self.segments) + "\x02eos"
+
+
+def _prompt_set(name: str, kind: str, prompts: list[list[str]], separator: str,
+                meta: dict) -> PromptSet:
+    """A prompt set from each prompt's lines, joined by newlines or followed by EOS ids."""
+    if separator not in SEPARATORS:
+        raise MlpruneError(f"Unknown separator '{separator}': use newline or eos.")
+    meta = {**meta, "separator": separator}
+    if separator == "newline":
+        return PromptSet(name, kind, ["".join(f"{line}\n" for line in p) for p in prompts], meta)
+    texts = ["".join(f"{line}{EOS_MARK}" for line in p) for p in prompts]
+    return PromptSet(name, kind, texts, meta, segments=prompts)
 
 
 @dataclass
@@ -74,7 +104,7 @@ def _check_counts(shots: int, samples: int, pool: int, what: str) -> None:
 
 
 def translation_prompts(corpus: ParallelCorpus, src: str, tgt: str, *, shots: int = 4,
-                        samples: int = 16, seed: int = 0) -> PromptSet:
+                        samples: int = 16, seed: int = 0, separator: str = "newline") -> PromptSet:
     """``samples`` prompts of ``shots`` translation demonstrations ``Src: s`` / ``Tgt: t``."""
     if src == tgt:
         raise MlpruneError(f"The pair {src}-{tgt} names the same language twice.")
@@ -84,18 +114,17 @@ def translation_prompts(corpus: ParallelCorpus, src: str, tgt: str, *, shots: in
     rng = random.Random(seed)
     s_name, t_name = language_name(src), language_name(tgt)
     table = corpus.table
-    texts = []
+    prompts = []
     for _ in range(samples):
         rows = rng.sample(pool, shots)
-        texts.append("".join(
-            f"{s_name}: {table[src].iat[r]}\n{t_name}: {table[tgt].iat[r]}\n" for r in rows
-        ))
-    return PromptSet(f"mt:{src}-{tgt}", "mt", texts,
-                     {"src": src, "tgt": tgt, "shots": shots, "seed": seed, "corpus": corpus.name})
+        prompts.append([line for r in rows for line in
+                        (f"{s_name}: {table[src].iat[r]}", f"{t_name}: {table[tgt].iat[r]}")])
+    return _prompt_set(f"mt:{src}-{tgt}", "mt", prompts, separator,
+                       {"src": src, "tgt": tgt, "shots": shots, "seed": seed, "corpus": corpus.name})
 
 
 def monolingual_prompts(corpus: ParallelCorpus, lang: str, *, shots: int = 4, samples: int = 16,
-                        seed: int = 0) -> PromptSet:
+                        seed: int = 0, separator: str = "newline") -> PromptSet:
     """Prompts of ``2 * shots`` sentences in one language, as long as translation prompts."""
     corpus.require(lang)
     pool, _ = split_rows(corpus)
@@ -103,12 +132,10 @@ def monolingual_prompts(corpus: ParallelCorpus, lang: str, *, shots: int = 4, sa
     rng = random.Random(seed)
     name = language_name(lang)
     col = corpus.table[lang]
-    texts = []
-    for _ in range(samples):
-        rows = rng.sample(pool, min(len(pool), 2 * shots))
-        texts.append("".join(f"{name}: {col.iat[r]}\n" for r in rows))
-    return PromptSet(f"mono:{lang}", "mono", texts,
-                     {"lang": lang, "shots": shots, "seed": seed, "corpus": corpus.name})
+    prompts = [[f"{name}: {col.iat[r]}" for r in rng.sample(pool, min(len(pool), 2 * shots))]
+               for _ in range(samples)]
+    return _prompt_set(f"mono:{lang}", "mono", prompts, separator,
+                       {"lang": lang, "shots": shots, "seed": seed, "corpus": corpus.name})
 
 
 def code_prompts(*, shots: int = 4, samples: int = 16, seed: int = 0) -> PromptSet:
@@ -121,15 +148,19 @@ def code_prompts(*, shots: int = 4, samples: int = 16, seed: int = 0) -> PromptS
 
 
 def calibration_prompts(corpus: ParallelCorpus, calibration: str, pair: str | None = None, *,
-                        shots: int = 4, samples: int = 16, seed: int = 0) -> PromptSet:
-    """The calibration set by name: ``mt`` (needs a pair), ``mono`` (the pair's source), ``code``."""
+                        shots: int = 4, samples: int = 16, seed: int = 0,
+                        separator: str = "newline") -> PromptSet:
+    """The calibration set by name: ``mt`` (needs a pair), ``mono`` (the pair's source), ``code``
+    (code snippets are whole files: they take no separator)."""
     if calibration == "mt":
         if not pair:
             raise MlpruneError("Translation calibration needs a language pair, e.g. fr-en.")
-        return translation_prompts(corpus, *parse_pair(pair), shots=shots, samples=samples, seed=seed)
+        return translation_prompts(corpus, *parse_pair(pair), shots=shots, samples=samples,
+                                   seed=seed, separator=separator)
     if calibration == "mono":
         lang = parse_pair(pair)[0] if pair and "-" in pair else (pair or "en")
-        return monolingual_prompts(corpus, lang, shots=shots, samples=samples, seed=seed)
+        return monolingual_prompts(corpus, lang, shots=shots, samples=samples, seed=seed,
+                                   separator=separator)
     if calibration == "code":
         return code_prompts(shots=shots, samples=samples, seed=seed)
     raise MlpruneError(f"Unknown calibration set '{calibration}': use mt, mono or code.")

@@ -31,6 +31,7 @@ from torch import nn
 from mlprune import MlpruneError
 from mlprune.capture import ActivationStats, LayerRunner
 from mlprune.models import LinearInfo, linear_modules
+from mlprune.prompts import PromptSet
 
 METHODS = ("wanda", "ratio", "magnitude", "random")
 MODES = ("one-shot", "sequential")
@@ -101,17 +102,23 @@ def select_modules(model: nn.Module, layers: tuple[int, int] | str | None = None
     return names
 
 
-def protected_columns(model: nn.Module, dims_by_layer: dict[int, list[int]] | None,
+def residual_input_site(layer: int) -> str:
+    """The residual-stream site a module of this layer reads: the embedding output for layer 0,
+    else the previous layer's output."""
+    return "embed" if layer == 0 else f"layers.{layer - 1}.resid_post"
+
+
+def protected_columns(model: nn.Module, dims_by_site: dict[str, list[int]] | None,
                       names: list[str]) -> dict[str, torch.Tensor]:
     """Input columns never to prune: a module reading the residual stream entering layer l
-    protects the dimensions detected at that stream (layer l-1's output; layer 0 uses its own)."""
+    protects the dimensions detected at that site (:func:`residual_input_site`)."""
     infos = linear_modules(model)
     out = {}
     for name in names:
         info = infos[name]
         cols = torch.zeros(info.in_features, dtype=torch.bool)
-        if dims_by_layer and info.reads_residual:
-            dims = dims_by_layer.get(max(info.layer - 1, 0), [])
+        if dims_by_site and info.reads_residual:
+            dims = dims_by_site.get(residual_input_site(info.layer), [])
             cols[[d for d in dims if d < info.in_features]] = True
         out[name] = cols
     return out
@@ -260,7 +267,7 @@ def _lowest_in_groups(order: torch.Tensor, n: int, m: int) -> torch.Tensor:
 
 def rank_modules(model: nn.Module, stats: ActivationStats | None = None, *, method: str = "wanda",
                  other: ActivationStats | None = None, invert: bool = False,
-                 protect: dict[int, list[int]] | None = None, modules: list[str] | None = None,
+                 protect: dict[str, list[int]] | None = None, modules: list[str] | None = None,
                  seed: int = 0, progress: Callable[[int, int], None] | None = None) -> Ranking:
     """Score and rank every selected module once."""
     if method not in METHODS:
@@ -444,11 +451,12 @@ def pruned(model: nn.Module, masks: MaskSet | None):
 # --------------------------------------------------------------------------- sequential
 
 
-def sequential_stats(model: nn.Module, tokenizer, texts: list[str], dense: ActivationStats, *,
+def sequential_stats(model: nn.Module, tokenizer, texts: PromptSet | list[str],
+                     dense: ActivationStats, *,
                      method: str, sparsity: float, pattern: str | Pattern = "unstructured",
                      other: ActivationStats | None = None, invert: bool = False,
-                     protect: dict[int, list[int]] | None = None, modules: list[str] | None = None,
-                     seed: int = 0, batch_size: int = 8,
+                     protect: dict[str, list[int]] | None = None, modules: list[str] | None = None,
+                     seed: int = 0, batch_size: int = 8, pad_to: int | None = None,
                      progress: Callable[[int, int], None] | None = None) -> ActivationStats:
     """Statistics as Wanda takes them: layer l's inputs with layers < l already pruned.
 
@@ -461,7 +469,7 @@ def sequential_stats(model: nn.Module, tokenizer, texts: list[str], dense: Activ
     sqnorms = dict(dense.input_sqnorms)
     applied: list[AppliedMasks] = []
     with model_lock(model):
-        runner = LayerRunner(model, tokenizer, texts, batch_size)
+        runner = LayerRunner(model, tokenizer, texts, batch_size, pad_to)
         try:
             for layer in range(n_layers):
                 here = [n for n in names if infos[n].layer == layer]

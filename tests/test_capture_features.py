@@ -144,14 +144,15 @@ def fake_stats(rows):
 
 def test_detection_rules():
     stats = fake_stats([[1, 1, 1, 500, 1, 50], [2, 2, 400, 2, 2, 2]])
-    assert detected_dims(stats, "ratio:100") == {0: [3], 1: [2]}
+    assert detected_dims(stats, "ratio:100") == {"layers.0.resid_post": [3], "layers.1.resid_post": [2]}
     top2 = detected_dims(stats, "top-k:2")
-    assert top2[0] == [3, 5] and top2[1][0] == 2 and len(top2[1]) == 2
-    assert detected_dims(stats, "absolute:450") == {0: [3], 1: []}
+    assert top2["layers.0.resid_post"] == [3, 5] and top2["layers.1.resid_post"][0] == 2
+    assert detected_dims(stats, "absolute:450") == {"layers.0.resid_post": [3],
+                                                    "layers.1.resid_post": []}
     table = detect(stats, "ratio:20")
-    assert list(table.columns) == ["layer", "dim", "magnitude", "median", "ratio_to_median"]
-    assert table.iloc[0].to_dict() == {"layer": 0, "dim": 3, "magnitude": 500.0, "median": 1.0,
-                                       "ratio_to_median": 500.0}
+    assert list(table.columns) == ["layer", "site", "dim", "magnitude", "median", "ratio_to_median"]
+    assert table.iloc[0].to_dict() == {"layer": 0, "site": "layers.0.resid_post", "dim": 3,
+                                       "magnitude": 500.0, "median": 1.0, "ratio_to_median": 500.0}
     assert top_dims(stats, 1)["layers"][1]["top"][0]["dim"] == 2
     for bad in ("top-k:0", "ratio", "median:3", "top-k:1.5", "ratio:x"):
         with pytest.raises(MlpruneError):

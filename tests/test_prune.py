@@ -135,7 +135,7 @@ def test_conv1d_masks_land_on_transposed_storage():
 
 def test_protected_columns_are_never_pruned_and_rows_reach_target(setup):
     model, _, stats = setup
-    protect = {0: [3, 7], 1: [5]}
+    protect = {"embed": [3, 7], "layers.0.resid_post": [5]}
     masks = rank_modules(model, stats, protect=protect).masks(0.7)
     infos = linear_modules(model)
     for name, info in infos.items():
@@ -143,15 +143,17 @@ def test_protected_columns_are_never_pruned_and_rows_reach_target(setup):
         k = int(info.in_features * 0.7)
         assert ((~keep).sum(dim=1) == k).all()
         if info.reads_residual:
-            # layer l reads the stream that layer l-1 wrote (layer 0 uses its own)
-            dims = protect[max(info.layer - 1, 0)]
+            # layer 0 reads the embedding output; layer l the stream that layer l-1 wrote
+            dims = [3, 7] if info.layer == 0 else [5]
             assert keep[:, dims].all(), name
-    assert masks.meta["protected_dims"] == {"0": [3, 7], "1": [5]}
+            others = [d for d in (3, 5, 7) if d not in dims]
+            assert not keep[:, others].all(), name  # the other site's dims are not protected here
+    assert masks.meta["protected_dims"] == protect
 
 
 def test_protection_caps_sparsity_when_it_must(setup):
     model, _, stats = setup
-    protect = {0: list(range(20)), 1: list(range(20))}  # 20 of 32 inputs protected
+    protect = {"embed": list(range(20)), "layers.0.resid_post": list(range(20))}  # 20 of 32
     masks = rank_modules(model, stats, protect=protect).masks(0.9)
     assert masks.sparsity()["layers.1.attn.q"] == pytest.approx(12 / 32)
     assert masks.sparsity()["layers.1.attn.o"] == pytest.approx(int(32 * 0.9) / 32)
