@@ -294,3 +294,72 @@ def token_probs_figure(dense: Generation, pruned: Generation | None = None,
                       xaxis_title="token position", yaxis={"title": "p", "range": [0, 1]},
                       height=320, margin={"b": 90})
     return _note(fig, dequantized_from)
+
+
+# --------------------------------------------------------------------------- reproduce report
+
+
+def top_dims_table_figure(layers: list[dict], title: str,
+                          dequantized_from: str | None = None) -> go.Figure:
+    """Figure 2 from ``features.top_dims`` JSON (what a report keeps): the top dimensions'
+    ratio to their layer's median, per layer."""
+    n = max((len(layer["top"]) for layer in layers), default=0)
+    fig = go.Figure()
+    for rank in range(n):
+        xs = [layer["layer"] for layer in layers if len(layer["top"]) > rank]
+        tops = [layer["top"][rank] for layer in layers if len(layer["top"]) > rank]
+        fig.add_bar(x=xs, y=[t["ratio_to_median"] for t in tops], name=f"#{rank + 1}",
+                    customdata=[[t["dim"], t["magnitude"]] for t in tops],
+                    hovertemplate="layer %{x}<br>dim %{customdata[0]}<br>magnitude "
+                                  "%{customdata[1]:.1f}<br>%{y:.0f}x median<extra></extra>")
+    fig.update_layout(barmode="group", title=title, yaxis_type="log",
+                      xaxis_title="layer (output_hidden_states: 0 = embeddings)",
+                      yaxis_title="magnitude / layer median", legend_title="rank",
+                      margin={"b": 90})
+    return _note(fig, dequantized_from)
+
+
+def variant_bars_figure(rows: list[dict], metric: str, title: str,
+                        dequantized_from: str | None = None) -> go.Figure:
+    """One bar per variant of a metric (Table 1's chrF or BLEU)."""
+    fig = go.Figure(go.Bar(x=[r["variant"] for r in rows], y=[r[metric] for r in rows],
+                           text=[f"{r[metric]:.1f}" for r in rows], textposition="outside"))
+    fig.update_layout(title=title, yaxis_title=metric, xaxis_title="variant", margin={"b": 110})
+    return _note(fig, dequantized_from)
+
+
+def accuracy_by_language_figure(variants: dict[str, list[dict]], title: str,
+                                dequantized_from: str | None = None) -> go.Figure:
+    """Zero-shot accuracy per language, one group of bars per language, one bar per variant."""
+    fig = go.Figure()
+    for name, rows in variants.items():
+        fig.add_bar(x=[r["lang"] for r in rows], y=[r["accuracy"] for r in rows], name=name)
+    fig.update_layout(barmode="group", title=title, yaxis={"title": "accuracy",
+                                                           "tickformat": ".0%"},
+                      xaxis_title="language", margin={"b": 90})
+    return _note(fig, dequantized_from)
+
+
+def report_figures(report: dict) -> list[tuple[str, go.Figure]]:
+    """Every figure of a ``mlprune reproduce`` report, built from its JSON alone."""
+    q = report.get("dequantized_from")
+    fig2 = report["figure2"]
+    out = [("Figure 2: translating", top_dims_table_figure(
+               fig2["translating"]["layers"], f"Top {fig2['top']} dimensions per layer while "
+               f"translating ({report['grid']['pair'].split('-')[0]}-en)", q)),
+           ("Figure 2: monolingual", top_dims_table_figure(
+               fig2["monolingual"]["layers"], f"Top {fig2['top']} dimensions per layer while "
+               f"reading {report['grid']['pair'].split('-')[0]}", q))]
+    ov = report["overlap"]
+    for measure, fraction in (("top_in_bottom", ov["fraction"]),
+                              ("top_in_top", ov["fraction_top_in_top"])):
+        matrix = pd.DataFrame(ov[measure])  # columns: column sets; index: row sets
+        out.append((f"Overlap: {measure}", overlap_figure(matrix, measure, fraction,
+                                                          dequantized_from=q)))
+    if report["table1"]:
+        out.append(("Table 1: chrF", variant_bars_figure(report["table1"], "chrf",
+                                                         "Translation chrF per variant", q)))
+    for task, block in report["zeroshot"].items():
+        out.append((f"Zero-shot: {task}", accuracy_by_language_figure(
+            block["variants"], f"Zero-shot accuracy per language: {task}", q)))
+    return out

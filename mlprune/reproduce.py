@@ -1,0 +1,539 @@
+"""``mlprune reproduce``: the paper's experiment grid on one model, as a report.
+
+The grid, under the paper protocol (EOS-separated demonstrations, sequential Wanda):
+
+- Figure 2: the top dimensions per layer while translating and while reading one language;
+- Figures 1 and 3: overlaps of the large dimensions across languages and directions;
+- Table 1: few-shot translation (chrF, BLEU) of the dense model and of wanda-mono, wanda-mt,
+  magnitude and random pruning at 50% unstructured and 2:4, each tested against wanda-mono
+  with sacrebleu's paired bootstrap;
+- zero-shot accuracy per language on every task, each variant against dense and wanda-mt
+  against wanda-mono (the paper's key comparison), with a paired bootstrap and the smallest
+  difference the test could detect; RankC consistency with English;
+- the inverted ablation (prune the highest Wanda scores);
+- a claims table: each claim of the paper, the direction it reported, what this run found.
+
+Every measured cell is written to ``out/cells`` as soon as it is done (masks to
+``out/masks``), so a run that stops resumes where it stopped; the report is rebuilt from the
+cells each time. Nothing here draws: figures come from :mod:`mlprune.plots`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from mlprune import MlpruneError, Progress, no_progress
+from mlprune import zeroshot as zs
+from mlprune.capture import ActivationStats, Cancelled
+from mlprune.corpus import ParallelCorpus
+from mlprune.evaluate import evaluate_translation, paired_translation_test
+from mlprune.export import atomic_write_text
+from mlprune.features import overlap_matrix, top_dims
+from mlprune.models import LoadedModel
+from mlprune.pipeline import PruneSpec, cached_capture, prune
+from mlprune.prompts import monolingual_prompts, parse_pair, translation_prompts
+from mlprune.protocol import get_protocol
+from mlprune.prune import MaskSet, pruned
+
+# The grid's calibration methods, as the sweep names them: spec fields of each.
+METHODS = {
+    "wanda-mono": {"method": "wanda", "calibration": "mono"},
+    "wanda-mt": {"method": "wanda", "calibration": "mt"},
+    "magnitude": {"method": "magnitude"},
+    "random": {"method": "random"},
+}
+BASELINE = "wanda-mono"  # what Table 1 and the key zero-shot comparison test against
+
+
+@dataclass(frozen=True)
+class Grid:
+    """What one reproduce run measures. :data:`FULL` is the README's run; :data:`QUICK` fits
+    in under 20 minutes on 2 cores for the embedded model."""
+
+    pair: str = "fr-en"  # calibration (wanda-mt; wanda-mono reads its source language)
+    langs: tuple[str, ...] = ("fr", "es", "zh", "ru", "hi", "sw")  # X of the X-en analysis
+    analysis_samples: int = 32
+    samples: int = 100  # calibration prompts (the paper's)
+    methods: tuple[str, ...] = ("wanda-mono", "wanda-mt", "magnitude", "random")
+    patterns: tuple[str, ...] = ("0.5", "2:4")
+    invert: bool = True  # the ablation: wanda-mt pruning its highest scores, at 50%
+    translation_limit: int = 24
+    tasks: tuple[str, ...] = ("wordorder", "completion", "nli", "sentiment")
+    task_limit: int | None = None  # items per language (None: all)
+    zeroshot_patterns: tuple[str, ...] = ("0.5", "2:4")
+    resamples: int = 2000
+    seed: int = 0
+
+    def variants(self) -> list[tuple[str, PruneSpec | None]]:
+        """(name, spec) of every model the grid measures; the dense model has no spec."""
+        out: list[tuple[str, PruneSpec | None]] = [("dense", None)]
+        for pattern in self.patterns:
+            for method in self.methods:
+                out.append((variant_name(method, pattern), self.spec(method, pattern)))
+        if self.invert:
+            out.append((variant_name("wanda-mt-inv", "0.5"),
+                        self.spec("wanda-mt", "0.5", invert=True)))
+        return out
+
+    def spec(self, method: str, pattern: str, invert: bool = False) -> PruneSpec:
+        structured = ":" in pattern
+        return PruneSpec.preset(
+            "paper", pair=self.pair, samples=self.samples, seed=self.seed, invert=invert,
+            pattern=pattern if structured else "unstructured",
+            sparsity=0.5 if structured else float(pattern), **METHODS[method])
+
+    def scores_zeroshot(self, name: str) -> bool:
+        return name == "dense" or name.rsplit(" ", 1)[-1] in {_pattern_label(p) for p in
+                                                              self.zeroshot_patterns}
+
+
+FULL = Grid()
+QUICK = Grid(langs=("fr", "zh"), analysis_samples=8, samples=16,
+             methods=("wanda-mono", "wanda-mt", "magnitude"), patterns=("0.5",),
+             translation_limit=8, task_limit=40, zeroshot_patterns=("0.5",), resamples=1000)
+
+
+def _pattern_label(pattern: str) -> str:
+    return pattern if ":" in pattern else f"{float(pattern):.0%}"
+
+
+def variant_name(method: str, pattern: str) -> str:
+    """'wanda-mt 50%', 'magnitude 2:4'."""
+    return f"{method} {_pattern_label(pattern)}"
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")
+
+
+# --------------------------------------------------------------------------- cells
+
+
+class Cells:
+    """Measured results on disk, one strict JSON file each, written atomically."""
+
+    def __init__(self, out: Path):
+        self.root = out / "cells"
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def path(self, *parts: str) -> Path:
+        return self.root.joinpath(*[_slug(p) for p in parts]).with_suffix(".json")
+
+    def get(self, *parts: str) -> dict | None:
+        path = self.path(*parts)
+        if not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            path.unlink(missing_ok=True)  # torn or damaged: measure it again
+            return None
+
+    def put(self, value: dict, *parts: str) -> dict:
+        path = self.path(*parts)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, zs.strict_json(value))
+        return value
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def run(loaded: LoadedModel, corpus: ParallelCorpus, out: str | Path, grid: Grid = FULL, *,
+        extra_tasks: tuple[str, ...] = (), batch_size: int = 8, progress: Progress = no_progress,
+        should_stop: Callable[[], bool] | None = None) -> dict:
+    """Measure every cell of the grid not measured yet, then write the report (JSON, Markdown,
+    HTML) to ``out`` and return it."""
+    out = Path(out)
+    src, tgt = parse_pair(grid.pair)
+    corpus.require(src, tgt, *grid.langs, "en")
+    tasks = [zs.load_task(t).subset(grid.task_limit, None) for t in (*grid.tasks, *extra_tasks)]
+    cells = Cells(out)
+    (out / "analysis").mkdir(parents=True, exist_ok=True)
+    (out / "masks").mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+
+    def stop_check() -> None:
+        if should_stop is not None and should_stop():
+            raise Cancelled("Reproduce cancelled; finished cells are kept and the run resumes "
+                            "where it stopped.")
+
+    # 1. the analysis prompt sets (Figures 1-3)
+    sets = analysis_sets(corpus, grid)
+    stats: dict[str, ActivationStats] = {}
+    for i, ps in enumerate(sets):
+        stop_check()
+        progress(f"analysis {ps.name}", i / len(sets))
+        stats[ps.name] = cached_capture(loaded, ps, batch_size=batch_size, should_stop=should_stop)
+    progress("analysis", 1.0)
+
+    # 2. every variant: masks, translation, zero-shot
+    variants = grid.variants()
+    for v, (name, spec) in enumerate(variants):
+        todo_tr = cells.get("translation", name) is None
+        todo_zs = [t for t in tasks if grid.scores_zeroshot(name)
+                   and cells.get("zeroshot", name, t.name) is None]
+        if not todo_tr and not todo_zs:
+            continue
+        stop_check()
+        here = lambda stage, f, v=v, name=name: progress(f"{name}: {stage}",  # noqa: E731
+                                                         (v + min(f, 1.0)) / len(variants))
+        masks = None if spec is None else _masks(loaded, corpus, spec, out / "masks", name,
+                                                 batch_size, here)
+        with pruned(loaded.model, masks):
+            if todo_tr:
+                here("translation", 0.5)
+                result = evaluate_translation(loaded.model, loaded.tokenizer, corpus, src, tgt,
+                                              shots=4, limit=grid.translation_limit,
+                                              batch_size=batch_size)
+                result["sparsity"] = masks.overall_sparsity() if masks else 0.0
+                cells.put(result, "translation", name)
+            for t in todo_zs:
+                stop_check()
+                here(f"zero-shot {t.name}", 0.75)
+                scored = zs.evaluate_task(loaded.model, loaded.tokenizer, t,
+                                          batch_size=batch_size)
+                cell = zs.result_dict(scored)
+                for item, s in zip(cell["items"], scored.scored):
+                    item["n_bytes"] = list(s.n_bytes)  # with the task, enough to rebuild it
+                cells.put(cell, "zeroshot", name, t.name)
+    progress("report", 1.0)
+    report = build_report(loaded, grid, stats, cells, tasks)
+    report["seconds_this_run"] = round(time.perf_counter() - started, 1)
+    write_report(report, out, stats)
+    return report
+
+
+def analysis_sets(corpus: ParallelCorpus, grid: Grid) -> list:
+    """X-en translation, en-X (for the pair's language and zh) and monolingual prompt sets,
+    EOS-separated as the paper's analysis."""
+    kw = dict(shots=4, samples=grid.analysis_samples, seed=grid.seed,
+              separator=get_protocol("paper").separator)
+    sets = [translation_prompts(corpus, x, "en", **kw) for x in grid.langs]
+    sets += [translation_prompts(corpus, "en", x, **kw) for x in grid.langs[:2]]
+    sets += [monolingual_prompts(corpus, x, **kw) for x in ("en", *grid.langs)]
+    return sets
+
+
+def _masks(loaded: LoadedModel, corpus: ParallelCorpus, spec: PruneSpec, folder: Path,
+           name: str, batch_size: int, progress: Progress) -> MaskSet:
+    """The variant's masks: read back when an earlier run made them, else pruned and saved."""
+    path = folder / f"{_slug(name)}.safetensors"
+    if path.is_file():
+        try:
+            return MaskSet.load(path)
+        except Exception:  # noqa: BLE001 - a damaged file is made again
+            path.unlink(missing_ok=True)
+    result = prune(loaded, corpus, spec, batch_size=batch_size, progress=progress)
+    tmp = path.with_name(path.name + ".partial")
+    result.masks.save(tmp)
+    tmp.replace(path)
+    return result.masks
+
+
+# --------------------------------------------------------------------------- the report
+
+
+def build_report(loaded: LoadedModel, grid: Grid, stats: dict[str, ActivationStats],
+                 cells: Cells, tasks: list) -> dict:
+    """The report from the measured cells (a variant or task not measured yet is left out)."""
+    protocol = get_protocol("paper")
+    src, _ = parse_pair(grid.pair)
+    names = [n for n, _ in grid.variants()]
+    translation = {n: c for n in names if (c := cells.get("translation", n)) is not None}
+    report: dict = {
+        "model": loaded.name, "dequantized_from": loaded.dequantized_from,
+        "protocol": "paper", "grid": asdict(grid),
+        "figure2": {
+            "numbering": protocol.numbering, "top": protocol.top_n,
+            "translating": top_dims(stats[f"mt:{src}-en"], protocol.top_n, protocol.numbering),
+            "monolingual": top_dims(stats[f"mono:{src}"], protocol.top_n, protocol.numbering),
+        },
+        "overlap": _overlaps(stats, protocol.overlap_fraction),
+        "table1": _table1(translation),
+        "zeroshot": {},
+    }
+    for task in tasks:
+        results = {n: c for n in names if (c := cells.get("zeroshot", n, task.name)) is not None}
+        if results:
+            report["zeroshot"][task.name] = _zeroshot(task, results, grid)
+    report["claims"] = claims(report, grid)
+    return report
+
+
+def _overlaps(stats: dict[str, ActivationStats], fraction: float) -> dict:
+    """Figures 1 and 3: translation sets against each other, and against monolingual sets;
+    both measures, averaged over layers and at the middle layer."""
+    sets = dict(stats)
+    mid = next(iter(sets.values())).n_layers // 2
+    out = {"fraction": fraction, "fraction_top_in_top": 0.05, "middle_layer": mid}
+    for measure, frac in (("top_in_bottom", fraction), ("top_in_top", 0.05)):
+        out[measure] = overlap_matrix(sets, frac, measure, numbering="hidden_states") \
+            .round(4).to_dict()
+        out[f"{measure}_middle"] = overlap_matrix(sets, frac, measure, layer=mid,
+                                                  numbering="hidden_states").round(4).to_dict()
+    return out
+
+
+def _table1(translation: dict[str, dict]) -> list[dict]:
+    """Table 1: chrF and BLEU per variant, each tested against wanda-mono of its pattern."""
+    rows = []
+    for name, cell in translation.items():
+        row = {"variant": name, "chrf": cell["chrf"], "bleu": cell["bleu"],
+               "target_language_rate": cell["target_language_rate"],
+               "perplexity": cell["perplexity"], "n": cell["n"], "sparsity": cell["sparsity"]}
+        pattern = name.rsplit(" ", 1)[-1]
+        base = translation.get(f"{BASELINE} {pattern}")
+        if name != "dense" and base is not None and not name.startswith(BASELINE):
+            refs = [o["reference"] for o in base["outputs"]]
+            test = paired_translation_test(refs, [o["output"] for o in base["outputs"]],
+                                           [o["output"] for o in cell["outputs"]],
+                                           lang=cell["pair"].split("-")[1])
+            row.update({f"{m}_p_vs_{BASELINE}": test[m]["p_value"] for m in ("chrf", "bleu")})
+        rows.append(row)
+    return rows
+
+
+def _result(task, cell: dict):
+    """A task result read back from its cell and the task's items."""
+    items = {(it.id, it.lang): it for it in task.items}
+    scored = [zs.ItemScores(items[(c["id"], c["lang"])], tuple(c["logprob"]),
+                            tuple(c["n_tokens"]), tuple(c["n_bytes"])) for c in cell["items"]]
+    return zs.TaskResult(task.name, scored, cell["norm"])
+
+
+def _zeroshot(task, results: dict[str, dict], grid: Grid) -> dict:
+    """Per variant: accuracy per language; each against dense, and wanda-mt against wanda-mono."""
+    loaded_results = {n: _result(task, c) for n, c in results.items()}
+    out: dict = {"variants": {n: c["languages"] for n, c in results.items()},
+                 "notes": sorted({note for c in results.values() for note in c["notes"]}),
+                 "comparisons": []}
+    dense = loaded_results.get("dense")
+    for name, res in loaded_results.items():
+        if name != "dense" and dense is not None:
+            out["comparisons"].append(
+                {"a": "dense", "b": name,
+                 "rows": zs.compare_results(dense, res, n_resamples=grid.resamples,
+                                            seed=grid.seed)})
+    for pattern in grid.zeroshot_patterns:
+        a = loaded_results.get(variant_name(BASELINE, pattern))
+        b = loaded_results.get(variant_name("wanda-mt", pattern))
+        if a is not None and b is not None:
+            out["comparisons"].append(
+                {"a": variant_name(BASELINE, pattern), "b": variant_name("wanda-mt", pattern),
+                 "key": True,
+                 "rows": zs.compare_results(a, b, n_resamples=grid.resamples, seed=grid.seed)})
+    return out
+
+
+# --------------------------------------------------------------------------- claims
+
+
+def _row(rows: list[dict], lang: str) -> dict | None:
+    return next((r for r in rows if r["lang"] == lang), None)
+
+
+def _comparison(report: dict, task: str, a: str, b: str) -> dict | None:
+    for comp in report["zeroshot"].get(task, {}).get("comparisons", []):
+        if comp["a"] == a and comp["b"] == b:
+            return _row(comp["rows"], "non-en")
+    return None
+
+
+def claims(report: dict, grid: Grid) -> list[dict]:
+    """The paper's claims, the direction it reported, and what this run found (with p)."""
+    out = []
+    fig2 = report["figure2"]["translating"]["layers"]
+    ratios = [layer["top"][0]["ratio_to_median"] for layer in fig2 if layer["top"]]
+    out.append({"claim": "While translating, a few dimensions have very large magnitudes",
+                "paper": "yes (Figure 2)",
+                "found": f"largest dimension {max(ratios):.0f}x its layer's median "
+                         f"(median over layers {sorted(ratios)[len(ratios) // 2]:.0f}x)",
+                "effect": max(ratios), "p_value": None, "holds": max(ratios) >= 10,
+                "n": f"{grid.analysis_samples} prompts"})
+    src = parse_pair(grid.pair)[0]
+    mt, mono = f"mt:{src}-en", f"mono:{src}"
+    top = report["overlap"]["top_in_top"]
+    pairs = [k for k in top if k.startswith("mt:") and k.endswith("-en")]
+    shared = [top[a][b] for a in pairs for b in pairs if a < b]
+    if shared:
+        mean_shared = sum(shared) / len(shared)
+        out.append({"claim": "The large dimensions are shared across X-to-English directions",
+                    "paper": "yes (Figures 1, 3)",
+                    "found": f"top-5% overlap between directions {mean_shared:.0%} on average",
+                    "effect": mean_shared, "p_value": None, "holds": mean_shared >= 0.5,
+                    "n": f"{len(pairs)} directions"})
+    specific = top.get(mt, {}).get(mono)
+    if specific is not None:
+        out.append({"claim": "The large dimensions while translating differ from those while "
+                             "reading one language (translation-specific features)",
+                    "paper": "yes (Figure 2: translating vs monolingual)",
+                    "found": f"top-5% overlap translating vs reading {src}: {specific:.0%}",
+                    "effect": specific, "p_value": None, "holds": specific < 0.5,
+                    "n": f"{grid.analysis_samples} prompts each"})
+    by_name = {r["variant"]: r for r in report["table1"]}
+    for pattern in grid.patterns:
+        mt_row = by_name.get(variant_name("wanda-mt", pattern))
+        base = by_name.get(variant_name(BASELINE, pattern))
+        if mt_row and base:
+            diff = mt_row["chrf"] - base["chrf"]
+            p = mt_row.get(f"chrf_p_vs_{BASELINE}")
+            out.append({"claim": f"Translation calibration keeps translation better than "
+                                 f"monolingual calibration ({_pattern_label(pattern)})",
+                        "paper": "wanda-mt > wanda-mono (Table 1)",
+                        "found": f"chrF {mt_row['chrf']:.1f} vs {base['chrf']:.1f} "
+                                 f"({diff:+.1f})", "effect": diff, "p_value": p,
+                        "holds": _holds(diff, p), "n": f"{mt_row['n']} sentences"})
+    for task in report["zeroshot"]:
+        for pattern in grid.zeroshot_patterns:
+            a, b = variant_name(BASELINE, pattern), variant_name("wanda-mt", pattern)
+            row = _comparison(report, task, a, b)
+            if row is None:
+                continue
+            out.append({"claim": f"Translation calibration keeps non-English zero-shot accuracy "
+                                 f"better than monolingual calibration: {task}, "
+                                 f"{_pattern_label(pattern)}",
+                        "paper": "wanda-mt > wanda-mono (Tables 2-3)",
+                        "found": f"non-English accuracy {row['acc_b']:.1%} vs {row['acc_a']:.1%}"
+                                 f" ({row['diff'] * 100:+.1f} points; detectable "
+                                 f"{_pct(row.get('detectable_diff'))})",
+                        "effect": row["diff"], "p_value": row["p_value"],
+                        "holds": _holds(row["diff"], row["p_value"]), "n": f"{row['n']} items"})
+    inv, mt50 = by_name.get("wanda-mt-inv 50%"), by_name.get("wanda-mt 50%")
+    if inv and mt50:
+        out.append({"claim": "Dropping the top-scoring weights instead destroys the model",
+                    "paper": "yes (the ablation)",
+                    "found": f"chrF {inv['chrf']:.1f} inverted vs {mt50['chrf']:.1f}",
+                    "effect": inv["chrf"] - mt50["chrf"], "p_value": inv.get(f"chrf_p_vs_{BASELINE}"),
+                    "holds": inv["chrf"] < mt50["chrf"] / 2, "n": f"{inv['n']} sentences"})
+    return out
+
+
+def _holds(diff: float, p: float | None) -> bool | None:
+    """True when the paper's direction is found and significant, False when the opposite is,
+    None when the run cannot tell (p >= 0.05)."""
+    if p is None or p >= 0.05:
+        return None
+    return diff > 0
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{x * 100:.1f} points"
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def write_report(report: dict, out: Path, stats: dict[str, ActivationStats] | None = None) -> None:
+    """report.json (strict), report.md and report.html (with the figures) in ``out``."""
+    atomic_write_text(out / "report.json", zs.strict_json(report))
+    atomic_write_text(out / "report.md", markdown(report))
+    from mlprune.plots import report_figures
+
+    figures = report_figures(report)
+    parts = [f"<h2>{html_escape(title)}</h2>" + fig.to_html(full_html=False,
+                                                          include_plotlyjs="cdn" if i == 0 else False)
+             for i, (title, fig) in enumerate(figures)]
+    body = _markdown_html(markdown(report))
+    atomic_write_text(out / "report.html",
+                      "<!doctype html><meta charset='utf-8'><title>mlprune reproduce</title>"
+                      "<body style='font-family:sans-serif;max-width:1100px;margin:auto'>"
+                      + body + "".join(parts) + "</body>")
+
+
+def html_escape(text: str) -> str:
+    import html
+
+    return html.escape(text)
+
+
+def _markdown_html(md: str) -> str:
+    """The Markdown report in a <pre> block: readable without a Markdown renderer."""
+    return f"<pre style='white-space:pre-wrap'>{html_escape(md)}</pre>"
+
+
+def _fmt(x, spec: str = ".1f") -> str:
+    return "" if x is None else format(x, spec)
+
+
+def markdown(report: dict) -> str:
+    """The report as Markdown tables."""
+    lines = [f"# mlprune reproduce: {report['model']}", ""]
+    if report.get("dequantized_from"):
+        lines += [f"Weights de-quantized from {report['dequantized_from']} (4-bit): every figure "
+                  "is that of the de-quantized model.", ""]
+    grid = report["grid"]
+    lines += [f"Protocol: paper (EOS-separated demonstrations, {grid['samples']} calibration "
+              f"prompts of 4 shots, sequential Wanda); calibration pair {grid['pair']}; "
+              f"translation on {grid['translation_limit']} held-out sentences.", ""]
+    lines += ["## Claims", "", "| claim | paper | found | p | holds |", "|---|---|---|---|---|"]
+    for c in report["claims"]:
+        holds = {True: "yes", False: "no (opposite)", None: "cannot tell"}[c["holds"]] \
+            if c["p_value"] is not None else ("yes" if c["holds"] else "no")
+        lines.append(f"| {c['claim']} | {c['paper']} | {c['found']} (n: {c['n']}) | "
+                     f"{_fmt(c['p_value'], '.3f') or '-'} | {holds} |")
+    lines += ["", "## Table 1: translation", "",
+              f"| variant | chrF | BLEU | target language | perplexity | p chrF vs {BASELINE} "
+              f"| p BLEU vs {BASELINE} |", "|---|---|---|---|---|---|---|"]
+    for r in report["table1"]:
+        lines.append(f"| {r['variant']} | {r['chrf']:.1f} | {r['bleu']:.1f} | "
+                     f"{r['target_language_rate']:.0%} | {_fmt(r['perplexity'])} | "
+                     f"{_fmt(r.get(f'chrf_p_vs_{BASELINE}'), '.3f')} | "
+                     f"{_fmt(r.get(f'bleu_p_vs_{BASELINE}'), '.3f')} |")
+    for task, block in report["zeroshot"].items():
+        langs = [row["lang"] for row in next(iter(block["variants"].values()))]
+        lines += ["", f"## Zero-shot: {task}", "", "Accuracy per language (RankC with English "
+                  "in the non-en column's brackets).", "",
+                  "| variant | " + " | ".join(langs) + " |", "|---|" + "---|" * len(langs)]
+        for name, rows in block["variants"].items():
+            cells = []
+            for row in rows:
+                cell = f"{row['accuracy']:.1%}"
+                if row["lang"] == "non-en" and row.get("rankc") is not None:
+                    cell += f" ({row['rankc']:.2f})"
+                cells.append(cell)
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines += ["", "| comparison | non-en a | non-en b | diff | 95% CI | p | detectable |",
+                  "|---|---|---|---|---|---|---|"]
+        for comp in block["comparisons"]:
+            row = _row(comp["rows"], "non-en")
+            if row is None:
+                continue
+            key = " (key)" if comp.get("key") else ""
+            lines.append(f"| {comp['b']} vs {comp['a']}{key} | {row['acc_a']:.1%} | "
+                         f"{row['acc_b']:.1%} | {row['diff'] * 100:+.1f} | "
+                         f"[{row['ci_low'] * 100:+.1f}, {row['ci_high'] * 100:+.1f}] | "
+                         f"{row['p_value']:.3f} | {_pct(row.get('detectable_diff'))} |")
+        lines += [f"- {note}" for note in block.get("notes", [])]
+    ov = report["overlap"]
+    lines += ["", "## Overlaps (Figures 1 and 3)", "",
+              f"Top-{ov['fraction']:.0%} in bottom-{ov['fraction']:.0%} (the paper's measure) and "
+              f"top-5% in top-5%, mean over layers numbered as output_hidden_states.", ""]
+    for measure in ("top_in_bottom", "top_in_top"):
+        table = ov[measure]
+        names = list(table)
+        lines += [f"**{measure}**", "", "| | " + " | ".join(names) + " |",
+                  "|---|" + "---|" * len(names)]
+        for a in names:
+            lines.append(f"| {a} | " + " | ".join(f"{table[b][a]:.2f}" for b in names) + " |")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def load_report(folder: str | Path) -> dict:
+    """A finished report (report.json in ``folder``)."""
+    path = Path(folder) / "report.json"
+    if not path.is_file():
+        raise MlpruneError(f"No reproduce report at {path}; run `mlprune reproduce --out "
+                           f"{folder}` first.")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def config_for(quick: bool, **changes) -> Grid:
+    """The quick or full grid with ``changes`` (e.g. pair) on top."""
+    return replace(QUICK if quick else FULL, **changes)
