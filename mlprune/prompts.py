@@ -175,6 +175,9 @@ def eval_items(corpus: ParallelCorpus, src: str, tgt: str, *, shots: int = 4,
     pool, test = split_rows(corpus)
     _check_counts(shots, 1, len(pool), f"the corpus '{corpus.name}'")
     if limit is not None:
+        if limit < 1:  # a negative slice would quietly drop sentences from the end instead
+            raise MlpruneError(f"The number of held-out sentences (limit) must be at least 1; "
+                               f"got {limit}.")
         test = test[:limit]
     rng = random.Random(seed + 1)
     s_name, t_name = language_name(src), language_name(tgt)

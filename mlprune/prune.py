@@ -12,20 +12,25 @@ columns (large-magnitude features) are ranked above everything and never pruned.
 
 Each row's column order is kept as small integers, so a new sparsity is a slice of it and a
 new N:M pattern one small sort, with no pass over data. Applying masks keeps only the pruned values
-(to put them back): no second copy of the model.
+(to put them back): no second copy of the model. What each model has applied now is kept in one
+registry (``REGISTRY``, read with ``applied_masks(model)``), beside the lock that guards it.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import threading
+import weakref
 import zlib
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from mlprune import MlpruneError
@@ -233,6 +238,37 @@ class Ranking:
             self._nm_cache[key] = _lowest_in_groups(self.order[name], pattern.n, pattern.m)
         return self._nm_cache[key]
 
+    def save(self, path: str | Path) -> Path:
+        """Write one safetensors file (each module's row order and protected columns, JSON
+        meta), atomically: a run or a restarted dashboard can reuse the ranking."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {}
+        for name, order in self.order.items():
+            tensors[f"{_ORDER}{name}"] = order.contiguous()
+            if name in self.protected:
+                tensors[f"{_PROTECTED}{name}"] = self.protected[name].contiguous()
+        header = {"modules": list(self.order), "meta": self.meta}
+        tmp = path.with_name(path.name + ".partial")
+        save_file(tensors, str(tmp), metadata={_RANKING: json.dumps(header, allow_nan=False)})
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Ranking:
+        """Read a ranking written by :meth:`save`."""
+        tensors, meta = _read_safetensors(path, "ranking")
+        try:
+            header = json.loads(meta[_RANKING])
+            modules = header["modules"]
+            order = {n: tensors[f"{_ORDER}{n}"] for n in modules}
+            protected = {n: tensors[f"{_PROTECTED}{n}"] for n in modules
+                         if f"{_PROTECTED}{n}" in tensors}
+        except (KeyError, ValueError, TypeError) as e:
+            raise MlpruneError(f"{path} is not an mlprune ranking file: its header is missing "
+                               f"or damaged ({e}).") from e
+        return cls(order, protected, header.get("meta", {}))
+
 
 def _lowest_in_groups(order: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """Per row, the n lowest-ranked columns of each group of m, lowest first: [out, groups * n].
@@ -334,76 +370,200 @@ class MaskSet:
                 count += int(prot[cols.long()].sum())
         return count
 
-    def save(self, path) -> None:
-        """Masks as safetensors: each module's pruned-column indices, plus JSON metadata."""
-        import json
+    def merge(self, other: MaskSet) -> MaskSet:
+        """One mask set holding the modules of both; they must not share a module."""
+        shared = [n for n in self.pruned_cols if n in other.pruned_cols]
+        if shared:
+            more = f" and {len(shared) - 1} more" if len(shared) > 1 else ""
+            raise MlpruneError(f"Cannot merge two mask sets that both prune {shared[0]}{more}: "
+                               "a module can have one mask only.")
+        first = self if self.pruned_cols else other  # an empty set takes the other's target
+        if other.pruned_cols and (other.pattern, other.target) != (first.pattern, first.target):
+            raise MlpruneError(f"Cannot merge masks of {first.pattern} at {first.target:g} with "
+                               f"masks of {other.pattern} at {other.target:g}.")
+        return MaskSet({**self.pruned_cols, **other.pruned_cols},
+                       {**self.in_features, **other.in_features}, first.target, first.pattern,
+                       {**other.meta, **self.meta}, {**self.protected, **other.protected})
 
+    def save(self, path: str | Path) -> None:
+        """Masks as safetensors: each module's pruned-column indices and protected columns,
+        plus JSON metadata."""
         meta = {"target": str(self.target), "pattern": self.pattern, "meta": json.dumps(self.meta),
                 "in_features": json.dumps(self.in_features)}
-        save_file({n: c.contiguous() for n, c in self.pruned_cols.items()}, str(path), metadata=meta)
+        tensors = {n: c.contiguous() for n, c in self.pruned_cols.items()}
+        tensors.update({f"{_PROTECTED}{n}": p.contiguous() for n, p in self.protected.items()
+                        if n in self.pruned_cols})
+        save_file(tensors, str(path), metadata=meta)
 
     @classmethod
-    def load(cls, path) -> MaskSet:
-        import json
+    def load(cls, path: str | Path) -> MaskSet:
+        """Read masks written by :meth:`save` (files without protected columns read as none)."""
+        tensors, meta = _read_safetensors(path, "masks")
+        try:
+            in_features = json.loads(meta["in_features"])
+            pruned_cols = {n: tensors[n] for n in in_features}  # in saved (forward) order
+            protected = {n: tensors[f"{_PROTECTED}{n}"] for n in in_features
+                         if f"{_PROTECTED}{n}" in tensors}
+            return cls(pruned_cols, in_features, float(meta["target"]), meta["pattern"],
+                       json.loads(meta.get("meta", "{}")), protected)
+        except (KeyError, ValueError, TypeError) as e:
+            raise MlpruneError(f"{path} is not an mlprune masks file: its header is missing "
+                               f"or damaged ({e}).") from e
 
-        from safetensors import safe_open
 
+# Keys in saved files: protected columns of a module (masks and rankings), a module's row
+# order (rankings), and the JSON header of a ranking.
+_PROTECTED, _ORDER, _RANKING = "protected/", "order/", "mlprune_ranking"
+
+
+def _read_safetensors(path: str | Path, what: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Every tensor and the metadata of a safetensors file; one sentence if missing or damaged."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise MlpruneError(f"No {what} file at {path}.")
+    try:
         with safe_open(str(path), "pt") as f:
-            meta = f.metadata()
-        return cls(load_file(str(path)), json.loads(meta["in_features"]), float(meta["target"]),
-                   meta["pattern"], json.loads(meta.get("meta", "{}")))
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own types for damaged headers and data
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise MlpruneError(f"{path} is not a readable {what} file ({first}).") from e
+    return tensors, meta
 
 
-_LOCKS: dict[int, threading.RLock] = {}
-_LOCKS_GUARD = threading.Lock()
+# --------------------------------------------------------------------------- applied masks
+
+
+@dataclass
+class _ModelEntry:
+    """What the registry knows of one model: its lock and the masks applied to it now."""
+
+    lock: threading.RLock = field(default_factory=threading.RLock)
+    applied: AppliedMasks | None = None
+
+
+class MaskRegistry:
+    """Which masks each model has applied now, and the lock whoever changes them holds.
+
+    Keyed weakly by the model object: a model that is dropped is garbage-collected and leaves
+    the registry (nothing in an entry refers back to its model, and no id can be reused).
+    """
+
+    def __init__(self) -> None:
+        self._entries: weakref.WeakKeyDictionary[nn.Module, _ModelEntry] = weakref.WeakKeyDictionary()
+        self._guard = threading.Lock()
+
+    def entry(self, model: nn.Module) -> _ModelEntry:
+        """The model's entry, made on first use."""
+        with self._guard:
+            found = self._entries.get(model)
+            if found is None:
+                found = self._entries[model] = _ModelEntry()
+            return found
+
+    def applied(self, model: nn.Module) -> AppliedMasks | None:
+        """The masks applied to this model now, or None when it is dense."""
+        with self._guard:
+            found = self._entries.get(model)
+            return found.applied if found else None
+
+    def __len__(self) -> int:
+        """How many live models the registry holds."""
+        with self._guard:
+            return len(self._entries)
+
+
+REGISTRY = MaskRegistry()
 
 
 def model_lock(model: nn.Module) -> threading.RLock:
     """One lock per model object: whoever applies masks holds it until they are restored."""
-    with _LOCKS_GUARD:
-        return _LOCKS.setdefault(id(model), threading.RLock())
+    return REGISTRY.entry(model).lock
+
+
+def applied_masks(model: nn.Module) -> MaskSet | None:
+    """The masks applied to this model now (None when it is dense)."""
+    applied = REGISTRY.applied(model)
+    return applied.masks if applied is not None else None
 
 
 class AppliedMasks:
-    """Masks applied in place; keeps only the pruned values, so restore is exact and cheap."""
+    """Masks applied in place; keeps only the pruned values, so restore is exact and cheap.
+
+    Applying to a model that already has masks restores those first (one set at a time, never
+    stacked); :meth:`extend` grows the applied set by more modules instead.
+    """
 
     def __init__(self, model: nn.Module, masks: MaskSet):
-        self.model, self.masks = model, masks
-        infos = linear_modules(model)
-        self._saved: dict[str, torch.Tensor] = {}
-        previous = getattr(model, "_mlprune_applied", None)
-        if previous is not None:  # applying again replaces, never stacks
-            previous.restore()
-        model._mlprune_applied = self
+        self._model = weakref.ref(model)  # the registry holds this object; it must not pin the model
+        self.masks = masks
+        # module -> (its pruned columns, the values they held): what restore writes back
+        self._saved: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        entry = REGISTRY.entry(model)
+        if entry.applied is not None:  # applying again replaces, never stacks
+            entry.applied.restore()
+        entry.applied = self
         try:
-            with torch.no_grad():
-                items = list(masks.pruned_cols.items())
-                slots = _value_slots([infos[n].weight for n, _ in items], [c.numel() for _, c in items])
-                for (name, cols), slot in zip(items, slots):
-                    w = infos[name].weight
-                    idx = cols.to(w.device, torch.long)
-                    values = slot.view(cols.shape)
-                    torch.gather(w, 1, idx, out=values)
-                    self._saved[name] = values
-                    w.scatter_(1, idx, torch.zeros_like(values))
+            self._zero(model, masks)
         except BaseException:
             self.restore()
             raise
 
+    @property
+    def model(self) -> nn.Module | None:
+        """The model these masks are applied to (None once it was garbage-collected)."""
+        return self._model()
+
+    def extend(self, more: MaskSet) -> None:
+        """Also prune the modules of ``more`` (none of them pruned here yet): the applied set
+        becomes ``self.masks.merge(more)``. Only the new modules are touched."""
+        model = self._model()
+        if model is None or REGISTRY.applied(model) is not self:
+            raise MlpruneError("These masks are no longer applied; apply a new set instead.")
+        merged = self.masks.merge(more)  # an overlap fails here, before any weight changes
+        try:
+            self._zero(model, more)
+        except BaseException:
+            self._put_back(model, [n for n in more.pruned_cols if n in self._saved])
+            raise
+        self.masks = merged
+
+    def _zero(self, model: nn.Module, masks: MaskSet) -> None:
+        infos = linear_modules(model)
+        with torch.no_grad():
+            items = list(masks.pruned_cols.items())
+            slots = _value_slots([infos[n].weight for n, _ in items], [c.numel() for _, c in items])
+            for (name, cols), slot in zip(items, slots):
+                w = infos[name].weight
+                idx = cols.to(w.device, torch.long)
+                values = slot.view(cols.shape)
+                torch.gather(w, 1, idx, out=values)
+                self._saved[name] = (cols, values)  # recorded before zeroing: restore is exact
+                w.scatter_(1, idx, torch.zeros_like(values))
+
+    def _put_back(self, model: nn.Module, names: list[str]) -> None:
+        infos = linear_modules(model)
+        with torch.no_grad():
+            for name in names:
+                cols, values = self._saved.pop(name)
+                w = infos[name].weight
+                w.scatter_(1, cols.to(w.device, torch.long), values)
+
     def restore(self) -> None:
         """Put every pruned value back: the dense weights, bit for bit."""
-        infos = linear_modules(self.model)
-        with torch.no_grad():
-            for name, values in self._saved.items():
-                w = infos[name].weight
-                w.scatter_(1, self.masks.pruned_cols[name].to(w.device, torch.long), values)
+        model = self._model()
+        if model is not None:
+            self._put_back(model, list(self._saved))
+            entry = REGISTRY.entry(model)
+            if entry.applied is self:
+                entry.applied = None
         self._saved.clear()
-        if getattr(self.model, "_mlprune_applied", None) is self:
-            self.model._mlprune_applied = None
 
     def nbytes(self) -> int:
         """Memory held to restore: the pruned values only."""
-        return sum(v.numel() * v.element_size() for v in self._saved.values())
+        return sum(v.numel() * v.element_size() for _, v in self._saved.values())
 
 
 def _value_slots(weights: list[torch.Tensor], counts: list[int]) -> list[torch.Tensor]:
@@ -429,7 +589,7 @@ def apply_masks(model: nn.Module, masks: MaskSet) -> AppliedMasks:
 
 def restore(model: nn.Module) -> None:
     """Undo whatever masks are applied to this model (no-op when dense)."""
-    applied = getattr(model, "_mlprune_applied", None)
+    applied = REGISTRY.applied(model)
     if applied is not None:
         applied.restore()
 
@@ -462,13 +622,35 @@ def sequential_stats(model: nn.Module, tokenizer, texts: PromptSet | list[str],
 
     The model is left dense. The result ranks like any stats; its masks are exact at the
     sparsity and pattern it was taken with, and an approximation at others.
+    (:func:`sequential_stats_and_masks` also returns the masks the run applied.)
+    """
+    return sequential_stats_and_masks(
+        model, tokenizer, texts, dense, method=method, sparsity=sparsity, pattern=pattern,
+        other=other, invert=invert, protect=protect, modules=modules, seed=seed,
+        batch_size=batch_size, pad_to=pad_to, progress=progress)[0]
+
+
+def sequential_stats_and_masks(
+        model: nn.Module, tokenizer, texts: PromptSet | list[str], dense: ActivationStats, *,
+        method: str, sparsity: float, pattern: str | Pattern = "unstructured",
+        other: ActivationStats | None = None, invert: bool = False,
+        protect: dict[str, list[int]] | None = None, modules: list[str] | None = None,
+        seed: int = 0, batch_size: int = 8, pad_to: int | None = None,
+        progress: Callable[[int, int], None] | None = None) -> tuple[ActivationStats, MaskSet]:
+    """:func:`sequential_stats`, and the one mask set it grew layer by layer (every selected
+    module, each pruned at ``sparsity``/``pattern`` from the statistics it saw).
+
+    The run starts from the dense model (masks applied before are restored first) and applies
+    one :class:`AppliedMasks` that each layer extends with its own masks, so only that layer's
+    weights are touched; at the end, or on any error or Ctrl-C, the model is dense again.
     """
     infos = linear_modules(model)
     names = modules or list(infos)
     n_layers = dense.n_layers
     sqnorms = dict(dense.input_sqnorms)
-    applied: list[AppliedMasks] = []
+    applied: AppliedMasks | None = None
     with model_lock(model):
+        restore(model)
         runner = LayerRunner(model, tokenizer, texts, batch_size, pad_to)
         try:
             for layer in range(n_layers):
@@ -480,15 +662,21 @@ def sequential_stats(model: nn.Module, tokenizer, texts: PromptSet | list[str],
                     ranking = rank_modules(model, partial, method=method, other=other,
                                            invert=invert, protect=protect, modules=here, seed=seed)
                     masks = ranking.masks(sparsity, pattern)
-                    model._mlprune_applied = None  # stack layer masks: we restore them all below
-                    applied.append(apply_masks(model, masks))
+                    if applied is None:
+                        applied = apply_masks(model, masks)
+                    else:
+                        applied.extend(masks)
                 runner.advance(layer)
                 if progress:
                     progress(layer + 1, n_layers)
         finally:
-            for a in reversed(applied):
-                a.restore()
-            model._mlprune_applied = None
+            if applied is not None:
+                applied.restore()
     meta = dict(dense.meta, mode="sequential", sequential_sparsity=sparsity,
                 sequential_pattern=str(Pattern.parse(pattern)))
-    return ActivationStats(dense.hidden_norms, sqnorms, runner.n_tokens, dense.n_prompts, meta)
+    stats = ActivationStats(dense.hidden_norms, sqnorms, runner.n_tokens, dense.n_prompts, meta,
+                            embed_norms=dense.embed_norms, final_norms=dense.final_norms)
+    if applied is None:  # no selected module in the stats' layers
+        pat = Pattern.parse(pattern)
+        return stats, MaskSet({}, {}, pat.n / pat.m if pat.structured else sparsity, str(pat))
+    return stats, applied.masks

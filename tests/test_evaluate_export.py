@@ -16,9 +16,9 @@ from mlprune.evaluate import (
     bleu,
     chrf,
     generate,
+    generate_dense_and_pruned,
     language_of,
     perplexity,
-    side_by_side,
     target_language_rate,
 )
 from mlprune.export import MASKS, REPORT, build_report, export_pruned, read_report
@@ -50,11 +50,11 @@ def test_generate_is_greedy_and_batched_consistently(llama, tok):
     assert all(0 < p <= 1 for p in alone[0].probs)
 
 
-def test_side_by_side_leaves_model_dense(llama, tok):
+def test_dense_and_pruned_generations_leave_model_dense(llama, tok):
     stats = capture(llama, tok, ["some calibration text", "more text here"])
     masks = rank_modules(llama, stats).masks(0.9)
     dense_weights = {k: v.clone() for k, v in llama.state_dict().items()}
-    dense, sparse = side_by_side(llama, tok, ["Hello:"], masks, max_new_tokens=6)
+    dense, sparse = generate_dense_and_pruned(llama, tok, ["Hello:"], masks, max_new_tokens=6)
     assert all(torch.equal(dense_weights[k], v) for k, v in llama.state_dict().items())
     assert dense[0].tokens != sparse[0].tokens or dense[0].probs != sparse[0].probs
 
@@ -201,3 +201,15 @@ def test_cli_missing_language(tiny_folder, corpus_file, capsys):
 
     assert main(["eval", "--model", str(tiny_folder), "--corpus", str(corpus_file), "--pair", "fr-ja"]) == 2
     assert "has no column for ja" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command, limit", [("eval", "-3"), ("eval", "0"), ("compare", "-1")])
+def test_cli_refuses_a_limit_below_one(command, limit, tiny_folder, corpus_file, capsys):
+    """A negative limit used to slice from the end: all but three sentences, quietly."""
+    from mlprune.cli import main
+
+    extra = ["--pruned", str(tiny_folder)] if command == "compare" else []
+    assert main([command, "--model", str(tiny_folder), "--corpus", str(corpus_file), "--pair",
+                 "fr-en", "--limit", limit, *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == f"mlprune: The number of held-out sentences (limit) must be at least 1; got {limit}."

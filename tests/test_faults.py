@@ -18,23 +18,25 @@ from tiny import byte_tokenizer, tiny_model
 from mlprune.capture import capture
 from mlprune.pipeline import PruneSpec, _read_rows, cached_capture, calibrate, sweep
 from mlprune.prompts import translation_prompts
-from mlprune.prune import sequential_stats
+from mlprune.prune import applied_masks, sequential_stats
 
 
-def test_interrupted_sequential_calibration_leaves_the_model_dense():
-    model, tok = tiny_model("llama"), byte_tokenizer()
+@pytest.mark.parametrize("after_layer", [0, 1])
+def test_interrupted_sequential_calibration_leaves_the_model_dense(after_layer):
+    model, tok = tiny_model("llama", layers=3), byte_tokenizer()
     texts = ["one text", "two texts here"]
     dense = {k: v.clone() for k, v in model.state_dict().items()}
     stats = capture(model, tok, texts)
 
     def ctrl_c(done, total):
-        if done == 1:  # after layer 0 was pruned
+        if done == after_layer + 1:  # layer 0 pruned, or layers 0 and 1 (the set was extended)
+            assert len(applied_masks(model).modules) == 7 * (after_layer + 1)
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
         sequential_stats(model, tok, texts, stats, method="wanda", sparsity=0.5, progress=ctrl_c)
     assert all(torch.equal(dense[k], v) for k, v in model.state_dict().items())
-    assert getattr(model, "_mlprune_applied", None) is None
+    assert applied_masks(model) is None
 
 
 def test_calibration_is_saved_when_done_and_reused(loaded, corpus, monkeypatch):

@@ -113,6 +113,34 @@ def test_no_recognisable_layers():
         decoder_layers(Flat())
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "xglm"])  # num_hidden_layers, n_layer, num_layers
+@pytest.mark.parametrize("where", ["model", "inside a layer"])
+def test_a_longer_module_list_elsewhere_does_not_win(arch, where):
+    """An expert list (mixture of experts) can be longer than the decoder's list of layers."""
+    model = tiny_model(arch)
+    layers, names = decoder_layers(model), set(linear_modules(model))
+    experts = torch.nn.ModuleList(torch.nn.Sequential(torch.nn.Linear(4, 4)) for _ in range(5))
+    if where == "model":
+        model.experts = experts
+    else:
+        layers[0].experts = experts
+    found = decoder_layers(model)
+    assert len(found) == 2 and all(a is b for a, b in zip(found, layers))
+    added = set(linear_modules(model)) - names  # the experts are modules of layer 0, if anything
+    assert all(n.startswith("layers.0.") for n in added) and len(added) == (where != "model") * 5
+
+
+def test_without_a_layer_count_the_longest_list_wins():
+    class Blocks(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.short = torch.nn.ModuleList(torch.nn.Linear(2, 2) for _ in range(2))
+            self.long = torch.nn.ModuleList(torch.nn.Linear(2, 2) for _ in range(3))
+
+    model = Blocks()
+    assert decoder_layers(model) == list(model.long)
+
+
 def test_saved_folder_loads_with_plain_transformers(tiny_folder):
     model = AutoModelForCausalLM.from_pretrained(tiny_folder)
     assert len(decoder_layers(model)) == 2

@@ -1,4 +1,5 @@
-"""Scores, masks, N:M, protection, reversibility, sequential vs one-shot."""
+"""Scores, masks, N:M, protection, reversibility, the registry of applied masks, sequential vs
+one-shot, saved masks and rankings."""
 
 from __future__ import annotations
 
@@ -10,14 +11,19 @@ from mlprune import MlpruneError
 from mlprune.capture import capture
 from mlprune.models import linear_modules
 from mlprune.prune import (
+    REGISTRY,
     MaskSet,
     Pattern,
+    Ranking,
+    applied_masks,
     apply_masks,
+    model_lock,
     pruned,
     rank_modules,
     restore,
     select_modules,
     sequential_stats,
+    sequential_stats_and_masks,
 )
 
 TEXTS = ["French: Le chat dort.\nEnglish: The cat sleeps.\n", "Hello there, general.",
@@ -217,11 +223,179 @@ def test_sequential_differs_from_one_shot_as_it_should(setup):
 
 def test_masks_save_and_load(tmp_path, setup):
     model, _, stats = setup
-    masks = rank_modules(model, stats).masks(0.5, "2:4")
+    # 3 protected columns in the first group of 4: 2:4 must prune one of them in every row
+    masks = rank_modules(model, stats, protect={0: [0, 1, 2], 1: [0, 1, 2]}).masks(0.5, "2:4")
+    assert masks.protected_pruned() > 0
     masks.save(tmp_path / "m.safetensors")
     back = MaskSet.load(tmp_path / "m.safetensors")
     assert back.pattern == "2:4" and back.target == 0.5
+    assert back.modules == masks.modules  # forward order, not the file's key order
     assert all(torch.equal(back.keep(n), masks.keep(n)) for n in masks.modules)
+    assert back.protected.keys() == masks.protected.keys()
+    assert all(torch.equal(back.protected[n], masks.protected[n]) for n in masks.modules)
+    assert back.protected_pruned() == masks.protected_pruned()
+    assert back.meta["protected_dims"] == {"0": [0, 1, 2], "1": [0, 1, 2]}
+
+
+def test_ranking_save_and_load_give_the_same_masks(tmp_path, setup):
+    model, _, stats = setup
+    ranking = rank_modules(model, stats, protect={0: [3, 7], 1: [5]})
+    path = ranking.save(tmp_path / "r" / "ranking.safetensors")
+    back = Ranking.load(path)
+    assert back.modules == ranking.modules and back.meta == ranking.meta
+    for sparsity, pattern in [(0.0, "unstructured"), (0.3, "unstructured"), (0.5, "unstructured"),
+                              (0.9, "unstructured"), (0, "2:4"), (0, "4:8")]:
+        a, b = ranking.masks(sparsity, pattern), back.masks(sparsity, pattern)
+        assert all(torch.equal(a.pruned_cols[n], b.pruned_cols[n]) for n in a.modules)
+        assert a.protected_pruned() == b.protected_pruned() and a.meta == b.meta
+    assert [p.name for p in path.parent.iterdir()] == ["ranking.safetensors"]
+
+
+def test_ranking_files_missing_damaged_or_torn(tmp_path, setup, monkeypatch):
+    import mlprune.prune as prune_module
+
+    model, _, stats = setup
+    with pytest.raises(MlpruneError, match="No ranking file at"):
+        Ranking.load(tmp_path / "none.safetensors")
+    (tmp_path / "bad.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00garbage")
+    with pytest.raises(MlpruneError, match="is not a readable ranking file"):
+        Ranking.load(tmp_path / "bad.safetensors")
+    rank_modules(model, stats).masks(0.5).save(tmp_path / "masks.safetensors")
+    with pytest.raises(MlpruneError, match="is not an mlprune ranking file"):
+        Ranking.load(tmp_path / "masks.safetensors")
+    # a save killed mid-write leaves the previous file whole
+    ranking = rank_modules(model, stats)
+    path = ranking.save(tmp_path / "r.safetensors")
+
+    def torn(tensors, filename, metadata=None):
+        open(filename, "wb").write(b"half a file")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(prune_module, "save_file", torn)
+    with pytest.raises(KeyboardInterrupt):
+        rank_modules(model, stats, method="magnitude").save(path)
+    back = Ranking.load(path)
+    assert all(torch.equal(back.order[n], ranking.order[n]) for n in ranking.modules)
+
+
+def _layer(model, i: int) -> list[str]:
+    return [n for n, info in linear_modules(model).items() if info.layer == i]
+
+
+def _state(model) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_registry_says_what_is_applied_and_replaces(setup):
+    model, _, stats = setup
+    ranking = rank_modules(model, stats)
+    dense = _state(model)
+    assert applied_masks(model) is None
+    half, most = ranking.masks(0.5), ranking.masks(0.8)
+    apply_masks(model, half)
+    assert applied_masks(model) is half
+    apply_masks(model, most)  # replaces: the weights hold 80%, not 50% and then 80%
+    assert applied_masks(model) is most
+    for name, info in linear_modules(model).items():
+        assert torch.equal(info.weight == 0, ~most.keep(name))
+    restore(model)
+    assert applied_masks(model) is None and _same(dense, _state(model))
+    assert model_lock(model) is model_lock(model)
+    assert model_lock(model) is not model_lock(tiny_model("llama"))
+
+
+def test_the_registry_never_keeps_a_model_alive(setup):
+    import gc
+    import weakref
+
+    _, _, stats = setup
+    model = tiny_model("llama")
+    applied = apply_masks(model, rank_modules(model, stats).masks(0.5))
+    assert REGISTRY.applied(model) is applied
+    gc.collect()  # earlier tests' dead models leave now, not in the count below
+    ref, before = weakref.ref(model), len(REGISTRY)
+    del model
+    gc.collect()
+    assert ref() is None and len(REGISTRY) == before - 1  # while `applied` is still held
+    assert applied.model is None
+    applied.restore()  # nothing left to restore: a no-op
+
+
+def test_merge_and_extend(setup):
+    model, _, stats = setup
+    dense = _state(model)
+    first = rank_modules(model, stats, modules=_layer(model, 0)).masks(0.5)
+    second = rank_modules(model, stats, modules=_layer(model, 1)).masks(0.5)
+    merged = first.merge(second)
+    assert merged.modules == first.modules + second.modules
+    assert all(torch.equal(merged.keep(n), m.keep(n)) for m in (first, second) for n in m.modules)
+    with pytest.raises(MlpruneError, match="both prune layers.0.attn.q and 6 more"):
+        first.merge(first)
+    with pytest.raises(MlpruneError, match="Cannot merge masks of unstructured at 0.5 with"):
+        first.merge(rank_modules(model, stats, modules=_layer(model, 1)).masks(0.3))
+    # growing one applied set by a layer equals applying the merged set at once
+    applied = apply_masks(model, first)
+    applied.extend(second)
+    grown = _state(model)
+    assert applied_masks(model).modules == merged.modules and REGISTRY.applied(model) is applied
+    with pytest.raises(MlpruneError, match="both prune"):
+        applied.extend(second)
+    assert _same(grown, _state(model))
+    apply_masks(model, merged)
+    assert _same(grown, _state(model))
+    restore(model)
+    assert _same(dense, _state(model))
+    with pytest.raises(MlpruneError, match="no longer applied"):
+        applied.extend(second)
+    assert _same(dense, _state(model))
+
+
+def test_an_extension_that_fails_mid_way_is_undone(setup):
+    model, _, stats = setup
+    first = rank_modules(model, stats, modules=_layer(model, 0)).masks(0.5)
+    second = rank_modules(model, stats, modules=_layer(model, 1)).masks(0.5)
+    last = second.modules[-1]
+    second.pruned_cols[last] = second.pruned_cols[last] + 10_000  # out of range: fails there
+    applied = apply_masks(model, first)
+    before = _state(model)
+    with pytest.raises(RuntimeError):
+        applied.extend(second)
+    assert _same(before, _state(model)) and applied_masks(model) is first
+    applied.restore()
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_sequential_grows_one_mask_set_and_leaves_the_model_dense(pattern):
+    model, tok = tiny_model("llama", layers=3), byte_tokenizer()
+    stats = capture(model, tok, TEXTS)
+    dense, infos = _state(model), linear_modules(model)
+    seen = []
+
+    def watch(done, total):  # after each layer: what is applied, and the weights agree
+        masks = applied_masks(model)
+        seen.append((masks.modules, REGISTRY.applied(model)))
+        for name in masks.modules:
+            assert torch.equal(infos[name].weight == 0, ~masks.keep(name))
+
+    protect = {0: [1, 2], 1: [4]}
+    seq, grown = sequential_stats_and_masks(model, tok, TEXTS, stats, method="wanda", sparsity=0.5,
+                                            pattern=pattern, protect=protect, progress=watch)
+    assert [modules for modules, _ in seen] == [_layer(model, 0), _layer(model, 0) + _layer(model, 1),
+                                                list(infos)]
+    assert seen[0][1] is seen[1][1] is seen[2][1]  # one applied set, grown, never stacked
+    # each layer's masks are those ranked from the statistics it saw (layers before it pruned)
+    per_layer = rank_modules(model, seq, protect=protect).masks(0.5, pattern)
+    assert grown.modules == per_layer.modules == list(infos)
+    assert all(torch.equal(grown.keep(n), per_layer.keep(n)) for n in grown.modules)
+    assert grown.protected_pruned() == per_layer.protected_pruned()
+    assert applied_masks(model) is None and _same(dense, _state(model))
+    plain = sequential_stats(model, tok, TEXTS, stats, method="wanda", sparsity=0.5, pattern=pattern,
+                             protect=protect)
+    assert all(torch.equal(plain.input_sqnorms[n], seq.input_sqnorms[n]) for n in infos)
 
 
 def test_fast_row_order_and_nm_match_the_plain_sorts():
