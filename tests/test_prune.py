@@ -224,7 +224,8 @@ def test_sequential_differs_from_one_shot_as_it_should(setup):
 def test_masks_save_and_load(tmp_path, setup):
     model, _, stats = setup
     # 3 protected columns in the first group of 4: 2:4 must prune one of them in every row
-    masks = rank_modules(model, stats, protect={0: [0, 1, 2], 1: [0, 1, 2]}).masks(0.5, "2:4")
+    protect = {"embed": [0, 1, 2], "layers.0.resid_post": [0, 1, 2]}
+    masks = rank_modules(model, stats, protect=protect).masks(0.5, "2:4")
     assert masks.protected_pruned() > 0
     masks.save(tmp_path / "m.safetensors")
     back = MaskSet.load(tmp_path / "m.safetensors")
@@ -234,12 +235,12 @@ def test_masks_save_and_load(tmp_path, setup):
     assert back.protected.keys() == masks.protected.keys()
     assert all(torch.equal(back.protected[n], masks.protected[n]) for n in masks.modules)
     assert back.protected_pruned() == masks.protected_pruned()
-    assert back.meta["protected_dims"] == {"0": [0, 1, 2], "1": [0, 1, 2]}
+    assert back.meta["protected_dims"] == protect
 
 
 def test_ranking_save_and_load_give_the_same_masks(tmp_path, setup):
     model, _, stats = setup
-    ranking = rank_modules(model, stats, protect={0: [3, 7], 1: [5]})
+    ranking = rank_modules(model, stats, protect={"embed": [3, 7], "layers.0.resid_post": [5]})
     path = ranking.save(tmp_path / "r" / "ranking.safetensors")
     back = Ranking.load(path)
     assert back.modules == ranking.modules and back.meta == ranking.meta
