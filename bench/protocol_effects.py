@@ -1,6 +1,6 @@
 """What each difference between the clean and the paper protocol changes, on one model.
 
-For every difference alone (and all of them together), prune at 50% unstructured and report:
+For every difference alone, prune at 50% unstructured and report:
 - mask agreement with the clean protocol: the share of the clean run's pruned weights that
   this run prunes too (1.0 = the same masks);
 - chrF and BLEU of fr->en few-shot translation on the held-out slice.
@@ -8,8 +8,12 @@ And whether the "not translation-specific" finding (the large dimensions are the
 translating and while reading) survives EOS separators: top-5% overlaps, translating vs reading.
 
     python bench/protocol_effects.py [--limit 40] [--out bench/results/protocol_effects.json]
+                                     [--paper-masks reproduce/masks/wanda-mt_50_.safetensors]
 
-Prints a Markdown table (the README's) and writes strict JSON.
+Each run's row is saved as soon as it is measured (and its masks under MLPRUNE_CACHE), so an
+interrupted run resumes. The paper protocol's own masks (EOS, 100 prompts, sequential) come
+from a `mlprune reproduce` run (`--paper-masks`), which calibrates on the same pair. Prints a
+Markdown table (the README's) and writes strict JSON.
 """
 
 from __future__ import annotations
@@ -23,11 +27,12 @@ from pathlib import Path
 from mlprune.capture import capture
 from mlprune.corpus import builtin_corpus
 from mlprune.evaluate import evaluate_translation
+from mlprune.export import atomic_write_text
 from mlprune.features import overlap_matrix, top_dims
-from mlprune.models import load_model
+from mlprune.models import cache_dir, load_model
 from mlprune.pipeline import PruneSpec, prune
 from mlprune.prompts import monolingual_prompts, translation_prompts
-from mlprune.prune import pruned
+from mlprune.prune import MaskSet, pruned
 
 RUNS = {
     "clean (newline, 16 prompts, sequential)": PruneSpec(),
@@ -35,8 +40,6 @@ RUNS = {
     "100 calibration prompts": PruneSpec(samples=100),
     "one-shot instead of sequential": PruneSpec(mode="one-shot"),
     "prompts padded to 512, padding counted": PruneSpec(pad_to=512),
-    "paper (EOS, 100 prompts, sequential)": PruneSpec.preset("paper"),
-    "paper + padded to 512 (the authors' code)": PruneSpec.preset("paper", pad_to=512),
 }
 
 
@@ -54,24 +57,40 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--limit", type=int, default=40, help="held-out sentences (40 = all)")
     ap.add_argument("--out", default="bench/results/protocol_effects.json")
+    ap.add_argument("--paper-masks", default=None,
+                    help="masks of the paper protocol's wanda-mt 50%% (from mlprune reproduce)")
     args = ap.parse_args()
     loaded = load_model(None)
     corpus = builtin_corpus()
-    rows, first = [], None
-    for label, spec in RUNS.items():
+    out = Path(args.out)
+    saved = json.loads(out.read_text()) if out.is_file() else {}
+    rows = {r["run"]: r for r in saved.get("runs", [])}
+    folder = cache_dir() / "protocol_effects"
+    folder.mkdir(parents=True, exist_ok=True)
+    runs = {label: (spec, None) for label, spec in RUNS.items()}
+    if args.paper_masks:
+        runs["paper (EOS, 100 prompts, sequential)"] = (PruneSpec.preset("paper"),
+                                                         MaskSet.load(args.paper_masks))
+    clean_path = folder / "0.safetensors"
+    for i, (label, (spec, given)) in enumerate(runs.items()):
+        if label in rows and clean_path.is_file():
+            continue
         t = time.perf_counter()
-        result = prune(loaded, corpus, spec)
-        with pruned(loaded.model, result.masks):
+        masks = given or prune(loaded, corpus, spec).masks
+        if i == 0:
+            masks.save(clean_path)
+        with pruned(loaded.model, masks):
             ev = evaluate_translation(loaded.model, loaded.tokenizer, corpus, "fr", "en",
                                       limit=args.limit)
-        first = first or result.masks
-        rows.append({"run": label, "spec": {k: v for k, v in vars(spec).items()},
-                     "mask_agreement": agreement(first, result.masks),
-                     "chrf": ev["chrf"], "bleu": ev["bleu"], "n": ev["n"],
-                     "target_language_rate": ev["target_language_rate"],
-                     "seconds": round(time.perf_counter() - t, 1)})
-        print(f"{label}: agreement {rows[-1]['mask_agreement']:.3f}, chrF {ev['chrf']:.1f}, "
-              f"{rows[-1]['seconds']} s", file=sys.stderr, flush=True)
+        rows[label] = {"run": label, "spec": dict(vars(spec)),
+                       "mask_agreement": agreement(MaskSet.load(clean_path), masks),
+                       "chrf": ev["chrf"], "bleu": ev["bleu"], "n": ev["n"],
+                       "target_language_rate": ev["target_language_rate"],
+                       "seconds": round(time.perf_counter() - t, 1)}
+        save(out, loaded, list(rows.values()), saved.get("translation_specific"))
+        print(f"{label}: agreement {rows[label]['mask_agreement']:.3f}, chrF {ev['chrf']:.1f}, "
+              f"{rows[label]['seconds']} s", file=sys.stderr, flush=True)
+    rows = list(rows.values())
 
     specific = {}
     for sep in ("newline", "eos"):
@@ -96,11 +115,15 @@ def main() -> None:
     for sep, s in specific.items():
         print(f"\n{sep}: top-5% overlap translating fr→en vs reading fr "
               f"{s['top5_overlap_mt_vs_mono_fr']:.0%}, vs reading en {s['top5_overlap_mt_vs_mono_en']:.0%}")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"model": loaded.name,
-                                          "dequantized_from": loaded.dequantized_from,
-                                          "runs": rows, "translation_specific": specific},
-                                         indent=2, allow_nan=False), encoding="utf-8")
+    save(out, loaded, rows, specific)
+
+
+def save(out: Path, loaded, rows: list[dict], specific: dict | None) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out, json.dumps({"model": loaded.name,
+                                       "dequantized_from": loaded.dequantized_from,
+                                       "runs": rows, "translation_specific": specific},
+                                      indent=2, allow_nan=False))
 
 
 if __name__ == "__main__":

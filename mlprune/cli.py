@@ -176,77 +176,136 @@ def cmd_prune(args) -> None:
 
 
 def cmd_eval(args) -> None:
+    """Dispatch ``mlprune eval``: lm-eval benchmarks, zero-shot tasks, or translation."""
+    if args.template and not args.task:
+        raise MlpruneError("--template renders the records of a --task file; name one with --task.")
     if args.lm_eval:
-        import shlex
+        eval_lm_eval(args)
+    elif args.task:
+        eval_tasks(args)
+    else:
+        eval_translation(args)
 
-        from mlprune import zeroshot as zs
 
-        model = zs.resolve_model_dir(args.pruned or args.model)
-        langs = args.langs.split(",") if args.langs else None
-        tasks = zs.lm_eval_tasks(args.lm_eval.split(","), langs)
-        if args.dry_run:
-            print(shlex.join(zs.lm_eval_command(model, tasks, output_path=args.lm_eval_out,
-                                                batch_size=args.batch_size, device=args.device,
-                                                dtype=args.dtype, limit=args.limit)))
-            return
-        results = zs.run_lm_eval(model, args.lm_eval.split(","), langs=langs,
-                                 output_path=args.lm_eval_out, batch_size=args.batch_size,
-                                 device=args.device, dtype=args.dtype, limit=args.limit)
-        for task, metrics in results.items():
-            print(f"{task}: " + "  ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
-        if args.json:
-            _write_json(args.json, {"model": model, "lm_eval": results})
+def _write_strict_json(path: str, data: dict) -> None:
+    """Write JSON that strict readers accept (NaN, e.g. an undefined RankC, as null)."""
+    from mlprune.export import atomic_write_text
+    from mlprune.zeroshot import strict_json
+
+    atomic_write_text(path, strict_json(data))
+    print(f"wrote {path}", file=sys.stderr)
+
+
+def eval_lm_eval(args) -> None:
+    """lm-evaluation-harness benchmarks on a model folder (``--lm-eval``)."""
+    import shlex
+
+    from mlprune import zeroshot as zs
+
+    model = zs.resolve_model_dir(args.pruned or args.model)
+    langs = args.langs.split(",") if args.langs else None
+    tasks = zs.lm_eval_tasks(args.lm_eval.split(","), langs)
+    if args.dry_run:
+        print(shlex.join(zs.lm_eval_command(model, tasks, output_path=args.lm_eval_out,
+                                            batch_size=args.batch_size, device=args.device,
+                                            dtype=args.dtype, limit=args.limit)))
         return
-    if args.task:
-        from mlprune import zeroshot as zs
-        from mlprune.models import load_model
+    results = zs.run_lm_eval(model, args.lm_eval.split(","), langs=langs,
+                             output_path=args.lm_eval_out, batch_size=args.batch_size,
+                             device=args.device, dtype=args.dtype, limit=args.limit)
+    for task, metrics in results.items():
+        print(f"{task}: " + "  ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+    if args.json:
+        _write_strict_json(args.json, {"model": model, "lm_eval": results})
 
-        langs = args.langs.split(",") if args.langs else None
-        tasks = [zs.load_task(t).subset(args.limit, langs) for t in args.task]  # fail before loading
-        args.corpus = None  # zero-shot tasks need no parallel corpus
-        loaded, _ = _load(args)
-        bar = _bar()
 
-        def score(model, tokenizer, who):
-            return [zs.evaluate_task(model, tokenizer, t, norm=args.norm, batch_size=args.batch_size,
-                                     progress=lambda d, n, t=t: bar(f"{who}: {t.name}", d / n))
-                    for t in tasks]
+def eval_tasks(args) -> None:
+    """Zero-shot multiple-choice tasks (``--task``), one model or dense vs ``--pruned``."""
+    from mlprune import zeroshot as zs
+    from mlprune.models import load_model
 
-        dense = score(loaded.model, loaded.tokenizer, "scoring")
-        report = {"model": loaded.name, "dequantized_from": loaded.dequantized_from,
-                  "tasks": {r.task: r.to_dict() for r in dense}}
-        if args.pruned:
-            other = load_model(args.pruned, dtype=args.dtype, device=args.device)
-            sparse = score(other.model, other.tokenizer, "scoring pruned")
-            report.update(pruned=other.name, pruned_tasks={r.task: r.to_dict() for r in sparse},
-                          comparison={})
-            for a, b in zip(dense, sparse):
-                rows = zs.compare_results(a, b, n_resamples=args.resamples, seed=args.seed)
-                report["comparison"][a.task] = rows
-                print(zs.format_comparison(f"{a.task} ({args.norm}-normalised)", rows))
-                print()
-        else:
-            for r in dense:
-                print(zs.format_result(r))
-                print()
-        if args.json:
-            _write_json(args.json, report)
-        return
-    from mlprune.evaluate import evaluate_translation
+    if args.limit is not None and args.limit < 1:
+        raise MlpruneError(f"--limit must be at least 1 item per language (got {args.limit}).")
+    langs = args.langs.split(",") if args.langs else None
+    tasks = [zs.load_task(t, template=args.template, langs=langs).subset(args.limit, langs)
+             for t in args.task]  # fail before loading a model
+    args.corpus = None  # zero-shot tasks need no parallel corpus
+    loaded, _ = _load(args)
+    bar = _bar()
+
+    def score(model, tokenizer, who):
+        return [zs.evaluate_task(model, tokenizer, t, norm=args.norm, batch_size=args.batch_size,
+                                 progress=lambda s, f, t=t: bar(f"{who}: {t.name}", f))
+                for t in tasks]
+
+    dense = score(loaded.model, loaded.tokenizer, "scoring")
+    report = {"model": loaded.name, "dequantized_from": loaded.dequantized_from,
+              "tasks": {r.task: r.to_dict() for r in dense}}
+    if args.pruned:
+        other = load_model(args.pruned, dtype=args.dtype, device=args.device)
+        sparse = score(other.model, other.tokenizer, "scoring pruned")
+        report.update(pruned=other.name, pruned_tasks={r.task: r.to_dict() for r in sparse},
+                      comparison={})
+        for a, b in zip(dense, sparse):
+            rows = zs.compare_results(a, b, n_resamples=args.resamples, seed=args.seed)
+            report["comparison"][a.task] = rows
+            print(zs.format_comparison(f"{a.task} ({args.norm}-normalised)", rows,
+                                       note=zs.rankc_note(a)))
+            print()
+    else:
+        for r in dense:
+            print(zs.format_result(r))
+            print()
+    if args.json:
+        _write_strict_json(args.json, report)
+
+
+def eval_translation(args) -> None:
+    """Few-shot translation on held-out sentences; with ``--pruned``, both models on the same
+    sentences and sacrebleu's paired test of chrF and BLEU."""
+    from mlprune.evaluate import (
+        SACREBLEU_DEFAULT_SEED,
+        evaluate_translation,
+        paired_translation_test,
+    )
+    from mlprune.models import load_model
     from mlprune.prompts import parse_pair
 
+    src, tgt = parse_pair(args.pair)
     loaded, corpus = _load(args)
     bar = _bar()
-    result = evaluate_translation(loaded.model, loaded.tokenizer, corpus, *parse_pair(args.pair),
-                                  shots=args.shots, limit=args.limit, batch_size=args.batch_size,
-                                  progress=lambda d, t: bar("translating", d / t))
+
+    def translate(model, tokenizer, who):
+        return evaluate_translation(model, tokenizer, corpus, src, tgt, shots=args.shots,
+                                    limit=args.limit, batch_size=args.batch_size,
+                                    progress=lambda d, t: bar(who, d / t))
+
+    def line(name, r):
+        return (f"{name}{args.pair}: chrF {r['chrf']:.1f}  BLEU {r['bleu']:.1f}  target-language "
+                f"{r['target_language_rate']:.0%}  perplexity {r['perplexity']:.1f}  (n={r['n']})")
+
+    result = translate(loaded.model, loaded.tokenizer, "translating")
     result["model"] = loaded.name
     result["dequantized_from"] = loaded.dequantized_from
-    print(f"{args.pair}: chrF {result['chrf']:.1f}  BLEU {result['bleu']:.1f}  "
-          f"target-language {result['target_language_rate']:.0%}  perplexity "
-          f"{result['perplexity']:.1f}  (n={result['n']})")
+    if not args.pruned:
+        print(line("", result))
+    else:
+        other = load_model(args.pruned, dtype=args.dtype, device=args.device)
+        sparse = translate(other.model, other.tokenizer, "translating (pruned)")
+        sparse["model"] = other.name
+        test = paired_translation_test(
+            [o["reference"] for o in result["outputs"]], [o["output"] for o in result["outputs"]],
+            [o["output"] for o in sparse["outputs"]], method=args.paired_test,
+            seed=SACREBLEU_DEFAULT_SEED + args.seed, lang=tgt)
+        print(line("dense  ", result))
+        print(line("pruned ", sparse))
+        kind = {"bs": "paired bootstrap", "ar": "paired approximate randomization"}[args.paired_test]
+        for t in test.values():
+            print(f"{t['metric']}: pruned - dense {t['difference']:+.2f}, p = {t['p_value']:.4f} "
+                  f"(sacrebleu {kind}, {t['n_samples']} samples, seed {t['seed']})")
+        result.update(pruned=sparse, significance=test)
     if args.json:
-        _write_json(args.json, result)
+        _write_strict_json(args.json, result)
 
 
 def cmd_compare(args) -> None:
@@ -417,33 +476,54 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser(
         "eval", help="few-shot translation (chrF, BLEU, language, perplexity) or zero-shot tasks",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Few-shot translation by default. With --task: zero-shot multiple choice "
-                    "(accuracy per language, RankC consistency with English; with --pruned, "
-                    "dense vs pruned with a paired bootstrap). With --lm-eval: run "
+        description="Few-shot translation by default (with --pruned: both models on the same "
+                    "held-out sentences and sacrebleu's paired test of chrF and BLEU). With "
+                    "--task: zero-shot multiple choice (accuracy per language, RankC consistency "
+                    "with English, the smallest difference detectable at that size; with "
+                    "--pruned, dense vs pruned with a paired bootstrap). With --lm-eval: run "
                     "lm-evaluation-harness on a model folder (needs 'pip install lm-eval' and "
                     "a reachable Hugging Face hub, which serves the benchmarks' data).",
-        epilog="examples:\n"
+        epilog="task sources (--task, repeatable):\n"
+               "  nli, sentiment        the built-in tasks\n"
+               "  FILE.jsonl            items {id, lang, prompt, choices, label}\n"
+               "  xnli:PATH             XNLI with the paper's template: XNLI-1.0's xnli.test.tsv,\n"
+               "                        or rows {premise, hypothesis, label, lang} (.jsonl, .json,\n"
+               "                        .csv, .parquet; a folder of fr.jsonl, de.jsonl ... works)\n"
+               "  marc:PATH             MARC with the paper's template: amazon_reviews_multi JSON\n"
+               "                        lines {review_id, stars, review_body, language}, or rows\n"
+               "                        {id, lang, review, label 0/1 or stars}\n"
+               "  xnli, marc            the same from the hub via 'datasets' (test split)\n"
+               "  FILE --template T     records of FILE rendered with template xnli or marc\n"
+               "\n"
+               "examples:\n"
                "  mlprune eval --task nli --task sentiment --limit 40\n"
-               "  mlprune eval --task my_task.jsonl --pruned runs/wanda-mt-50\n"
+               "  mlprune eval --task xnli:XNLI-1.0/xnli.test.tsv --langs en,fr,sw --limit 200\n"
+               "  mlprune eval --task reviews.jsonl --template marc --pruned runs/wanda-mt-50\n"
+               "  mlprune eval --pair fr-en --limit 40 --pruned runs/wanda-mt-50\n"
                "  mlprune eval --lm-eval xnli,xcopa --langs fr,sw --pruned runs/wanda-mt-50\n"
                "  mlprune eval --lm-eval pawsx --pruned runs/wanda-mt-50 --dry-run")
     common(e)
     e.add_argument("--pair", default="fr-en")
     e.add_argument("--limit", type=int, default=None,
-                   help="held-out sentences; with --task items per language; with --lm-eval "
-                        "examples per lm-eval task")
-    e.add_argument("--json", help="write the metrics here")
+                   help="held-out sentences; with --task items per language (at least 1); "
+                        "with --lm-eval examples per lm-eval task")
+    e.add_argument("--json", help="write the metrics here (strict JSON: undefined values null)")
     e.add_argument("--task", action="append", default=[],
-                   help="zero-shot task: nli, sentiment or a JSONL file of {id, lang, prompt, "
-                        "choices, label} (repeatable)")
+                   help="zero-shot task source (repeatable; see below)")
+    e.add_argument("--template", default=None, choices=("xnli", "marc"),
+                   help="render each --task FILE's records with the paper's XNLI or MARC "
+                        "template")
     e.add_argument("--pruned", "--compare-to", dest="pruned", default=None, metavar="DIR",
-                   help="with --task: also score this model (e.g. an mlprune export) and test "
-                        "the difference; with --lm-eval: the model to evaluate")
+                   help="also evaluate this model (e.g. an mlprune export) and test the "
+                        "difference; with --lm-eval: the model to evaluate")
     e.add_argument("--langs", default=None, help="languages to keep, e.g. en,fr,sw")
     e.add_argument("--norm", default="token", choices=("token", "byte", "none"),
                    help="score of a choice: log-likelihood per token (default), per byte, or "
                         "summed (none)")
-    e.add_argument("--resamples", type=int, default=10_000, help="bootstrap resamples")
+    e.add_argument("--resamples", type=int, default=10_000, help="bootstrap resamples (--task)")
+    e.add_argument("--paired-test", default="bs", choices=("bs", "ar"),
+                   help="translation with --pruned: sacrebleu's paired bootstrap (bs, default) "
+                        "or approximate randomization (ar); seed 12345 + --seed")
     e.add_argument("--lm-eval", default=None, metavar="BENCHMARKS",
                    help="xnli, xstorycloze, xcopa and/or pawsx (comma-separated), zero-shot "
                         "through lm-evaluation-harness")

@@ -20,7 +20,6 @@ from mlprune.zeroshot import (
     Task,
     TaskItem,
     TaskResult,
-    Template,
     compare_results,
     evaluate_task,
     load_task,
@@ -136,24 +135,6 @@ def test_context_and_choice_are_tokenized_apart_like_lm_eval():
     assert split_tokens(tok, "", "ab")[0] == [tok.bos_token_id]
 
 
-def test_template_makes_the_papers_two_protocols():
-    xnli = zs.template_for("xnli", "fr")
-    item = xnli.render({"premise": "Il pleut", "hypothesis": "Le sol est mouillé"},
-                       id="7", lang="fr", label=0)
-    assert item.whole_sequence
-    assert item.pairs()[1] == ("", "Il pleut , right? Also , Le sol est mouillé")
-    marc = zs.template_for("marc", "de")
-    review = " ".join(f"w{i}" for i in range(200))
-    item = marc.render({"review": review}, id="1", lang="de", label=1)
-    assert not item.whole_sequence
-    assert item.prompt == " ".join(f"w{i}" for i in range(128)) + " It is "
-    assert item.pairs()[0] == (item.prompt, "negative")
-    items = zs.render_items("marc", [{"id": "a", "review": "bad", "label": 0}], "en")
-    assert items[0].prompt == "bad It is " and items[0].label == 0
-    with pytest.raises(MlpruneError, match="needs a field"):
-        Template("{premise} {choice}", ("a", "b")).render({}, id="1", lang="en", label=0)
-
-
 # --------------------------------------------------------------------------- task files
 
 
@@ -190,7 +171,6 @@ def test_task_file_loads_and_subsets(tmp_path):
     (_line() + "\n" + _line(), r"line 2 repeats item '1' in en \(first on line 1\)"),
     (_line() + "\n" + _line(lang="fr", choices=["a", "b", "c"]),
      r"line 2 gives item '1' 3 choices in fr but line 1 gives it 2 in en"),
-    (_line() + "\n" + _line(lang="fr", label=1), r"label 1 in fr but line 1 gives it label 0"),
     ("\n\n", r"holds no items"),
 ])
 def test_task_file_problems_are_one_sentence_each(tmp_path, text, message):
@@ -365,17 +345,17 @@ def test_lm_eval_task_names_and_command(tmp_path):
 
 
 def test_lm_eval_says_when_it_cannot_run(monkeypatch, tmp_path):
-    monkeypatch.setattr(zs, "lm_eval_installed", lambda: False)
+    monkeypatch.setattr("mlprune.zeroshot.lmeval.lm_eval_installed", lambda: False)
     with pytest.raises(MlpruneError, match="not installed; install it with 'pip install lm-eval'"):
         zs.run_lm_eval(tmp_path, ["xnli"], output_path=tmp_path)
-    monkeypatch.setattr(zs, "lm_eval_installed", lambda: True)
+    monkeypatch.setattr("mlprune.zeroshot.lmeval.lm_eval_installed", lambda: True)
     monkeypatch.setattr("mlprune.models.hub_reachable", lambda timeout=3.0: False)
     with pytest.raises(MlpruneError, match="hub cannot be reached"):
         zs.run_lm_eval(tmp_path, ["xnli"], output_path=tmp_path)
 
 
 def test_lm_eval_runs_the_command_and_reads_its_results(monkeypatch, tmp_path):
-    monkeypatch.setattr(zs, "lm_eval_installed", lambda: True)
+    monkeypatch.setattr("mlprune.zeroshot.lmeval.lm_eval_installed", lambda: True)
     monkeypatch.setattr("mlprune.models.hub_reachable", lambda timeout=3.0: True)
     calls = []
 
@@ -441,7 +421,7 @@ def test_eval_lm_eval_dry_run_prints_the_command(tiny_folder, capsys):
 
 
 def test_eval_lm_eval_without_lm_eval_installed(monkeypatch, tiny_folder, capsys):
-    monkeypatch.setattr(zs, "lm_eval_installed", lambda: False)
+    monkeypatch.setattr("mlprune.zeroshot.lmeval.lm_eval_installed", lambda: False)
     assert main(["eval", "--lm-eval", "xcopa", "--pruned", str(tiny_folder)]) == 2
     assert "lm-evaluation-harness is not installed" in capsys.readouterr().err
 
