@@ -66,15 +66,11 @@ def _write_json(path: str, data: dict) -> None:
 def cmd_analyze(args) -> None:
     from mlprune.capture import capture
     from mlprune.features import detect, overlap_matrix, top_dims
-    from mlprune.prompts import monolingual_prompts, parse_pair, translation_prompts
+    from mlprune.prompts import analysis_prompts
 
     loaded, corpus = _load(args)
-    sets = [translation_prompts(corpus, *parse_pair(p), shots=args.shots, samples=args.samples,
-                                seed=args.seed) for p in args.pair]
-    sets += [monolingual_prompts(corpus, lang, shots=args.shots, samples=args.samples, seed=args.seed)
-             for lang in args.mono]
-    if not sets:
-        raise MlpruneError("Name at least one --pair (e.g. fr-en) or --mono language.")
+    sets = analysis_prompts(corpus, args.pair, args.mono, shots=args.shots, samples=args.samples,
+                            seed=args.seed)
     progress = _bar()
     stats = {}
     for ps in sets:

@@ -155,3 +155,16 @@ def eval_items(corpus: ParallelCorpus, src: str, tgt: str, *, shots: int = 4,
         items.append(EvalItem(f"{head}{s_name}: {table[src].iat[r]}\n{t_name}:",
                               table[src].iat[r], table[tgt].iat[r], src, tgt))
     return items
+
+
+def analysis_prompts(corpus: ParallelCorpus, pairs: list[str], monos: list[str], *, shots: int,
+                     samples: int, seed: int) -> list[PromptSet]:
+    """The prompt sets a feature analysis captures: one translation set per pair ('fr-en'),
+    then one monolingual set per language, all with the same shots, samples and seed."""
+    if not pairs and not monos:
+        raise MlpruneError("Name at least one translation direction (e.g. fr-en) or "
+                           "monolingual language.")
+    sets = [translation_prompts(corpus, *parse_pair(p), shots=shots, samples=samples, seed=seed)
+            for p in pairs]
+    return sets + [monolingual_prompts(corpus, lang, shots=shots, samples=samples, seed=seed)
+                   for lang in monos]
