@@ -11,8 +11,7 @@ import os
 
 import streamlit as st
 
-from mlprune import MlpruneError
-from mlprune import dashboard as db
+from mlprune import MlpruneError, service, ui
 from mlprune.corpus import flores_corpus, language_name, read_corpus
 from mlprune.models import DEFAULT_MODEL
 from mlprune.prompts import split_rows
@@ -31,10 +30,10 @@ CORPORA = {"builtin": "Built-in corpus", "upload": "Upload a file (TSV, CSV, JSO
 
 def model_section() -> None:
     st.header("Model")
-    current = db.model_spec()
-    db.default("w.model_source", db.source_of(current))
+    current = ui.model_spec()
+    ui.default("w.model_source", service.source_of(current))
     for kind in PLACEHOLDERS:
-        db.default(f"w.model_{kind}", current if db.source_of(current) == kind else "")
+        ui.default(f"w.model_{kind}", current if service.source_of(current) == kind else "")
     source = st.radio("Where the model comes from", list(SOURCES), format_func=SOURCES.get,
                       key="w.model_source", horizontal=True)
     if source == "embedded":
@@ -45,14 +44,14 @@ def model_section() -> None:
         spec = st.text_input(SOURCES[source], key=f"w.model_{source}",
                              placeholder=PLACEHOLDERS[source]).strip()
     if st.button("Load model", type="primary"):
-        with db.errors() as ok:
+        with ui.errors() as ok:
             if not spec:
                 raise MlpruneError(f"Type a {SOURCES[source].lower()} first.")
-            db.loaded_model(spec)
+            ui.loaded_model(spec)
         if ok.ok:
-            db.set_model_spec(spec)
-    with db.errors() as ok:
-        loaded = db.loaded_model()
+            ui.set_model_spec(spec)
+    with ui.errors() as ok:
+        loaded = ui.loaded_model()
     if not ok.ok:
         return
     facts = loaded.facts()
@@ -65,52 +64,48 @@ def model_section() -> None:
     cols[3].metric("Linear modules", facts["linear_modules"])
     cols[4].metric("Device", facts["device"])
     cols[5].metric("dtype", facts["dtype"])
-    job = db.shared().jobs.get(db.model_spec())
-    st.caption(f"Source: {facts['source']} ({db.model_spec()})"
-               + (f"; loaded in {job.seconds:.1f} s" if job is not None else ""))
-    note = db.dequant_text(loaded.dequantized_from)
+    seconds = ui.shared().load_seconds(ui.model_spec())
+    st.caption(f"Source: {facts['source']} ({ui.model_spec()})"
+               + (f"; loaded in {seconds:.1f} s" if seconds is not None else ""))
+    note = service.dequant_text(loaded.dequantized_from)
     if note:
         st.warning(note)
 
 
 def corpus_section() -> None:
     st.header("Corpus")
-    db.default("w.corpus_source", "builtin")
+    ui.default("w.corpus_source", "builtin")
     choice = st.radio("Parallel corpus", list(CORPORA), format_func=CORPORA.get,
                       key="w.corpus_source", horizontal=True)
     if choice == "builtin":
-        if os.environ.get(db.CORPUS_ENV):
-            st.caption(f"{db.CORPUS_ENV} sets the default corpus here: "
-                       f"{os.environ[db.CORPUS_ENV]}")
-        current = st.session_state.get("corpus")
-        if current is not None and st.session_state.get("corpus_origin") != "default":
+        if os.environ.get(service.CORPUS_ENV):
+            st.caption(f"{service.CORPUS_ENV} sets the default corpus here: "
+                       f"{os.environ[service.CORPUS_ENV]}")
+        if ui.corpus_origin() not in (None, "default"):
             if st.button("Use the built-in corpus"):
-                with db.errors() as ok:
-                    corpus = db.default_corpus()
+                with ui.errors() as ok:
+                    corpus = service.default_corpus()
                 if ok.ok:
-                    db.set_corpus(corpus)
-                    st.session_state["corpus_origin"] = "default"
+                    ui.set_corpus(corpus, "default")
     elif choice == "upload":
         upload = st.file_uploader("One column per language, a header of language codes "
                                   "(en, fr, zh...), one aligned sentence per row",
                                   type=["tsv", "csv", "jsonl", "txt", "json"], key="corpus_upload")
         if upload is not None:
             marker = (upload.name, upload.size)
-            if st.session_state.get("corpus_origin") != marker:
-                with db.errors() as ok:
+            if ui.corpus_origin() != marker:
+                with ui.errors() as ok:
                     fmt = upload.name.rsplit(".", 1)[-1].lower() if "." in upload.name else "tsv"
                     corpus = read_corpus(upload.getvalue(), name=upload.name, fmt=fmt)
                 if ok.ok:
-                    db.set_corpus(corpus)
-                    st.session_state["corpus_origin"] = marker
+                    ui.set_corpus(corpus, marker)
     else:
         if st.button("Load FLORES+ (dev split)"):
-            with db.errors() as ok, st.spinner("Fetching FLORES+ from the hub"):
+            with ui.errors() as ok, st.spinner("Fetching FLORES+ from the hub"):
                 corpus = flores_corpus("dev")
             if ok.ok:
-                db.set_corpus(corpus)
-                st.session_state["corpus_origin"] = "flores"
-    corpus = db.require_corpus()
+                ui.set_corpus(corpus, "flores")
+    corpus = ui.require_corpus()
     if corpus is None:
         return
     pool, test = split_rows(corpus)
@@ -135,7 +130,7 @@ def home() -> None:
 
 
 st.set_page_config(page_title="mlprune", page_icon=":scissors:", layout="wide")
-db.keep_widget_state()
+ui.keep_widget_state()
 navigation = st.navigation([
     st.Page(home, title="Home", icon=":material/home:", default=True),
     st.Page("pages/1_Features.py", title="Features", icon=":material/bar_chart:"),
@@ -146,4 +141,4 @@ navigation = st.navigation([
 status = st.sidebar.container()  # filled after the page, so it shows what the page just did
 navigation.run()
 with status:
-    db.sidebar_status()
+    ui.sidebar_status()

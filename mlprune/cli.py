@@ -71,19 +71,15 @@ def _write_json(path: str, data: dict) -> None:
 def cmd_analyze(args) -> None:
     from mlprune.capture import capture
     from mlprune.features import detect, overlap_matrix, top_dims
-    from mlprune.prompts import monolingual_prompts, parse_pair, translation_prompts
+    from mlprune.prompts import analysis_prompts
     from mlprune.protocol import get_protocol
 
     protocol = get_protocol(args.protocol)
     top = args.top or protocol.top_n
     fraction = args.overlap_fraction or protocol.overlap_fraction
-    counts = dict(shots=args.shots, samples=args.samples, seed=args.seed,
-                  separator=protocol.separator)
     loaded, corpus = _load(args)
-    sets = [translation_prompts(corpus, *parse_pair(p), **counts) for p in args.pair]
-    sets += [monolingual_prompts(corpus, lang, **counts) for lang in args.mono]
-    if not sets:
-        raise MlpruneError("Name at least one --pair (e.g. fr-en) or --mono language.")
+    sets = analysis_prompts(corpus, args.pair, args.mono, shots=args.shots, samples=args.samples,
+                            seed=args.seed, separator=protocol.separator)
     progress = _bar()
     stats = {}
     for ps in sets:

@@ -189,3 +189,16 @@ def eval_items(corpus: ParallelCorpus, src: str, tgt: str, *, shots: int = 4,
         items.append(EvalItem(f"{head}{s_name}: {table[src].iat[r]}\n{t_name}:",
                               table[src].iat[r], table[tgt].iat[r], src, tgt))
     return items
+
+
+def analysis_prompts(corpus: ParallelCorpus, pairs: list[str], monos: list[str], *, shots: int,
+                     samples: int, seed: int, separator: str = "newline") -> list[PromptSet]:
+    """The prompt sets a feature analysis captures: one translation set per pair ('fr-en'),
+    then one monolingual set per language, all with the same shots, samples, seed and
+    separator."""
+    if not pairs and not monos:
+        raise MlpruneError("Name at least one translation direction (e.g. fr-en) or "
+                           "monolingual language.")
+    kw = dict(shots=shots, samples=samples, seed=seed, separator=separator)
+    sets = [translation_prompts(corpus, *parse_pair(p), **kw) for p in pairs]
+    return sets + [monolingual_prompts(corpus, lang, **kw) for lang in monos]

@@ -2,30 +2,18 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
-import tempfile
 import threading
 import time
-import uuid
+from dataclasses import replace
 from pathlib import Path
 
 import streamlit as st
 
-from mlprune import dashboard as db
-from mlprune import plots
+from mlprune import plots, service, ui
 from mlprune.pipeline import SWEEP_METHODS, PruneSpec
 
 SPARSITIES = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
-
-
-def csv_path(loaded, corpus, config: dict) -> Path:
-    """One resumable CSV per session and per setting that changes what a row means."""
-    session = st.session_state.setdefault("session_id", uuid.uuid4().hex[:12])
-    what = json.dumps([db.model_key(loaded), db.corpus_key(corpus), config["limit"],
-                       config["samples"], config["shots"], config["extra"]])
-    name = hashlib.sha256(what.encode()).hexdigest()[:16]
-    return Path(tempfile.gettempdir()) / "mlprune-sweeps" / session / f"{name}.csv"
+SPEC_FIELDS = ("samples", "shots")  # w.sw_samples, w.sw_shots: the base spec's
 
 
 def cancel() -> None:
@@ -39,7 +27,7 @@ def cancel() -> None:
 
 
 def run(loaded, corpus, config: dict, out_csv: Path) -> None:
-    bar, _, stages = db.progress_bar("Sweeping")
+    bar, _, stages = ui.progress_bar("Sweeping")
     beat = st.empty()
     stop = st.session_state["sweep_stop"] = threading.Event()
     start = time.perf_counter()
@@ -50,58 +38,52 @@ def run(loaded, corpus, config: dict, out_csv: Path) -> None:
                      "they are measured, so a cancelled sweep resumes where it stopped")
         return stop.is_set()
 
-    extra = [db.SWEEP_EXTRA_EVALS[name] for name in config["extra"]]
-
-    def extra_eval(loaded_, method, sparsity):
-        row = {}
-        for fn in extra:
-            row.update(fn(loaded_, method, sparsity))
-        return row
-
-    base = PruneSpec(shots=config["shots"], samples=config["samples"])
-    with db.errors():
-        db.run_sweep(loaded, corpus, methods=config["methods"], sparsities=config["sparsities"],
-                     pairs=config["pairs"], base=base, limit=config["limit"], out_csv=out_csv,
-                     progress=stages, should_stop=should_stop,
-                     extra_eval=extra_eval if extra else None)
+    base = replace(PruneSpec.preset(ui.SPEC_PRESET), shots=config["shots"],
+                   samples=config["samples"])
+    with ui.errors():
+        service.run_sweep(loaded, corpus, methods=config["methods"],
+                          sparsities=config["sparsities"], pairs=config["pairs"], base=base,
+                          limit=config["limit"], out_csv=out_csv, progress=stages,
+                          should_stop=should_stop,
+                          extra_eval=service.sweep_extra_eval(config["extra"]))
     st.session_state["sweep_running"] = None
     bar.empty()
     beat.empty()
 
 
 def main() -> None:
-    ready = db.page("Sweep")
+    ready = ui.page("Sweep")
     if ready is None:
         return
     loaded, corpus = ready
     st.caption("Every method x sparsity x direction: unstructured, one-shot, one ranking per "
                "method and direction; chrF, BLEU, output language and perplexity of the "
                "held-out slice.")
-    pairs = db.all_pairs(corpus.languages)
-    db.valid_choices("w.sw_methods", list(SWEEP_METHODS), ["wanda-mt", "magnitude"])
-    db.valid_choices("w.sw_sparsities", SPARSITIES, [0.0, 0.3, 0.5])
-    db.valid_choices("w.sw_pairs", pairs, db.default_pairs(corpus.languages)[:1])
-    db.default("w.sw_limit", 8)
-    db.default("w.sw_samples", 8)
-    db.default("w.sw_shots", 4)
+    pairs = service.all_pairs(corpus.languages)
+    ui.valid_choices("w.sw_methods", list(SWEEP_METHODS), ["wanda-mt", "magnitude"])
+    ui.valid_choices("w.sw_sparsities", SPARSITIES, [0.0, 0.3, 0.5])
+    ui.valid_choices("w.sw_pairs", pairs, service.default_pairs(corpus.languages)[:1])
+    ui.default("w.sw_limit", 8)
+    ui.default_all(ui.spec_defaults("sw", SPEC_FIELDS))
     c1, c2, c3 = st.columns(3)
     methods = c1.multiselect("Methods", list(SWEEP_METHODS), key="w.sw_methods")
     sparsities = c2.multiselect("Sparsities", SPARSITIES, key="w.sw_sparsities",
                                 format_func=lambda s: f"{s:.0%}")
     chosen_pairs = c3.multiselect("Directions", pairs, key="w.sw_pairs",
-                                  format_func=db.pair_label)
+                                  format_func=service.pair_label)
     c1, c2, c3, c4 = st.columns(4)
     limit = c1.number_input("Held-out sentences per cell", 1, 500, step=1, key="w.sw_limit")
     samples = c2.number_input("Calibration prompts", 1, 256, step=1, key="w.sw_samples")
     shots = c3.number_input("Shots", 1, 16, step=1, key="w.sw_shots")
-    db.valid_choices("w.sw_extra", list(db.SWEEP_EXTRA_EVALS), [])
-    extra = c4.multiselect("Zero-shot tasks", list(db.SWEEP_EXTRA_EVALS), key="w.sw_extra",
+    ui.valid_choices("w.sw_extra", list(service.SWEEP_EXTRA_EVALS), [])
+    extra = c4.multiselect("Zero-shot tasks", list(service.SWEEP_EXTRA_EVALS), key="w.sw_extra",
                            help=f"Accuracy per language, RankC with English and the "
-                                f"difference from dense ({db.ZERO_SHOT_ITEMS} items per "
+                                f"difference from dense ({service.ZERO_SHOT_ITEMS} items per "
                                 "language); adds ~30 s per task and cell on 2 CPU cores.")
     config = {"methods": methods, "sparsities": sorted(sparsities), "pairs": chosen_pairs,
               "limit": int(limit), "samples": int(samples), "shots": int(shots), "extra": extra}
-    out_csv = csv_path(loaded, corpus, config)
+    out_csv = service.sweep_csv(ui.session_id(), loaded, corpus, limit=config["limit"],
+                                samples=config["samples"], shots=config["shots"], extra=extra)
     cells = len(methods) * len(sparsities) * len(chosen_pairs)
     b1, b2, b3 = st.columns([1, 1, 4])
     if b1.button(f"Run {cells} cells", type="primary", disabled=cells == 0):
@@ -113,7 +95,8 @@ def main() -> None:
         run(loaded, corpus, config, out_csv)
     elif st.session_state.get("sweep_running"):
         st.session_state["sweep_running"] = None  # the settings changed under it: stop
-    table = db.sweep_table(db.read_sweep_csv(out_csv), methods, sparsities, chosen_pairs)
+    table = service.sweep_table(service.read_sweep_csv(out_csv), methods, sparsities,
+                                chosen_pairs)
     if st.session_state.get("sweep_cancelled"):
         st.warning(f"Sweep cancelled; {len(table)} finished rows are kept. Run it again to "
                    "resume.")
@@ -127,7 +110,7 @@ def main() -> None:
             metrics[col.replace("_", " ")] = col
     for tab, metric in zip(st.tabs(list(metrics)), metrics.values()):
         with tab:
-            db.plot(plots.sweep_figure(table, metric, dequantized_from=q))
+            ui.plot(plots.sweep_figure(table, metric, dequantized_from=q))
     if any(c.endswith("_p_non_en") for c in table.columns):
         st.caption("Zero-shot: `*_diff_*` is accuracy minus dense on the same items, `*_p_*` "
                    "its paired-bootstrap p-value; `*_rankc_*` is consistency with English.")

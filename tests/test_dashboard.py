@@ -7,8 +7,9 @@ and the shared model is dense whenever no session is generating with its masks.
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import threading
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,14 +17,18 @@ import torch
 from conftest import EN
 from streamlit.testing.v1 import AppTest
 
-from mlprune import MlpruneError, plots
-from mlprune import dashboard as db
-from mlprune.capture import Cancelled, capture, token_magnitudes
+from mlprune import MlpruneError, plots, service, ui
+from mlprune.capture import capture, token_magnitudes
 from mlprune.evaluate import Generation, generate
 from mlprune.features import detect, overlap_matrix
 from mlprune.models import load_model
 from mlprune.pipeline import PruneSpec
-from mlprune.prompts import eval_items, monolingual_prompts, translation_prompts
+from mlprune.prompts import (
+    analysis_prompts,
+    eval_items,
+    monolingual_prompts,
+    translation_prompts,
+)
 from mlprune.prune import rank_modules
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,8 +41,8 @@ TIMEOUT = 60  # AppTest's default is 3 s; a first tiny-model load or ranking tak
 @pytest.fixture
 def app_env(monkeypatch, tiny_folder, corpus_file):
     """The app's default model is the tiny llama folder and its corpus the small en/fr file."""
-    monkeypatch.setenv(db.MODEL_ENV, str(tiny_folder))
-    monkeypatch.setenv(db.CORPUS_ENV, str(corpus_file))
+    monkeypatch.setenv(service.MODEL_ENV, str(tiny_folder))
+    monkeypatch.setenv(service.CORPUS_ENV, str(corpus_file))
     return tiny_folder
 
 
@@ -111,7 +116,7 @@ def pruned_app(sparsity: int = 70) -> AppTest:
     at = goto(run(new_app()), "2_Prune")
     if any(b.label == "Calibrate and rank" for b in at.button):
         click(at, "Calibrate and rank")
-    at.slider(key="w.sparsity").set_value(sparsity)
+    at.slider(key="w.prune_sparsity").set_value(sparsity)
     return run(at)
 
 
@@ -134,14 +139,11 @@ def test_home_shows_the_model_facts_and_the_corpus(app_env):
 
 
 def test_the_embedded_default_is_preselected_without_the_variable(monkeypatch):
-    monkeypatch.delenv(db.MODEL_ENV, raising=False)
+    monkeypatch.delenv(service.MODEL_ENV, raising=False)
     at = AppTest.from_string(
-        "from mlprune import dashboard as db\nimport streamlit as st\nst.write(db.model_spec())")
+        "from mlprune import ui\nimport streamlit as st\nst.write(ui.model_spec())")
     at.run()
     assert at.markdown[0].value == "embedded:gemma3-270m"
-    assert db.source_of("embedded:gemma3-270m") == "embedded"
-    assert db.source_of("/m/x.gguf") == "gguf" and db.source_of("./m") == "folder"
-    assert db.source_of("google/gemma-3-270m") == "hub"
 
 
 def test_a_model_that_cannot_be_found_is_one_message_and_the_page_stays(app_env, tmp_path):
@@ -209,7 +211,8 @@ def test_features_capture_figures_thresholds_and_downloads(app_env):
     at.number_input(key="w.rule_top-k").set_value(2)
     run(at)
     assert metric(at, "Detected dimensions") == "4"
-    assert at.session_state["rule"] == "top-k:2"
+    captured = at.session_state[ui.FEATURES]
+    assert captured.rule == "top-k:2" and len(captured.detected) == 4
     detected = charts(at)[1]["data"][1]  # the circled dims on the heatmap
     assert len(values(detected["x"])) == 4
     assert [d.label for d in at.get("download_button")] == ["Download CSV", "Download JSON"]
@@ -222,6 +225,8 @@ def test_features_capture_figures_thresholds_and_downloads(app_env):
     titles = chart_titles(at)
     assert titles[0].startswith("Top 3 dimensions per layer (en (mono))")
     assert "bottom-x% (x = 5%, layer 1)" in titles[3]
+    goto(at, "2_Prune")  # the Prune page protects what the Features page detected
+    assert at.text_input(key="w.prune_protect_rule").value == "top-k:2"
 
 
 def test_features_bad_input_is_one_message(app_env):
@@ -268,54 +273,54 @@ def test_prune_slider_re_prunes_without_a_pass_over_data(app_env, monkeypatch):
     monkeypatch.setattr(pipeline, "capture", counting_capture)
     monkeypatch.setattr(pipeline, "rank_modules", counting_rank)
     for value, reached in ((70, "68.8%"), (25, "25.0%"), (60, "59.4%")):
-        at.slider(key="w.sparsity").set_value(value)
+        at.slider(key="w.prune_sparsity").set_value(value)
         run(at)
         assert metric(at, "Sparsity reached") == reached  # exact per row: int(32 * s) / 32
         assert f"reached {reached}" in chart_titles(at)[0]
         assert any(f"Pruned · unstructured · {value}%" in m.value for m in at.markdown)
-    at.radio(key="w.pattern").set_value("2:4")
+    at.radio(key="w.prune_pattern").set_value("2:4")
     run(at)
     assert metric(at, "Sparsity reached") == "50.0%"
     assert calls == {"capture": 0, "rank": 0}  # masks came from the cached ranking
-    state = at.session_state["pruned"]
+    state = at.session_state[ui.PRUNING]
     assert state.masks.pattern == "2:4" and state.spec.pattern == "2:4"
 
 
 def test_prune_impossible_patterns_and_empty_selections_are_messages(app_env):
     at = pruned_app(50)
-    at.radio(key="w.pattern").set_value("other N:M")
+    at.radio(key="w.prune_pattern").set_value("other N:M")
     run(at)
-    at.text_input(key="w.pattern_other").set_value("3:7")
+    at.text_input(key="w.prune_pattern_other").set_value("3:7")
     run(at)
     assert errors(at) == ["3:7 needs input widths divisible by 7, but layers.0.attn.q has 32 "
                           "inputs."]
-    at.text_input(key="w.pattern_other").set_value("5:4")
+    at.text_input(key="w.prune_pattern_other").set_value("5:4")
     run(at)
     assert errors(at) == ["In the pattern 5:4, N must be at least 1 and smaller than M."]
-    at.text_input(key="w.pattern_other").set_value("1:4")
+    at.text_input(key="w.prune_pattern_other").set_value("1:4")
     run(at)
     assert not errors(at) and metric(at, "Sparsity reached") == "25.0%"
-    at.multiselect(key="w.blocks").set_value([])
+    at.multiselect(key="w.prune_blocks").set_value([])
     run(at)
     assert errors(at) == ["Pick at least one kind of module to prune (attn, mlp)."]
-    at.multiselect(key="w.blocks").set_value(["mlp"])
-    at.toggle(key="w.protect").set_value(True)
+    at.multiselect(key="w.prune_blocks").set_value(["mlp"])
+    at.toggle(key="w.prune_protect").set_value(True)
     run(at)
-    at.text_input(key="w.protect_rule").set_value("top-k:0")
+    at.text_input(key="w.prune_protect_rule").set_value("top-k:0")
     run(at)
     assert errors(at) == ["The value in 'top-k:0' must be a positive integer."]
 
 
 def test_prune_protection_layers_mask_view_and_export(app_env, tmp_path):
     at = goto(run(new_app()), "2_Prune")
-    at.toggle(key="w.protect").set_value(True)
+    at.toggle(key="w.prune_protect").set_value(True)
     run(at)
-    at.text_input(key="w.protect_rule").set_value("top-k:3")
-    at.slider(key="w.layers").set_value((1, 1))
-    at.radio(key="w.mode").set_value("sequential")
+    at.text_input(key="w.prune_protect_rule").set_value("top-k:3")
+    at.slider(key="w.prune_layers").set_value((1, 1))
+    at.radio(key="w.prune_mode").set_value("sequential")
     run(at)
     click(at, "Calibrate and rank")
-    state = at.session_state["pruned"]
+    state = at.session_state[ui.PRUNING]
     assert state.masks.modules == [f"layers.1.{m}" for m in
                                    ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate",
                                     "mlp.up", "mlp.down")]
@@ -327,7 +332,7 @@ def test_prune_protection_layers_mask_view_and_export(app_env, tmp_path):
     at.radio(key="w.mask_view").set_value("crop")
     run(at)
     assert "one cell per weight" in chart_titles(at)[1]
-    at.slider(key="w.sparsity").set_value(60)
+    at.slider(key="w.prune_sparsity").set_value(60)
     run(at)
     assert any("Sequential statistics were taken at 50%" in w.value for w in at.warning)
     click(at, "Recalibrate here")
@@ -340,6 +345,52 @@ def test_prune_protection_layers_mask_view_and_export(app_env, tmp_path):
     assert errors(at) == [f"{tmp_path / 'out'} already exists; choose another folder or allow "
                           "overwriting."]
     assert [d.label for d in at.get("download_button")] == ["Download the report (JSON)"]
+
+
+def test_spec_defaults_are_the_presets_fields_in_widget_units():
+    preset = PruneSpec.preset(ui.SPEC_PRESET)
+    fields = tuple(f.name for f in dataclasses.fields(PruneSpec))
+    defaults = ui.spec_defaults("x", fields)
+    assert list(defaults) == [f"w.x_{name}" for name in fields]
+    for name in fields:
+        value = defaults[f"w.x_{name}"]
+        if name == "sparsity":
+            assert value / 100 == preset.sparsity
+        elif name == "protect":
+            assert value is (preset.protect is not None)
+        else:
+            assert value == getattr(preset, name), name
+    # the preset, not the bare spec's defaults
+    assert defaults["w.x_mode"] == preset.mode != PruneSpec().mode
+
+
+def test_every_page_starts_from_the_interactive_preset(app_env):
+    """No page types a spec default: untouched widgets give the preset's spec, and the
+    Features page's seed picks the demonstrations."""
+    preset = PruneSpec.preset(ui.SPEC_PRESET)
+    at = goto(run(new_app()), "2_Prune")
+    if any(b.label == "Calibrate and rank" for b in at.button):
+        click(at, "Calibrate and rank")
+    spec = at.session_state[ui.PRUNING].spec
+    assert (spec.layers, spec.blocks) == ("0-1", "attn,mlp")  # every layer and module kind
+    assert replace(spec, layers=None, blocks=None) == preset
+    goto(at, "4_Sweep")
+    assert (at.session_state["w.sw_samples"], at.session_state["w.sw_shots"]) == \
+        (preset.samples, preset.shots)
+    goto(at, "3_Compare")
+    assert at.session_state["w.cmp_shots"] == preset.shots
+    goto(at, "1_Features")
+    assert [at.session_state[f"w.feat_{f}"] for f in ("shots", "samples", "seed")] == \
+        [preset.shots, preset.samples, preset.seed]
+    at.number_input(key="w.feat_seed").set_value(preset.seed + 3)
+    click(at, "Run capture")
+    texts = at.session_state[ui.FEATURES].prompts["mt:fr-en"].texts
+    corpus = at.session_state["corpus"]
+    expected = analysis_prompts(corpus, ["fr-en"], [], shots=preset.shots,
+                                samples=preset.samples, seed=preset.seed + 3)[0].texts
+    unseeded = analysis_prompts(corpus, ["fr-en"], [], shots=preset.shots,
+                                samples=preset.samples, seed=preset.seed)[0].texts
+    assert texts == expected and texts != unseeded
 
 
 # --------------------------------------------------------------------------- compare
@@ -399,7 +450,7 @@ def test_sweep_runs_draws_and_cancels(app_env):
 
 
 def test_sweep_with_zero_shot_tasks_adds_accuracy_consistency_and_significance(app_env, monkeypatch):
-    monkeypatch.setattr(db, "ZERO_SHOT_ITEMS", 3)
+    monkeypatch.setattr(service, "ZERO_SHOT_ITEMS", 3)
     at = goto(run(new_app()), "4_Sweep")
     at.multiselect(key="w.sw_methods").set_value(["magnitude"])
     at.multiselect(key="w.sw_sparsities").set_value([0.0, 0.5])
@@ -415,24 +466,6 @@ def test_sweep_with_zero_shot_tasks_adds_accuracy_consistency_and_significance(a
     assert 0 <= table.loc[0.5, "nli_p_non_en"] <= 1 and 0 <= table.loc[0.5, "nli_acc_fr"] <= 1
 
 
-def test_a_cancelled_sweep_keeps_its_rows(tmp_path, loaded, corpus):
-    out = tmp_path / "sweep.csv"
-    seen = []
-
-    def stop_after_two():
-        seen.append(1)
-        return len(seen) > 2
-
-    with pytest.raises(Cancelled):
-        db.run_sweep(loaded, corpus, methods=["magnitude"], sparsities=[0.0, 0.3, 0.6],
-                     pairs=["fr-en"], base=PruneSpec(samples=2), limit=1, out_csv=out,
-                     should_stop=stop_after_two)
-    assert len(db.read_sweep_csv(out)) == 2
-    with pytest.raises(MlpruneError, match="at least one method"):
-        db.run_sweep(loaded, corpus, methods=[], sparsities=[0.5], pairs=["fr-en"],
-                     base=PruneSpec(), limit=1, out_csv=out)
-
-
 # --------------------------------------------------------------------------- shared state
 
 
@@ -442,76 +475,37 @@ def test_two_sessions_never_see_each_others_pruning(app_env):
     goto(a, "3_Compare")
     a_out = outputs(a)
     assert set(a_out) == {"dense", "pruned"} and a_out["dense"] != a_out["pruned"]
-    shared = db.shared().model(str(app_env))
-    assert shared is not None
+    shared_model = ui.shared().model(str(app_env))
+    assert shared_model is not None
     # after session A pruned and generated, the one shared model is dense, bit for bit
-    for name, value in shared.model.state_dict().items():
+    for name, value in shared_model.model.state_dict().items():
         assert torch.equal(value, reference[name]), name
     b = run(new_app())
     assert "none: the model is dense" in [c.value for c in b.caption]  # B's sidebar
     goto(b, "3_Compare")
-    assert "pruned" not in b.session_state and set(outputs(b)) == {"dense"}
+    assert ui.PRUNING not in b.session_state and set(outputs(b)) == {"dense"}
     assert tokens_of(outputs(b)["dense"]) == tokens_of(a_out["dense"])
     # B's dense output is what a freshly loaded copy generates
     fresh = load_model(str(app_env))
     items = eval_items(a.session_state["corpus"], "fr", "en", shots=4)
     expected = generate(fresh.model, fresh.tokenizer, [items[0].prompt], max_new_tokens=48)[0]
-    got = db.dense_generations(shared, [items[0].prompt], 48)[0]
+    got = ui.shared().dense_generations(shared_model, [items[0].prompt], 48)[0]
     assert (got.text, got.tokens) == (expected.text, expected.tokens)
     # and A still has its masks
-    assert a.session_state["pruned"].masks.overall_sparsity() > 0.6
-
-
-def test_dense_generation_waits_while_another_session_generates_pruned(tiny_folder, corpus):
-    """Session A holds its masks applied (as while it generates); session B asks for a dense
-    output meanwhile. B must get the dense answer: it waits for A's lock, never computing on
-    A's masked weights. Without the lock this fails (B finishes on pruned weights)."""
-    shared = load_model(str(tiny_folder))
-    fresh = load_model(str(tiny_folder))
-    prompt = eval_items(corpus, "fr", "en", shots=4)[1].prompt + " "  # not in any cache
-    expected = generate(fresh.model, fresh.tokenizer, [prompt], max_new_tokens=24)[0]
-    stats = capture(shared.model, shared.tokenizer, ["French: Bonjour.\nEnglish: Hello.\n"])
-    masks = rank_modules(shared.model, stats).masks(0.9)
-    with db.masked(shared, masks):  # a pruned output really differs here
-        assert generate(shared.model, shared.tokenizer, [prompt], max_new_tokens=24)[0].text \
-            != expected.text
-    applied, b_started, b_done = threading.Event(), threading.Event(), threading.Event()
-    result: list[Generation] = []
-
-    def session_a():
-        with db.masked(shared, masks):
-            applied.set()
-            b_started.wait(5)
-            b_done.wait(1.0)  # with the lock, B cannot finish while we hold it
-
-    def session_b():
-        applied.wait(5)
-        b_started.set()
-        result.append(db.dense_generations(shared, [prompt], 24)[0])
-        b_done.set()
-
-    threads = [threading.Thread(target=session_a), threading.Thread(target=session_b)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
-    assert (result[0].text, result[0].tokens) == (expected.text, expected.tokens)
-    for name, value in shared.model.state_dict().items():
-        assert torch.equal(value, fresh.model.state_dict()[name]), name
+    assert a.session_state[ui.PRUNING].masks.overall_sparsity() > 0.6
 
 
 def test_errors_are_messages_and_unexpected_ones_say_where_to_look():
     def page():
         import streamlit as st
 
-        from mlprune import MlpruneError
-        from mlprune import dashboard as db
+        from mlprune import MlpruneError, ui
 
-        with db.errors() as first:
+        with ui.errors() as first:
             raise MlpruneError("A readable sentence.")
-        with db.errors() as second:
+        with ui.errors() as second:
             raise KeyError("oops")
-        with db.errors() as third:
+        with ui.errors() as third:
             open("/nonexistent/file")
         st.write(first.ok, second.ok, third.ok)
 
@@ -578,16 +572,3 @@ def test_pruning_figures_and_token_views(loaded, feature_stats):
     sparse = Generation("The dog.", ["The", " dog", "."], [0.9, 0.3, 0.7])
     fig = plots.token_probs_figure(dense, sparse)
     assert [t.name for t in fig.data] == ["dense", "pruned"]
-    fa, fb = db.diff_flags(dense.tokens, sparse.tokens)
-    assert fa == [False, True, False] and fb == [False, True, False]
-    html = db.generation_html(Generation("<b>", ["<b>"], [0.2]), [True])
-    assert "&lt;b&gt;" in html and "mlp-diff" in html and 'title="p = 0.200"' in html
-
-
-def test_pairs_and_notes():
-    assert db.all_pairs(["en", "fr", "zh"])[:2] == ["fr-en", "zh-en"]
-    assert db.default_pairs(["en", "fr"]) == ["fr-en", "en-fr"]
-    assert db.default_pairs(["de", "es"]) == ["de-es"]
-    assert db.pair_label("fr-en") == "fr→en"
-    assert "4-bit (Q4_K_M)" in db.dequant_text("Q4_K_M")
-    assert db.dequant_text(None) is None

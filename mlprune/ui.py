@@ -1,0 +1,314 @@
+"""The dashboard's Streamlit side: the process's one shared cache, session state, and the
+widgets every page uses. The work itself is in :mod:`mlprune.service` (no Streamlit).
+
+Session state holds typed objects, one accessor each, so no page parses another page's dict:
+
+- :func:`features` -> the Features page's :class:`~mlprune.service.FeatureCapture`;
+- :func:`session_pruning` -> this session's :class:`~mlprune.service.SessionPruning`;
+- :func:`model_spec` and :func:`session_corpus` -> the model and corpus the Home page chose.
+
+Widget values live under keys starting with ``w.`` (:func:`keep_widget_state` keeps them
+across page switches). Widgets that set a :class:`~mlprune.pipeline.PruneSpec` field start
+from :data:`SPEC_PRESET` (:func:`spec_defaults`), never from a value typed in a page.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import streamlit as st
+
+from mlprune import MlpruneError, service
+from mlprune.capture import Cancelled
+from mlprune.corpus import ParallelCorpus
+from mlprune.evaluate import Generation
+from mlprune.models import LoadedModel
+from mlprune.pipeline import PruneSpec
+from mlprune.prune import MaskSet
+
+log = logging.getLogger("mlprune.ui")
+
+WIDGET = "w."  # prefix of widget keys whose values survive page switches
+SPEC_PRESET = "interactive"  # the preset the live pages start from (pipeline.PRESETS)
+FEATURES = "features"  # session keys of the typed results below
+PRUNING = "session_pruning"
+SESSION_RESULTS = (FEATURES, PRUNING)  # dropped when the model or the corpus changes
+
+
+@st.cache_resource(show_spinner=False)
+def shared() -> service.Shared:
+    """The process's one :class:`~mlprune.service.Shared` (created on first use)."""
+    return service.Shared()
+
+
+# --------------------------------------------------------------------------- widget state
+
+
+def default(key: str, value) -> None:
+    """Set a session value once (widgets then read it through their key)."""
+    if key not in st.session_state:
+        st.session_state[key] = value
+
+
+def valid_choice(key: str, options: list, fallback=None) -> None:
+    """Keep a selectbox's stored value among its current options."""
+    if st.session_state.get(key) not in options:
+        st.session_state[key] = fallback if fallback in options else (options[0] if options else None)
+
+
+def valid_choices(key: str, options: list, fallback: list) -> None:
+    """Keep a multiselect's stored values among its current options."""
+    current = st.session_state.get(key)
+    if current is None:
+        current = fallback
+    st.session_state[key] = [v for v in current if v in options]
+
+
+def keep_widget_state() -> None:
+    """Widget values with the ``w.`` prefix survive page switches (Streamlit drops the state
+    of widgets not drawn in a run; re-assigning the key keeps it)."""
+    for key in list(st.session_state.keys()):
+        if isinstance(key, str) and key.startswith(WIDGET):
+            st.session_state[key] = st.session_state[key]
+
+
+def spec_defaults(prefix: str, fields: tuple[str, ...]) -> dict[str, object]:
+    """First values of the widgets ``w.{prefix}_{field}``, read from the :data:`SPEC_PRESET`
+    spec in the units the widget shows: sparsity in percent, ``protect`` as the on/off
+    toggle (its rule has a text box of its own); every other field as it is."""
+    spec = PruneSpec.preset(SPEC_PRESET)
+    shown = {"sparsity": round(spec.sparsity * 100), "protect": spec.protect is not None}
+    return {f"{WIDGET}{prefix}_{name}": shown.get(name, getattr(spec, name)) for name in fields}
+
+
+def default_all(values: dict[str, object]) -> None:
+    """:func:`default` for every key of ``values``."""
+    for key, value in values.items():
+        default(key, value)
+
+
+def session_id() -> str:
+    """A random id of this browser session (names its sweep files)."""
+    return st.session_state.setdefault("session_id", uuid.uuid4().hex[:12])
+
+
+# --------------------------------------------------------------------------- model and corpus
+
+
+def model_spec() -> str:
+    """The session's model spec: MLPRUNE_MODEL, else the embedded default."""
+    default("model_spec", service.default_model_spec())
+    return st.session_state["model_spec"]
+
+
+def _drop_results() -> None:
+    for key in SESSION_RESULTS:
+        st.session_state.pop(key, None)
+
+
+def set_model_spec(spec: str) -> None:
+    """Switch the session to another model, dropping results made with the previous one."""
+    if spec != st.session_state.get("model_spec"):
+        _drop_results()
+        st.session_state["model_spec"] = spec
+
+
+def session_corpus() -> ParallelCorpus:
+    """The session's corpus, the default one on first use (raises MlpruneError)."""
+    if "corpus" not in st.session_state:
+        st.session_state["corpus"] = service.default_corpus()
+        st.session_state["corpus_origin"] = "default"
+    return st.session_state["corpus"]
+
+
+def set_corpus(corpus: ParallelCorpus, origin) -> None:
+    """Switch the session's corpus, dropping results made with the previous one. ``origin``
+    says where it came from ("default", "flores", an upload's (name, size))."""
+    _drop_results()
+    st.session_state["corpus"] = corpus
+    st.session_state["corpus_origin"] = origin
+
+
+def corpus_origin():
+    """Where the session's corpus came from (None before one was read)."""
+    return st.session_state.get("corpus_origin")
+
+
+# --------------------------------------------------------------------------- typed results
+
+
+def features(loaded: LoadedModel | None) -> service.FeatureCapture | None:
+    """The Features page's capture of this model in this session, or None."""
+    result = st.session_state.get(FEATURES)
+    if result is None or loaded is None or result.model != service.model_key(loaded):
+        return None
+    return result
+
+
+def set_features(result: service.FeatureCapture) -> None:
+    """Record the Features page's capture for the other pages."""
+    st.session_state[FEATURES] = result
+
+
+def session_pruning(loaded: LoadedModel | None) -> service.SessionPruning | None:
+    """This session's pruning of this model, or None (other sessions' masks are never seen)."""
+    state = st.session_state.get(PRUNING)
+    if state is None or loaded is None or state.model != service.model_key(loaded):
+        return None
+    return state
+
+
+def set_session_pruning(loaded: LoadedModel, ranking: service.CalibratedRanking,
+                        spec: PruneSpec, masks: MaskSet) -> service.SessionPruning:
+    """Record the session's masks (a new version only when the spec changed)."""
+    state = service.next_pruning(st.session_state.get(PRUNING), loaded, ranking, spec, masks)
+    st.session_state[PRUNING] = state
+    return state
+
+
+# --------------------------------------------------------------------------- st helpers
+
+
+class Outcome:
+    """Whether the block of :func:`errors` finished (False when a message was shown)."""
+
+    ok = True
+
+
+@contextmanager
+def errors() -> Iterator[Outcome]:
+    """Show a failure of the block as one readable message, never a traceback.
+
+    MlpruneError carries a sentence meant for the user; anything else is a bug or an
+    environment problem, logged in full on the server and shown as one line."""
+    outcome = Outcome()
+    try:
+        yield outcome
+    except Cancelled as e:
+        outcome.ok = False
+        st.warning(str(e))
+    except MlpruneError as e:
+        outcome.ok = False
+        st.error(str(e))
+    except FileNotFoundError as e:
+        outcome.ok = False
+        st.error(f"A file mlprune needs is missing: {e.filename or e}.")
+    except Exception as e:  # noqa: BLE001 - the page must stay usable whatever happened
+        outcome.ok = False
+        log.exception("dashboard error")
+        first = str(e).splitlines()[0] if str(e) else ""
+        st.error(f"Something went wrong ({type(e).__name__}{': ' + first if first else ''}). "
+                 "The details are in the server log.")
+
+
+def progress_bar(text: str):
+    """A progress bar and two callbacks for it: ``(done, total)`` and ``(stage, fraction)``."""
+    bar = st.progress(0.0, text=text)
+
+    def counts(done: int, total: int) -> None:
+        bar.progress(min(1.0, done / max(total, 1)), text=f"{text} ({done}/{total})")
+
+    def stages(stage: str, fraction: float) -> None:
+        bar.progress(min(1.0, max(0.0, fraction)), text=f"{text}: {stage}")
+
+    return bar, counts, stages
+
+
+def loaded_model(spec: str | None = None) -> LoadedModel:
+    """The model of this spec (the session's by default), loading it once per process with a
+    progress bar; raises MlpruneError when it cannot be loaded."""
+    spec = spec or model_spec()
+    job = shared().load_job(spec)
+    if not job.done.is_set():
+        bar = st.progress(job.fraction, text=f"Loading {spec}: {job.message}")
+        while not job.done.wait(0.3):
+            bar.progress(job.fraction, text=f"Loading {spec}: {job.message}")
+        bar.empty()
+    if job.error is not None:
+        if isinstance(job.error, MlpruneError):
+            raise job.error
+        raise MlpruneError(f"Could not load {spec}: {job.error}") from job.error
+    return job.result
+
+
+def require_model() -> LoadedModel | None:
+    """The session's model (its de-quantization noted), or None after showing why not."""
+    with errors() as ok:
+        loaded = loaded_model()
+    if not ok.ok:
+        st.info("Pick another model on the Home page.")
+        return None
+    dequant_caption(loaded)
+    return loaded
+
+
+def require_corpus() -> ParallelCorpus | None:
+    """The session's corpus, or None after showing why there is none."""
+    with errors() as ok:
+        corpus = session_corpus()
+    if not ok.ok:
+        st.info("Pick or upload a corpus on the Home page.")
+        return None
+    return corpus
+
+
+def page(title: str) -> tuple[LoadedModel, ParallelCorpus] | None:
+    """A task page's title, model and corpus; None (after saying why) when either is missing."""
+    st.title(title)
+    loaded = require_model()
+    corpus = require_corpus()
+    if loaded is None or corpus is None:
+        return None
+    return loaded, corpus
+
+
+def dequant_caption(loaded: LoadedModel) -> None:
+    """The de-quantization sentence under a page's title, when it applies."""
+    text = service.dequant_text(loaded.dequantized_from)
+    if text:
+        st.caption(f":material/warning: {text}")
+
+
+def plot(fig, key: str | None = None) -> None:
+    """Draw a plotly figure across the page width."""
+    st.plotly_chart(fig, key=key, config={"displaylogo": False})
+
+
+def output_box(gen: Generation, differs: list[bool] | None, kind: str, *,
+               compact: bool = False) -> None:
+    """One generated output as a bordered box of tokens (``kind``: "dense" or "pruned"):
+    differing tokens highlighted, each token's probability on hover. ``compact`` is the Prune
+    page's live preview, a little smaller than Compare's boxes."""
+    pad, font, line, least = ((".5em .8em", "1.05em", "1.8", "2.6em") if compact
+                              else (".6em .9em", "1.1em", "1.9", "3em"))
+    st.markdown(f'<div class="mlp-out" data-kind="{kind}" style="border:1px solid #d8dde6;'
+                f'border-radius:6px;padding:{pad};font-size:{font};line-height:{line};'
+                f'min-height:{least}">{service.generation_html(gen, differs)}</div>',
+                unsafe_allow_html=True)
+
+
+def sidebar_status() -> None:
+    """Model, corpus and pruning of this session, on every page."""
+    spec = model_spec()
+    loaded = shared().model(spec)
+    st.markdown("**Model**")
+    if loaded is None:
+        st.caption(f"{spec} (not loaded yet)")
+    else:
+        st.caption(loaded.name)
+        if loaded.dequantized_from:
+            st.caption(f"weights de-quantized from {loaded.dequantized_from}")
+    corpus = st.session_state.get("corpus")
+    st.markdown("**Corpus**")
+    st.caption(f"{corpus.name}: {len(corpus)} sentences, {', '.join(corpus.languages)}"
+               if corpus is not None else "not read yet")
+    state = session_pruning(loaded)
+    st.markdown("**Pruning (this session only)**")
+    if state is None:
+        st.caption("none: the model is dense")
+    else:
+        st.caption(f"{state.spec.label} {state.spec.pair}, {state.masks.pattern}, "
+                   f"{state.masks.overall_sparsity():.1%} of the selected weights pruned")
