@@ -124,7 +124,8 @@ def home() -> None:
         "(Kim et al., EMNLP 2024 Findings). Pick a model and a corpus here, then: "
         "**Features** (which dimensions are large, per layer, token and language), "
         "**Prune** (method, sparsity, pattern, protection; live), **Compare** (dense and "
-        "pruned side by side) and **Sweep** (methods x sparsities x directions).")
+        "pruned side by side), **Sweep** (methods x sparsities x directions) and **Paper** "
+        "(the authors' experiment grid on this model: each claim, what it finds, p-values).")
     model_section()
     corpus_section()
 
@@ -137,6 +138,7 @@ navigation = st.navigation([
     st.Page("pages/2_Prune.py", title="Prune", icon=":material/content_cut:"),
     st.Page("pages/3_Compare.py", title="Compare", icon=":material/compare:"),
     st.Page("pages/4_Sweep.py", title="Sweep", icon=":material/stacked_line_chart:"),
+    st.Page("pages/5_Paper.py", title="Paper", icon=":material/article:"),
 ])
 status = st.sidebar.container()  # filled after the page, so it shows what the page just did
 navigation.run()

@@ -21,6 +21,7 @@ cells each time. Nothing here draws: figures come from :mod:`mlprune.plots`.
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 from collections.abc import Callable
@@ -48,6 +49,9 @@ METHODS = {
     "random": {"method": "random"},
 }
 BASELINE = "wanda-mono"  # what Table 1 and the key zero-shot comparison test against
+REPORT_ENV = "MLPRUNE_REPORT"  # the report the dashboard's Paper page opens first
+# The README's run, shipped with a clone of the project (reports only; cells and masks stay out)
+SHIPPED_REPORT = Path(__file__).resolve().parents[1] / "bench" / "results" / "reproduce"
 
 
 @dataclass(frozen=True)
@@ -154,7 +158,6 @@ def run(loaded: LoadedModel, corpus: ParallelCorpus, out: str | Path, grid: Grid
     corpus.require(src, tgt, *grid.langs, "en")
     tasks = [zs.load_task(t).subset(grid.task_limit, None) for t in (*grid.tasks, *extra_tasks)]
     cells = Cells(out)
-    (out / "analysis").mkdir(parents=True, exist_ok=True)
     (out / "masks").mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
 
@@ -523,6 +526,11 @@ def markdown(report: dict) -> str:
             lines.append(f"| {a} | " + " | ".join(f"{table[b][a]:.2f}" for b in names) + " |")
         lines.append("")
     return "\n".join(lines) + "\n"
+
+
+def shipped_report_dir() -> Path:
+    """The folder of the report the Paper page shows first: MLPRUNE_REPORT, else the README's."""
+    return Path(os.environ.get(REPORT_ENV) or SHIPPED_REPORT)
 
 
 def load_report(folder: str | Path) -> dict:

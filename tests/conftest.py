@@ -65,3 +65,38 @@ def private_cache(request, tmp_path_factory, monkeypatch):
     converted embedded model (converting it again would take ~2 min)."""
     if request.node.get_closest_marker("real") is None:
         monkeypatch.setenv("MLPRUNE_CACHE", str(tmp_path_factory.mktemp("cache")))
+
+
+
+REPRODUCE_TASK = [
+    {"id": f"t{i}", "lang": lang, "prompt": p, "choices": [" yes", " no"], "label": i % 2}
+    for i in range(6) for lang, p in (("en", f"Item {i} is true?"), ("fr", f"L'item {i} est vrai ?"))
+]
+
+
+def tiny_grid(folder):
+    """A reproduce grid small enough for a tiny model: one direction, three methods at 50%."""
+    import json
+
+    from mlprune.reproduce import Grid
+
+    task = folder / "tiny_task.jsonl"
+    task.write_text("".join(json.dumps(line) + "\n" for line in REPRODUCE_TASK), encoding="utf-8")
+    return Grid(langs=("fr",), analysis_samples=2, samples=2,
+                methods=("wanda-mono", "wanda-mt", "magnitude"), patterns=("0.5",),
+                translation_limit=2, tasks=(str(task),), zeroshot_patterns=("0.5",),
+                resamples=200)
+
+
+@pytest.fixture(scope="session")
+def finished_report(tmp_path_factory, corpus):
+    """One tiny `mlprune reproduce` run, made once per test session:
+    (loaded, grid, out folder, report, progress stages seen)."""
+    from mlprune import reproduce
+
+    folder = tmp_path_factory.mktemp("reproduce")
+    loaded = LoadedModel(tiny_model("llama"), byte_tokenizer(), "tiny-llama", "local")
+    grid, stages = tiny_grid(folder), []
+    report = reproduce.run(loaded, corpus, folder / "run", grid,
+                           progress=lambda s, f: stages.append(s))
+    return loaded, grid, folder / "run", report, stages

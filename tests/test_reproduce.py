@@ -3,33 +3,22 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
+from conftest import tiny_grid
 
 from mlprune import reproduce
 from mlprune.capture import Cancelled
-from mlprune.reproduce import Grid
-
-TASK = "\n".join(json.dumps(line) for line in [
-    {"id": f"t{i}", "lang": lang, "prompt": p, "choices": [" yes", " no"], "label": i % 2}
-    for i in range(6) for lang, p in (("en", f"Item {i} is true?"), ("fr", f"L'item {i} est vrai ?"))
-])
 
 
 @pytest.fixture
 def grid(tmp_path):
-    task = tmp_path / "tiny_task.jsonl"
-    task.write_text(TASK + "\n", encoding="utf-8")
-    return Grid(langs=("fr",), analysis_samples=2, samples=2,
-                methods=("wanda-mono", "wanda-mt", "magnitude"), patterns=("0.5",),
-                translation_limit=2, tasks=(str(task),), zeroshot_patterns=("0.5",),
-                resamples=200)
+    return tiny_grid(tmp_path)
 
 
-def test_report_has_every_part_and_is_strict_json(loaded, corpus, grid, tmp_path):
-    out = tmp_path / "run"
-    stages = []
-    report = reproduce.run(loaded, corpus, out, grid, progress=lambda s, f: stages.append(s))
+def test_report_has_every_part_and_is_strict_json(finished_report):
+    loaded, grid, out, report, stages = finished_report
     assert [r["variant"] for r in report["table1"]] == [
         "dense", "wanda-mono 50%", "wanda-mt 50%", "magnitude 50%", "wanda-mt-inv 50%"]
     mt = next(r for r in report["table1"] if r["variant"] == "wanda-mt 50%")
@@ -51,10 +40,8 @@ def test_report_has_every_part_and_is_strict_json(loaded, corpus, grid, tmp_path
     assert any(s.startswith("analysis") for s in stages) and stages[-1] == "report"
 
 
-def test_a_finished_run_resumes_without_measuring_again(loaded, corpus, grid, tmp_path,
-                                                        monkeypatch):
-    out = tmp_path / "run"
-    first = reproduce.run(loaded, corpus, out, grid)
+def test_a_finished_run_resumes_without_measuring_again(finished_report, corpus, monkeypatch):
+    loaded, grid, out, first, _ = finished_report
 
     def fail(*a, **k):
         raise AssertionError("a finished cell was measured again")
@@ -68,6 +55,7 @@ def test_a_finished_run_resumes_without_measuring_again(loaded, corpus, grid, tm
 
 def test_cancel_keeps_finished_cells_and_a_torn_cell_is_measured_again(loaded, corpus, grid,
                                                                        tmp_path):
+    grid = replace(grid, methods=("magnitude",), invert=False)  # no calibration: quicker
     out = tmp_path / "run"
     calls = {"n": 0}
 
@@ -88,7 +76,7 @@ def test_the_command_line_runs_it(tiny_folder, corpus_file, tmp_path, grid, monk
                                   capsys):
     from mlprune.cli import main
 
-    monkeypatch.setattr(reproduce, "QUICK", grid)
+    monkeypatch.setattr(reproduce, "QUICK", replace(grid, methods=("magnitude",), invert=False))
     code = main(["reproduce", "--model", str(tiny_folder), "--corpus", str(corpus_file),
                  "--quick", "--out", str(tmp_path / "cli")])
     assert code == 0

@@ -1,0 +1,43 @@
+"""The dashboard's Paper page (AppTest, tiny model): a finished report, and a quick run."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+from conftest import tiny_grid
+from test_dashboard import app_env, charts, click, goto, new_app, run  # noqa: F401 (a fixture)
+
+from mlprune import plots, reproduce
+from mlprune.models import cache_dir
+
+
+@pytest.mark.usefixtures("app_env")
+def test_paper_page_shows_a_finished_report(finished_report, monkeypatch):
+    _, _, folder, report, _ = finished_report
+    monkeypatch.setenv(reproduce.REPORT_ENV, str(folder))
+    at = goto(run(new_app()), "5_Paper")
+    claims = at.dataframe[0].value
+    assert list(claims["claim"]) == [c["claim"] for c in report["claims"]]
+    assert len(charts(at)) == len(plots.report_figures(report))
+    assert not at.error
+
+
+@pytest.mark.usefixtures("app_env")
+def test_paper_page_says_when_there_is_no_report(tmp_path, monkeypatch):
+    monkeypatch.setenv(reproduce.REPORT_ENV, str(tmp_path / "none"))
+    at = goto(run(new_app()), "5_Paper")
+    assert any("No reproduce report" in e.value for e in at.error)
+
+
+@pytest.mark.usefixtures("app_env")
+def test_paper_page_runs_the_quick_grid(tmp_path, monkeypatch):
+    monkeypatch.setattr(reproduce, "QUICK", replace(tiny_grid(tmp_path), methods=("magnitude",),
+                                                    invert=False))
+    monkeypatch.setenv(reproduce.REPORT_ENV, str(tmp_path / "none"))
+    at = goto(run(new_app()), "5_Paper")
+    at = click(at, "Start the quick grid")
+    assert any("Done" in s.value for s in at.success)
+    mine = list((cache_dir() / "reproduce").glob("*/report.json"))
+    assert len(mine) == 1
+    assert len(at.dataframe) >= 1  # the new report is shown under the button
