@@ -363,10 +363,9 @@ def cmd_reproduce(args) -> None:
     from mlprune import reproduce
 
     changes = {k: v for k, v in (("pair", args.pair), ("seed", args.seed)) if v is not None}
-    if args.translation_limit is not None:
-        changes["translation_limit"] = args.translation_limit
-    if args.task_limit is not None:
-        changes["task_limit"] = args.task_limit
+    for name in ("translation_limit", "task_limit", "samples", "analysis_samples"):
+        if getattr(args, name) is not None:
+            changes[name] = getattr(args, name)
     grid = reproduce.config_for(args.quick, **changes)
     extra = tuple(args.task)
     for t in extra:  # a bad task file fails before the model loads
@@ -572,7 +571,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--translation-limit", type=int, default=None, metavar="N",
                    help="held-out sentences translated per variant")
     r.add_argument("--task-limit", type=int, default=None, metavar="N",
-                   help="zero-shot items per language")
+                   help="zero-shot items per language (0: all; default 60, quick 30)")
+    r.add_argument("--samples", type=int, default=None, metavar="N",
+                   help="calibration prompts per pruned variant (default 32, quick 16; the "
+                        "paper's: 100)")
+    r.add_argument("--analysis-samples", type=int, default=None, metavar="N",
+                   help="prompts per analysis set (default 16, quick 8)")
     r.set_defaults(func=cmd_reproduce)
     return p
 
