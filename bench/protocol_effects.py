@@ -37,9 +37,9 @@ from mlprune.prune import MaskSet, pruned
 RUNS = {
     "clean (newline, 16 prompts, sequential)": PruneSpec(),
     "EOS-separated demonstrations": PruneSpec(protocol="paper"),
-    "100 calibration prompts": PruneSpec(samples=100),
     "one-shot instead of sequential": PruneSpec(mode="one-shot"),
     "prompts padded to 512, padding counted": PruneSpec(pad_to=512),
+    "100 calibration prompts": PruneSpec(samples=100),
 }
 
 

@@ -571,9 +571,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--translation-limit", type=int, default=None, metavar="N",
                    help="held-out sentences translated per variant")
     r.add_argument("--task-limit", type=int, default=None, metavar="N",
-                   help="zero-shot items per language (0: all; default 60, quick 30)")
+                   help="zero-shot items per language (0: all; default 40, quick 20)")
     r.add_argument("--samples", type=int, default=None, metavar="N",
-                   help="calibration prompts per pruned variant (default 32, quick 16; the "
+                   help="calibration prompts per pruned variant (default 16, quick 8; the "
                         "paper's: 100)")
     r.add_argument("--analysis-samples", type=int, default=None, metavar="N",
                    help="prompts per analysis set (default 16, quick 8)")
