@@ -84,3 +84,11 @@ def test_the_command_line_runs_it(tiny_folder, corpus_file, tmp_path, grid, monk
     assert (tmp_path / "cli" / "report.json").is_file()
     assert main(["reproduce", "--model", str(tiny_folder), "--task", str(tmp_path / "nope.jsonl"),
                  "--out", str(tmp_path / "x")]) == 2
+
+
+def test_a_folder_refuses_the_cells_of_another_grid(finished_report, corpus):
+    from mlprune import MlpruneError
+
+    loaded, grid, out, _, _ = finished_report
+    with pytest.raises(MlpruneError, match="another grid"):
+        reproduce.run(loaded, corpus, out, replace(grid, translation_limit=3))
