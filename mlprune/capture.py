@@ -28,11 +28,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from mlprune import MlpruneError
+from mlprune import MlpruneError, Progress, no_progress
 from mlprune.models import LinearInfo, decoder_layers, hidden_size, linear_modules
 from mlprune.prompts import PromptSet
 
-Progress = Callable[[int, int], None]
 NUMBERINGS = ("sites", "hidden_states")
 
 
@@ -292,13 +291,14 @@ def _forward_batches(ids: list[list[int]], batch_size: int, tokenizer, device,
 
 
 def capture(model: nn.Module, tokenizer, prompts: PromptSet | list[str], *, batch_size: int = 8,
-            modules: list[str] | None = None, progress: Progress | None = None,
+            modules: list[str] | None = None, progress: Progress = no_progress,
             should_stop: Callable[[], bool] | None = None,
             pad_to: int | None = None) -> ActivationStats:
     """Run every prompt once through the decoder and collect :class:`ActivationStats`.
 
     ``modules`` restricts the linear modules collected (default: all in the decoder layers).
     ``should_stop()`` is polled between batches; if it says so, :class:`Cancelled` is raised.
+    ``progress`` is told "batch i/n" after each batch.
     ``pad_to`` reproduces the authors' padded statistics (see the module notes).
     """
     texts = prompts.texts if isinstance(prompts, PromptSet) else list(prompts)
@@ -324,8 +324,7 @@ def capture(model: nn.Module, tokenizer, prompts: PromptSet | list[str], *, batc
             out = base(input_ids=input_ids, attention_mask=attention, use_cache=False)
             last = getattr(out, "last_hidden_state", None)
             collector.final_sum += collector.prompt_norms(out[0] if last is None else last)
-            if progress:
-                progress(b + 1, n_batches)
+            progress(f"batch {b + 1}/{n_batches}", (b + 1) / n_batches)
     meta = _meta(prompts, tokenizer, model)
     if pad_to:
         meta["pad_to"] = pad_to

@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from mlprune import MlpruneError
+from mlprune import MlpruneError, Progress
 
 CORPUS_HELP = "corpus file (.tsv/.csv/.jsonl), 'builtin' (default) or 'flores:dev'"
 # Every PruneSpec field is a flag of `mlprune prune`; the other commands take the few they use.
@@ -17,19 +17,24 @@ PRUNE_FIELDS = ("method", "calibration", "pair", "other", "sparsity", "pattern",
                 "pad_to")
 
 
-def _bar():
-    """A progress callback (stage, fraction) drawing one tqdm bar per stage, on stderr."""
+def _bar() -> Progress:
+    """A :data:`mlprune.Progress` drawing one tqdm bar on stderr, its text the stage. Stages
+    carry their counts ("calibration (mt:fr-en), batch 3/8"), so the text changes within a
+    stage; the bar starts afresh, clock included, when the fraction goes back: a new stage."""
     from tqdm import tqdm
 
-    bars: dict[str, tqdm] = {}
+    bar: tqdm | None = None
+    last = 0.0
 
     def update(stage: str, fraction: float) -> None:
-        bar = bars.get(stage)
-        if bar is None:
-            for other in bars.values():
-                other.close()
-            bar = bars[stage] = tqdm(total=100, desc=stage, leave=False, file=sys.stderr,
-                                     bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}")
+        nonlocal bar, last
+        if bar is None or fraction < last:
+            if bar is not None:
+                bar.close()
+            bar = tqdm(total=100, leave=False, file=sys.stderr,
+                       bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}")
+        last = fraction
+        bar.set_description_str(stage, refresh=False)
         bar.n = round(fraction * 100)
         bar.refresh()
 
@@ -43,17 +48,24 @@ def _say(loaded) -> None:
           f"hidden {f['hidden_size']}, {f['dtype']} on {f['device']}{note}", file=sys.stderr)
 
 
-def _load(args):
-    from mlprune.corpus import read_corpus
+def _load_model(args, spec: str | None):
+    """The model ``spec`` (a --model or --pruned value) as the command's --dtype, --device,
+    --trust-remote-code and --allow-pickle say, with a progress bar; summarised on stderr."""
     from mlprune.models import load_model
 
-    progress = _bar()
-    loaded = load_model(args.model, dtype=getattr(args, "dtype", None),
+    loaded = load_model(spec, dtype=getattr(args, "dtype", None),
                         device=getattr(args, "device", None),
                         trust_remote_code=getattr(args, "trust_remote_code", False),
-                        allow_pickle=getattr(args, "allow_pickle", False),
-                        progress=lambda f, m: progress("loading model", f))
+                        allow_pickle=getattr(args, "allow_pickle", False), progress=_bar())
     _say(loaded)
+    return loaded
+
+
+def _load(args):
+    """The command's model (--model) and corpus (--corpus, when the command takes one)."""
+    from mlprune.corpus import read_corpus
+
+    loaded = _load_model(args, args.model)
     corpus = read_corpus(args.corpus) if getattr(args, "corpus", None) is not None else None
     return loaded, corpus
 
@@ -85,7 +97,7 @@ def cmd_analyze(args) -> None:
     for ps in sets:
         stats[ps.name] = capture(loaded.model, loaded.tokenizer, ps, batch_size=args.batch_size,
                                  pad_to=args.pad_to,
-                                 progress=lambda d, t, n=ps.name: progress(f"capture {n}", d / t))
+                                 progress=lambda s, f, n=ps.name: progress(f"capture {n}, {s}", f))
     first = next(iter(stats.values()))
     numbering = protocol.numbering
     result = {"model": loaded.name, "dequantized_from": loaded.dequantized_from,
@@ -218,7 +230,6 @@ def eval_lm_eval(args) -> None:
 def eval_tasks(args) -> None:
     """Zero-shot multiple-choice tasks (``--task``), one model or dense vs ``--pruned``."""
     from mlprune import zeroshot as zs
-    from mlprune.models import load_model
 
     if args.limit is not None and args.limit < 1:
         raise MlpruneError(f"--limit must be at least 1 item per language (got {args.limit}).")
@@ -238,7 +249,7 @@ def eval_tasks(args) -> None:
     report = {"model": loaded.name, "dequantized_from": loaded.dequantized_from,
               "tasks": {r.task: r.to_dict() for r in dense}}
     if args.pruned:
-        other = load_model(args.pruned, dtype=args.dtype, device=args.device)
+        other = _load_model(args, args.pruned)
         sparse = score(other.model, other.tokenizer, "scoring pruned")
         report.update(pruned=other.name, pruned_tasks={r.task: r.to_dict() for r in sparse},
                       comparison={})
@@ -264,7 +275,6 @@ def eval_translation(args) -> None:
         evaluate_translation,
         paired_translation_test,
     )
-    from mlprune.models import load_model
     from mlprune.prompts import parse_pair
 
     src, tgt = parse_pair(args.pair)
@@ -274,7 +284,7 @@ def eval_translation(args) -> None:
     def translate(model, tokenizer, who):
         return evaluate_translation(model, tokenizer, corpus, src, tgt, shots=args.shots,
                                     limit=args.limit, batch_size=args.batch_size,
-                                    progress=lambda d, t: bar(who, d / t))
+                                    progress=lambda s, f: bar(f"{who}, {s}", f))
 
     def line(name, r):
         return (f"{name}{args.pair}: chrF {r['chrf']:.1f}  BLEU {r['bleu']:.1f}  target-language "
@@ -286,7 +296,7 @@ def eval_translation(args) -> None:
     if not args.pruned:
         print(line("", result))
     else:
-        other = load_model(args.pruned, dtype=args.dtype, device=args.device)
+        other = _load_model(args, args.pruned)
         sparse = translate(other.model, other.tokenizer, "translating (pruned)")
         sparse["model"] = other.name
         test = paired_translation_test(
@@ -306,11 +316,10 @@ def eval_translation(args) -> None:
 
 def cmd_compare(args) -> None:
     from mlprune.evaluate import generate
-    from mlprune.models import load_model
     from mlprune.prompts import eval_items, parse_pair
 
     loaded, corpus = _load(args)
-    sparse = load_model(args.pruned)
+    sparse = _load_model(args, args.pruned)
     if args.prompt:
         prompts, refs = [args.prompt.replace("\\n", "\n")], [None]
     else:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -23,13 +22,11 @@ from transformers import (
     StoppingCriteriaList,
 )
 
-from mlprune import MlpruneError
+from mlprune import MlpruneError, Progress, no_progress
 from mlprune.capture import batches, context_length, encode
 from mlprune.corpus import ParallelCorpus
 from mlprune.prompts import eval_items, split_rows
 from mlprune.prune import MaskSet, pruned
-
-Progress = Callable[[int, int], None]
 
 
 @dataclass
@@ -64,8 +61,9 @@ class _RecordProbs(LogitsProcessor):
 
 
 def generate(model: nn.Module, tokenizer, prompts: list[str], *, max_new_tokens: int = 48,
-             batch_size: int = 8, progress: Progress | None = None) -> list[Generation]:
-    """Greedy continuations of each prompt up to the end of the line (or EOS)."""
+             batch_size: int = 8, progress: Progress = no_progress) -> list[Generation]:
+    """Greedy continuations of each prompt up to the end of the line (or EOS); ``progress``
+    is told "prompt i/n" after each batch."""
     ids = encode(tokenizer, prompts, _room(model, max_new_tokens))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device
@@ -94,8 +92,7 @@ def generate(model: nn.Module, tokenizer, prompts: list[str], *, max_new_tokens:
         for row, i in enumerate(chunk):
             results[i] = _trim(tokenizer, new[row].tolist(), [s[row].item() for s in recorder.steps])
         done += len(chunk)
-        if progress:
-            progress(done, len(ids))
+        progress(f"prompt {done}/{len(ids)}", done / len(ids))
     return [results[i] for i in range(len(ids))]
 
 
@@ -140,10 +137,15 @@ def chrf(hypotheses: list[str], references: list[str]) -> float:
     return sacrebleu.corpus_chrf(hypotheses, [references]).score
 
 
+def _bleu_tokenizer(lang: str) -> str:
+    """sacrebleu's BLEU tokenizer suited to a target language (characters where words are not
+    space-separated)."""
+    return {"zh": "zh", "ja": "char", "th": "char", "ko": "char"}.get(lang, "13a")
+
+
 def bleu(hypotheses: list[str], references: list[str], lang: str = "en") -> float:
     """Corpus BLEU (sacrebleu) with the tokenizer suited to the target language."""
-    tokenize = {"zh": "zh", "ja": "char", "th": "char", "ko": "char"}.get(lang, "13a")
-    return sacrebleu.corpus_bleu(hypotheses, [references], tokenize=tokenize).score
+    return sacrebleu.corpus_bleu(hypotheses, [references], tokenize=_bleu_tokenizer(lang)).score
 
 
 @lru_cache(maxsize=8)
@@ -199,7 +201,7 @@ def perplexity(model: nn.Module, tokenizer, texts: list[str], *, batch_size: int
 def evaluate_translation(model: nn.Module, tokenizer, corpus: ParallelCorpus, src: str, tgt: str,
                          *, shots: int = 4, limit: int | None = None, seed: int = 0,
                          max_new_tokens: int = 64, batch_size: int = 8,
-                         progress: Progress | None = None) -> dict:
+                         progress: Progress = no_progress) -> dict:
     """Few-shot translation on the held-out slice: chrF, BLEU, target-language rate, and the
     perplexity of the target language's held-out sentences."""
     items = eval_items(corpus, src, tgt, shots=shots, limit=limit, seed=seed)
@@ -255,8 +257,7 @@ def paired_translation_test(references: list[str], hyps_a: list[str], hyps_b: li
         raise MlpruneError("The paired test needs one output of each system per reference "
                            f"(got {len(references)} references, {len(hyps_a)} and "
                            f"{len(hyps_b)} outputs).")
-    tokenize = {"zh": "zh", "ja": "char", "th": "char", "ko": "char"}.get(lang, "13a")  # as bleu()
-    makers = {"chrf": CHRF, "bleu": lambda: BLEU(tokenize=tokenize)}
+    makers = {"chrf": CHRF, "bleu": lambda: BLEU(tokenize=_bleu_tokenizer(lang))}
     unknown = [m for m in metrics if m not in makers]
     if unknown or not metrics:
         raise MlpruneError(f"Unknown metric {', '.join(unknown) or '(none)'}: use chrf and/or bleu.")

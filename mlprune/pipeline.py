@@ -160,11 +160,11 @@ STATS_VERSION = "2"  # bumped when ActivationStats gain fields: older cache entr
 
 
 def cached_capture(loaded: LoadedModel, prompts: PromptSet, *, batch_size: int = 8,
-                   progress: Callable[[int, int], None] | None = None,
+                   progress: Progress = no_progress,
                    should_stop: Callable[[], bool] | None = None,
                    pad_to: int | None = None) -> ActivationStats:
     """Capture, saved to the cache folder as soon as it is done and read back next time,
-    so a crash later never costs the calibration again."""
+    so a crash later never costs the calibration again (a cached read reports no progress)."""
     what = f"{STATS_VERSION}\x00{pad_to}\x00{prompts.key}{model_fingerprint(loaded)}"
     key = hashlib.sha256(what.encode()).hexdigest()
     path = cache_dir() / "stats" / f"{prompts.name.replace(':', '_')}-{key[:20]}.safetensors"
@@ -188,7 +188,7 @@ def calibrate(loaded: LoadedModel, corpus: ParallelCorpus, spec: PruneSpec, *,
                                   samples=spec.samples, seed=spec.seed, separator=spec.separator)
     stats = cached_capture(loaded, prompts, batch_size=batch_size, should_stop=should_stop,
                            pad_to=spec.pad_to,
-                           progress=lambda d, t: progress(f"calibration ({prompts.name})", d / t))
+                           progress=lambda s, f: progress(f"calibration ({prompts.name}), {s}", f))
     other = None
     if spec.method == "ratio":
         other_prompts = calibration_prompts(corpus, spec.other, spec.pair, shots=spec.shots,
@@ -197,7 +197,7 @@ def calibrate(loaded: LoadedModel, corpus: ParallelCorpus, spec: PruneSpec, *,
         other = cached_capture(
             loaded, other_prompts, batch_size=batch_size, should_stop=should_stop,
             pad_to=spec.pad_to,
-            progress=lambda d, t: progress(f"second set ({other_prompts.name})", d / t))
+            progress=lambda s, f: progress(f"second set ({other_prompts.name}), {s}", f))
     return Calibration(prompts, stats, other, time.perf_counter() - start)
 
 
@@ -217,10 +217,10 @@ def rank(loaded: LoadedModel, spec: PruneSpec, calib: Calibration | None, *,
             sparsity=spec.sparsity, pattern=spec.pattern, other=calib.other, invert=spec.invert,
             protect=protect, modules=modules, seed=spec.seed, batch_size=batch_size,
             pad_to=spec.pad_to,
-            progress=lambda d, t: progress("sequential calibration", d / t))
+            progress=lambda s, f: progress(f"sequential calibration, {s}", f))
     return rank_modules(loaded.model, stats, method=spec.method, other=calib.other if calib else None,
                         invert=spec.invert, protect=protect, modules=modules, seed=spec.seed,
-                        progress=lambda d, t: progress("ranking", d / t))
+                        progress=lambda s, f: progress(f"ranking, {s}", f))
 
 
 def prune(loaded: LoadedModel, corpus: ParallelCorpus, spec: PruneSpec, *, batch_size: int = 8,
@@ -272,7 +272,7 @@ def sweep(loaded: LoadedModel, corpus: ParallelCorpus, *, methods: list[str], sp
         check_sparsity(s)
     base = base or PruneSpec()
     pattern = "unstructured"
-    done = _read_rows(out_csv) if out_csv else []
+    done = read_sweep_rows(out_csv) if out_csv else []
     seen = {(r["pair"], r["method"], float(r["sparsity"]), r["pattern"]) for r in done}
     rows = list(done)
     total = len(methods) * len(sparsities) * len(pairs)
@@ -316,7 +316,7 @@ def sweep(loaded: LoadedModel, corpus: ParallelCorpus, *, methods: list[str], sp
     return rows
 
 
-def _read_rows(path: str | Path) -> list[dict]:
+def read_sweep_rows(path: str | Path) -> list[dict]:
     """The complete rows of a sweep CSV. A last line cut short by a crash mid-write (no final
     newline) is cut off the file, so it is measured again rather than read as a result."""
     path = Path(path)

@@ -23,7 +23,6 @@ import os
 import threading
 import weakref
 import zlib
-from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +32,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from mlprune import MlpruneError
+from mlprune import MlpruneError, Progress, no_progress
 from mlprune.capture import ActivationStats, LayerRunner
 from mlprune.models import LinearInfo, linear_modules
 from mlprune.prompts import PromptSet
@@ -304,8 +303,8 @@ def _lowest_in_groups(order: torch.Tensor, n: int, m: int) -> torch.Tensor:
 def rank_modules(model: nn.Module, stats: ActivationStats | None = None, *, method: str = "wanda",
                  other: ActivationStats | None = None, invert: bool = False,
                  protect: dict[str, list[int]] | None = None, modules: list[str] | None = None,
-                 seed: int = 0, progress: Callable[[int, int], None] | None = None) -> Ranking:
-    """Score and rank every selected module once."""
+                 seed: int = 0, progress: Progress = no_progress) -> Ranking:
+    """Score and rank every selected module once (``progress`` is told "module i/n")."""
     if method not in METHODS:
         raise MlpruneError(f"Unknown method '{method}': use {', '.join(METHODS)}.")
     infos = linear_modules(model)
@@ -315,8 +314,7 @@ def rank_modules(model: nn.Module, stats: ActivationStats | None = None, *, meth
     for i, name in enumerate(names):
         s = scores(infos[name], method, stats, other, seed)
         order[name] = row_order(-s if invert else s, prot[name])
-        if progress:
-            progress(i + 1, len(names))
+        progress(f"module {i + 1}/{len(names)}", (i + 1) / len(names))
     meta = {"method": method, "invert": invert, "seed": seed,
             "protected_dims": {str(k): v for k, v in (protect or {}).items() if v},
             "calibration": (stats.meta.get("prompts") if stats else None),
@@ -617,7 +615,7 @@ def sequential_stats(model: nn.Module, tokenizer, texts: PromptSet | list[str],
                      other: ActivationStats | None = None, invert: bool = False,
                      protect: dict[str, list[int]] | None = None, modules: list[str] | None = None,
                      seed: int = 0, batch_size: int = 8, pad_to: int | None = None,
-                     progress: Callable[[int, int], None] | None = None) -> ActivationStats:
+                     progress: Progress = no_progress) -> ActivationStats:
     """Statistics as Wanda takes them: layer l's inputs with layers < l already pruned.
 
     The model is left dense. The result ranks like any stats; its masks are exact at the
@@ -636,9 +634,10 @@ def sequential_stats_and_masks(
         other: ActivationStats | None = None, invert: bool = False,
         protect: dict[str, list[int]] | None = None, modules: list[str] | None = None,
         seed: int = 0, batch_size: int = 8, pad_to: int | None = None,
-        progress: Callable[[int, int], None] | None = None) -> tuple[ActivationStats, MaskSet]:
+        progress: Progress = no_progress) -> tuple[ActivationStats, MaskSet]:
     """:func:`sequential_stats`, and the one mask set it grew layer by layer (every selected
-    module, each pruned at ``sparsity``/``pattern`` from the statistics it saw).
+    module, each pruned at ``sparsity``/``pattern`` from the statistics it saw). ``progress``
+    is told "layer i/n" as each layer is done.
 
     The run starts from the dense model (masks applied before are restored first) and applies
     one :class:`AppliedMasks` that each layer extends with its own masks, so only that layer's
@@ -667,8 +666,7 @@ def sequential_stats_and_masks(
                     else:
                         applied.extend(masks)
                 runner.advance(layer)
-                if progress:
-                    progress(layer + 1, n_layers)
+                progress(f"layer {layer + 1}/{n_layers}", (layer + 1) / n_layers)
         finally:
             if applied is not None:
                 applied.restore()

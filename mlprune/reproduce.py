@@ -181,7 +181,9 @@ def run(loaded: LoadedModel, corpus: ParallelCorpus, out: str | Path, grid: Grid
     for i, ps in enumerate(sets):
         stop_check()
         progress(f"analysis {ps.name}", i / len(sets))
-        stats[ps.name] = cached_capture(loaded, ps, batch_size=batch_size, should_stop=should_stop)
+        stats[ps.name] = cached_capture(
+            loaded, ps, batch_size=batch_size, should_stop=should_stop,
+            progress=_within(progress, f"analysis {ps.name}, ", i / len(sets), (i + 1) / len(sets)))
     progress("analysis", 1.0)
 
     # 2. every variant: masks, translation, zero-shot
@@ -193,23 +195,24 @@ def run(loaded: LoadedModel, corpus: ParallelCorpus, out: str | Path, grid: Grid
         if not todo_tr and not todo_zs:
             continue
         stop_check()
-        here = lambda stage, f, v=v, name=name: progress(f"{name}: {stage}",  # noqa: E731
-                                                         (v + min(f, 1.0)) / len(variants))
+        here = _within(progress, f"{name}: ", v / len(variants), (v + 1) / len(variants))
         masks = None if spec is None else _masks(loaded, corpus, spec, out / "masks", name,
                                                  batch_size, here)
         with pruned(loaded.model, masks):
             if todo_tr:
                 here("translation", 0.5)
-                result = evaluate_translation(loaded.model, loaded.tokenizer, corpus, src, tgt,
-                                              shots=4, limit=grid.translation_limit,
-                                              batch_size=batch_size)
+                result = evaluate_translation(
+                    loaded.model, loaded.tokenizer, corpus, src, tgt, shots=4,
+                    limit=grid.translation_limit, batch_size=batch_size,
+                    progress=_within(here, "translation, ", 0.5, 0.75))
                 result["sparsity"] = masks.overall_sparsity() if masks else 0.0
                 cells.put(result, "translation", name)
             for t in todo_zs:
                 stop_check()
                 here(f"zero-shot {t.name}", 0.75)
-                scored = zs.evaluate_task(loaded.model, loaded.tokenizer, t,
-                                          batch_size=batch_size)
+                scored = zs.evaluate_task(
+                    loaded.model, loaded.tokenizer, t, batch_size=batch_size,
+                    progress=_within(here, f"zero-shot {t.name}, ", 0.75, 1.0))
                 cell = zs.result_dict(scored)
                 for item, s in zip(cell["items"], scored.scored):
                     item["n_bytes"] = list(s.n_bytes)  # with the task, enough to rebuild it
@@ -231,6 +234,12 @@ def _claim_folder(out: Path, grid: Grid, extra_tasks: tuple[str, ...]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     if not manifest.is_file():
         atomic_write_text(manifest, mine)
+
+
+def _within(progress: Progress, prefix: str, start: float, end: float) -> Progress:
+    """``progress`` for one part of a run: its stages prefixed, its fractions mapped into
+    [start, end] of the whole."""
+    return lambda stage, f: progress(f"{prefix}{stage}", start + (end - start) * min(f, 1.0))
 
 
 def analysis_sets(corpus: ParallelCorpus, grid: Grid) -> list:

@@ -193,8 +193,8 @@ class LoadJob:
                                         name=f"mlprune-load-{spec}")
         self._thread.start()
 
-    def _progress(self, fraction: float, message: str) -> None:
-        self.fraction, self.message = max(0.0, min(1.0, float(fraction))), message
+    def _progress(self, stage: str, fraction: float) -> None:
+        self.fraction, self.message = max(0.0, min(1.0, float(fraction))), stage
 
     def _run(self, loader) -> None:
         try:
@@ -286,7 +286,7 @@ class Shared:
     # ---- statistics
 
     def stats(self, loaded: LoadedModel, prompts: PromptSet,
-              progress: Callable[[int, int], None] | None = None,
+              progress: Progress = no_progress,
               should_stop: Callable[[], bool] | None = None) -> ActivationStats:
         """Activation statistics of a prompt set, cached per (model, prompts) in memory and
         on disk."""
@@ -305,9 +305,8 @@ class Shared:
         """The statistics of every prompt set (each cached), as the Features page's result."""
         start, stats = time.perf_counter(), {}
         for i, ps in enumerate(sets):
-            def step(done: int, total: int, i=i, ps=ps) -> None:
-                progress(f"{prompt_set_label(ps.name)}, batch {done}/{total}",
-                         (i + done / total) / len(sets))
+            def step(stage: str, fraction: float, i=i, ps=ps) -> None:
+                progress(f"{prompt_set_label(ps.name)}, {stage}", (i + fraction) / len(sets))
             stats[ps.name] = self.stats(loaded, ps, progress=step)
         return FeatureCapture(model_key(loaded), {ps.name: ps for ps in sets}, stats,
                               time.perf_counter() - start)
@@ -348,8 +347,7 @@ class Shared:
 
     def dense_generations(self, loaded: LoadedModel, prompts: list[str],
                           max_new_tokens: int = 48,
-                          progress: Callable[[int, int], None] | None = None
-                          ) -> list[Generation]:
+                          progress: Progress = no_progress) -> list[Generation]:
         """Greedy dense continuations, cached for every session (they never depend on masks)."""
         keys = [(model_key(loaded), p, max_new_tokens) for p in prompts]
         found = {k: self._cached("dense", k) for k in keys}
@@ -377,19 +375,19 @@ class Shared:
             with dense(loaded) as model:
                 scores["dense"] = evaluate_translation(
                     model, loaded.tokenizer, corpus, src, tgt, **settings,
-                    progress=lambda d, t: progress(f"dense ({d}/{t})", d / t))
+                    progress=lambda s, f: progress(f"dense ({s})", f))
             self._store("scores", key, scores["dense"])
         if masks is not None:
             with masked(loaded, masks) as model:
                 scores["pruned"] = evaluate_translation(
                     model, loaded.tokenizer, corpus, src, tgt, **settings,
-                    progress=lambda d, t: progress(f"pruned ({d}/{t})", d / t))
+                    progress=lambda s, f: progress(f"pruned ({s})", f))
         return scores
 
 
 def pruned_generations(loaded: LoadedModel, masks: MaskSet, prompts: list[str],
                        max_new_tokens: int = 48,
-                       progress: Callable[[int, int], None] | None = None) -> list[Generation]:
+                       progress: Progress = no_progress) -> list[Generation]:
     """Greedy continuations with a session's masks applied only while generating."""
     with masked(loaded, masks):
         return generate(loaded.model, loaded.tokenizer, prompts, max_new_tokens=max_new_tokens,
@@ -465,7 +463,7 @@ def sweep_table(rows: list[dict], methods: list[str], sparsities: list[float],
 
 def read_sweep_csv(path: Path) -> list[dict]:
     """Rows already measured in a sweep CSV (empty when there is none)."""
-    return pipeline._read_rows(path)
+    return pipeline.read_sweep_rows(path)
 
 
 def sweep_csv(session_id: str, loaded: LoadedModel, corpus: ParallelCorpus, *, limit: int,

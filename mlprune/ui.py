@@ -18,10 +18,11 @@ import logging
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import streamlit as st
 
-from mlprune import MlpruneError, service
+from mlprune import MlpruneError, Progress, service
 from mlprune.capture import Cancelled
 from mlprune.corpus import ParallelCorpus
 from mlprune.evaluate import Generation
@@ -204,17 +205,15 @@ def errors() -> Iterator[Outcome]:
                  "The details are in the server log.")
 
 
-def progress_bar(text: str):
-    """A progress bar and two callbacks for it: ``(done, total)`` and ``(stage, fraction)``."""
+def progress_bar(text: str) -> tuple[Any, Progress]:
+    """A progress bar headed ``text`` and the :data:`mlprune.Progress` callback that moves it
+    (its text becomes "text: stage")."""
     bar = st.progress(0.0, text=text)
 
-    def counts(done: int, total: int) -> None:
-        bar.progress(min(1.0, done / max(total, 1)), text=f"{text} ({done}/{total})")
-
-    def stages(stage: str, fraction: float) -> None:
+    def update(stage: str, fraction: float) -> None:
         bar.progress(min(1.0, max(0.0, fraction)), text=f"{text}: {stage}")
 
-    return bar, counts, stages
+    return bar, update
 
 
 def loaded_model(spec: str | None = None) -> LoadedModel:

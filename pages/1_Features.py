@@ -159,8 +159,8 @@ def main() -> None:
         with ui.errors() as ok:
             sets = analysis_prompts(corpus, comma_list(directions), comma_list(baselines),
                                     shots=int(shots), samples=int(samples), seed=int(seed))
-            bar, _, stages = ui.progress_bar("Capturing")
-            result = ui.shared().capture(loaded, sets, progress=stages)
+            bar, progress = ui.progress_bar("Capturing")
+            result = ui.shared().capture(loaded, sets, progress=progress)
             bar.empty()
         if ok.ok:
             ui.set_features(result)

@@ -111,8 +111,8 @@ def ranking(loaded, corpus, spec: PruneSpec) -> service.CalibratedRanking | None
             clicked = st.button("Calibrate and rank", type="primary")
         if clicked:
             with ui.errors() as ok:
-                bar, _, stages = ui.progress_bar("Calibrating and ranking")
-                ranked = ui.shared().make_ranking(loaded, corpus, spec, progress=stages)
+                bar, progress = ui.progress_bar("Calibrating and ranking")
+                ranked = ui.shared().make_ranking(loaded, corpus, spec, progress=progress)
                 bar.empty()
             if not ok.ok:
                 return None
@@ -129,8 +129,8 @@ def ranking(loaded, corpus, spec: PruneSpec) -> service.CalibratedRanking | None
                    "settings these masks approximate Wanda's.")
         if c2.button("Recalibrate here"):
             with ui.errors():
-                bar, _, stages = ui.progress_bar("Recalibrating")
-                ranked = ui.shared().make_ranking(loaded, corpus, spec, progress=stages)
+                bar, progress = ui.progress_bar("Recalibrating")
+                ranked = ui.shared().make_ranking(loaded, corpus, spec, progress=progress)
                 bar.empty()
     return ranked
 

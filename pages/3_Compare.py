@@ -107,10 +107,10 @@ def held_out_scores(loaded, corpus, state: service.SessionPruning | None) -> Non
            state.version if state else 0)
     if c2.button(f"Score {service.pair_label(pair)} on {limit} held-out sentences"):
         with ui.errors() as ok:
-            bar, _, stages = ui.progress_bar("Scoring")
+            bar, progress = ui.progress_bar("Scoring")
             result = ui.shared().translation_scores(loaded, corpus, pair,
                                                     state.masks if state else None,
-                                                    shots=shots, limit=limit, progress=stages)
+                                                    shots=shots, limit=limit, progress=progress)
             bar.empty()
         if ok.ok:
             st.session_state["compare_scores"] = {"key": key, "result": result}

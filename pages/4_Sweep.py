@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import streamlit as st
@@ -27,7 +26,7 @@ def cancel() -> None:
 
 
 def run(loaded, corpus, config: dict, out_csv: Path) -> None:
-    bar, _, stages = ui.progress_bar("Sweeping")
+    bar, progress = ui.progress_bar("Sweeping")
     beat = st.empty()
     stop = st.session_state["sweep_stop"] = threading.Event()
     start = time.perf_counter()
@@ -38,12 +37,11 @@ def run(loaded, corpus, config: dict, out_csv: Path) -> None:
                      "they are measured, so a cancelled sweep resumes where it stopped")
         return stop.is_set()
 
-    base = replace(PruneSpec.preset(ui.SPEC_PRESET), shots=config["shots"],
-                   samples=config["samples"])
-    with ui.errors():
+    with ui.errors():  # the preset validates shots and samples: a bad value is a message
+        base = PruneSpec.preset(ui.SPEC_PRESET, shots=config["shots"], samples=config["samples"])
         service.run_sweep(loaded, corpus, methods=config["methods"],
                           sparsities=config["sparsities"], pairs=config["pairs"], base=base,
-                          limit=config["limit"], out_csv=out_csv, progress=stages,
+                          limit=config["limit"], out_csv=out_csv, progress=progress,
                           should_stop=should_stop,
                           extra_eval=service.sweep_extra_eval(config["extra"]))
     st.session_state["sweep_running"] = None

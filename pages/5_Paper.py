@@ -51,10 +51,10 @@ def run_quick(out: Path) -> None:
     loaded = ui.loaded_model()
     corpus = ui.session_corpus()
     stop = st.session_state["paper_stop"] = threading.Event()
-    bar, _, stages = ui.progress_bar("Reproducing (quick grid)")
+    bar, progress = ui.progress_bar("Reproducing (quick grid)")
     with ui.errors() as ok, service.dense(loaded):
         reproduce.run(loaded, corpus, out, reproduce.QUICK, batch_size=service.CAPTURE_BATCH,
-                      progress=stages, should_stop=stop.is_set)
+                      progress=progress, should_stop=stop.is_set)
     bar.empty()
     if ok.ok:
         st.success(f"Done: the report is in {out}.")

@@ -554,7 +554,7 @@ def test_feature_figures(loaded, feature_stats):
 
 def test_pruning_figures_and_token_views(loaded, feature_stats):
     stats = feature_stats["mt:fr-en"]
-    masks = rank_modules(loaded.model, stats, protect={"embed": [1, 2]}).masks(0.5)
+    masks = rank_modules(loaded.model, stats, protect={"layers.0.resid_post": [1, 2]}).masks(0.5)
     fig = plots.sparsity_figure(masks)
     kinds = {t.name for t in fig.data}
     assert {"attn.q", "mlp.down", "layer (all modules)"} <= kinds

@@ -50,6 +50,46 @@ def test_generate_is_greedy_and_batched_consistently(llama, tok):
     assert all(0 < p <= 1 for p in alone[0].probs)
 
 
+def test_long_steps_report_their_stage_with_its_count(loaded, corpus):
+    """One progress protocol, (stage, fraction): each step says how far, the caller what."""
+    seen = []
+    prune(loaded, corpus, PruneSpec(pair="fr-en", samples=3, mode="sequential"), batch_size=2,
+          progress=lambda stage, f: seen.append((stage, f)))
+    n = len(linear_modules(loaded.model))
+    assert seen == [("calibration (mt:fr-en), batch 1/2", 0.5),
+                    ("calibration (mt:fr-en), batch 2/2", 1.0),
+                    ("sequential calibration, layer 1/2", 0.5),
+                    ("sequential calibration, layer 2/2", 1.0),
+                    *[(f"ranking, module {i}/{n}", i / n) for i in range(1, n + 1)]]
+    seen.clear()
+    generate(loaded.model, loaded.tokenizer, ["a:", "b:", "c:"], max_new_tokens=2, batch_size=2,
+             progress=lambda stage, f: seen.append((stage, f)))
+    assert seen == [("prompt 2/3", 2 / 3), ("prompt 3/3", 1.0)]
+
+
+def test_the_cli_bar_follows_the_stage_and_restarts_with_the_next(monkeypatch, capsys):
+    import tqdm
+
+    from mlprune.cli import _bar
+
+    made = []
+
+    class Counted(tqdm.tqdm):
+        def __init__(self, *args, **kwargs):
+            made.append(self)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(tqdm, "tqdm", Counted)
+    bar = _bar()
+    bar("calibration (mt:fr-en), batch 1/2", 0.5)
+    bar("calibration (mt:fr-en), batch 2/2", 1.0)
+    assert len(made) == 1  # the count moves within one stage's bar
+    bar("ranking, module 1/4", 0.25)
+    assert len(made) == 2  # the fraction went back: a new stage, a new bar
+    err = capsys.readouterr().err
+    assert "batch 1/2:  50%" in err and "batch 2/2: 100%" in err and "module 1/4:  25%" in err
+
+
 def test_dense_and_pruned_generations_leave_model_dense(llama, tok):
     stats = capture(llama, tok, ["some calibration text", "more text here"])
     masks = rank_modules(llama, stats).masks(0.9)

@@ -16,7 +16,7 @@ import torch
 from tiny import byte_tokenizer, tiny_model
 
 from mlprune.capture import capture
-from mlprune.pipeline import PruneSpec, _read_rows, cached_capture, calibrate, sweep
+from mlprune.pipeline import PruneSpec, cached_capture, calibrate, read_sweep_rows, sweep
 from mlprune.prompts import translation_prompts
 from mlprune.prune import applied_masks, sequential_stats
 
@@ -28,8 +28,8 @@ def test_interrupted_sequential_calibration_leaves_the_model_dense(after_layer):
     dense = {k: v.clone() for k, v in model.state_dict().items()}
     stats = capture(model, tok, texts)
 
-    def ctrl_c(done, total):
-        if done == after_layer + 1:  # layer 0 pruned, or layers 0 and 1 (the set was extended)
+    def ctrl_c(stage, fraction):
+        if stage == f"layer {after_layer + 1}/3":  # layer 0 pruned, or layers 0 and 1 (the set was extended)
             assert len(applied_masks(model).modules) == 7 * (after_layer + 1)
             raise KeyboardInterrupt
 
@@ -68,7 +68,7 @@ def test_a_row_torn_by_a_crash_is_dropped_and_measured_again(tmp_path, loaded, c
     lines = (tmp_path / "full.csv").read_text().splitlines(keepends=True)
     torn = tmp_path / "torn.csv"
     torn.write_text("".join(lines[:2]) + lines[2][: len(lines[2]) // 2])  # killed mid-write
-    assert len(_read_rows(torn)) == 1 and torn.read_text() == "".join(lines[:2])
+    assert len(read_sweep_rows(torn)) == 1 and torn.read_text() == "".join(lines[:2])
     resumed = sweep(loaded, corpus, out_csv=torn, **kwargs)
     assert [r["chrf"] for r in resumed] == pytest.approx([r["chrf"] for r in full])
     assert torn.read_text().count("\n") == 3

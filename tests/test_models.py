@@ -51,7 +51,9 @@ def test_weight_view_is_out_by_in_and_writes_reach_the_model(arch):
 
 
 def test_load_local_folder(tiny_folder):
-    loaded = load_model(str(tiny_folder))
+    steps = []
+    loaded = load_model(str(tiny_folder), progress=lambda stage, f: steps.append((stage, f)))
+    assert steps == [(f"Loading weights from {tiny_folder}", 0.8), ("Model ready", 1.0)]
     assert loaded.source == "local"
     facts = loaded.facts()
     assert facts["layers"] == 2 and facts["hidden_size"] == 32 and facts["dtype"] == "float32"

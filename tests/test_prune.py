@@ -376,18 +376,19 @@ def test_sequential_grows_one_mask_set_and_leaves_the_model_dense(pattern):
     dense, infos = _state(model), linear_modules(model)
     seen = []
 
-    def watch(done, total):  # after each layer: what is applied, and the weights agree
+    def watch(stage, fraction):  # after each layer: what is applied, and the weights agree
         masks = applied_masks(model)
-        seen.append((masks.modules, REGISTRY.applied(model)))
+        seen.append((masks.modules, REGISTRY.applied(model), stage, fraction))
         for name in masks.modules:
             assert torch.equal(infos[name].weight == 0, ~masks.keep(name))
 
     protect = {0: [1, 2], 1: [4]}
     seq, grown = sequential_stats_and_masks(model, tok, TEXTS, stats, method="wanda", sparsity=0.5,
                                             pattern=pattern, protect=protect, progress=watch)
-    assert [modules for modules, _ in seen] == [_layer(model, 0), _layer(model, 0) + _layer(model, 1),
-                                                list(infos)]
+    assert [s[0] for s in seen] == [_layer(model, 0), _layer(model, 0) + _layer(model, 1),
+                                    list(infos)]
     assert seen[0][1] is seen[1][1] is seen[2][1]  # one applied set, grown, never stacked
+    assert [s[2:] for s in seen] == [("layer 1/3", 1 / 3), ("layer 2/3", 2 / 3), ("layer 3/3", 1.0)]
     # each layer's masks are those ranked from the statistics it saw (layers before it pruned)
     per_layer = rank_modules(model, seq, protect=protect).masks(0.5, pattern)
     assert grown.modules == per_layer.modules == list(infos)

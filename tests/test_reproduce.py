@@ -38,6 +38,8 @@ def test_report_has_every_part_and_is_strict_json(finished_report):
     assert "## Claims" in (out / "report.md").read_text()
     assert "plotly" in (out / "report.html").read_text()
     assert any(s.startswith("analysis") for s in stages) and stages[-1] == "report"
+    assert "wanda-mt 50%: translation, prompt 2/2" in stages
+    assert "wanda-mt 50%: zero-shot tiny_task, scoring" in stages
 
 
 def test_a_finished_run_resumes_without_measuring_again(finished_report, corpus, monkeypatch):

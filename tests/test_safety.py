@@ -93,20 +93,43 @@ def test_a_pickle_file_is_never_opened(tmp_path, monkeypatch):
     assert str(folder / "config.json") in opened and weights not in opened
 
 
-def test_allow_pickle_reads_trusted_pickle_weights(tmp_path, tiny_folder, corpus_file, capsys):
-    from mlprune.cli import main
-
-    folder = tmp_path / "pickled"
+def _pickled_copy(tiny_folder, folder):
+    """The tiny model with its weights as a pickle file only; and the model saved."""
     shutil.copytree(tiny_folder, folder)
     (folder / "model.safetensors").unlink()
     model = tiny_model("llama")
     torch.save(model.state_dict(), folder / "pytorch_model.bin")
+    return model
+
+
+def test_allow_pickle_reads_trusted_pickle_weights(tmp_path, tiny_folder, corpus_file, capsys):
+    from mlprune.cli import main
+
+    folder = tmp_path / "pickled"
+    model = _pickled_copy(tiny_folder, folder)
     args = ["eval", "--model", str(folder), "--corpus", str(corpus_file), "--limit", "1"]
     assert main(args) == 2
     assert "pass --allow-pickle" in capsys.readouterr().err
     assert main(args + ["--allow-pickle"]) == 0
     loaded = load_model(str(folder), allow_pickle=True)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.model.state_dict().items())
+
+
+@pytest.mark.parametrize("command", [["compare"], ["eval"], ["eval", "--task", "nli"]])
+def test_the_pruned_model_is_loaded_as_the_dense_one(command, tmp_path, tiny_folder, corpus_file,
+                                                      capsys):
+    """--pruned honours --allow-pickle (and --dtype, --device) as --model does."""
+    from mlprune.cli import main
+
+    folder = tmp_path / "pickled"
+    _pickled_copy(tiny_folder, folder)
+    args = [*command, "--model", str(tiny_folder), "--pruned", str(folder), "--corpus",
+            str(corpus_file), "--limit", "1", "--dtype", "bfloat16"]
+    assert main(args) == 2
+    assert f"mlprune: {folder} has weights only as pickle files" in capsys.readouterr().err
+    assert main(args + ["--allow-pickle"]) == 0
+    err = capsys.readouterr().err
+    assert f"model: {folder}:" in err and "bfloat16 on cpu" in err.split(f"model: {folder}:")[1]
 
 
 def test_a_hub_model_without_safetensors_is_refused(monkeypatch):

@@ -80,10 +80,12 @@ def test_a_calibrated_ranking_cuts_masks_that_carry_their_spec(loaded, corpus):
 def test_capture_leaves_a_feature_capture_for_other_pages(loaded, corpus):
     sets = analysis_prompts(corpus, ["fr-en", "en-fr"], ["en"], shots=2, samples=2, seed=0)
     seen = []
-    captured = service.Shared().capture(loaded, sets, progress=lambda s, f: seen.append(f))
+    captured = service.Shared().capture(loaded, sets, progress=lambda s, f: seen.append((s, f)))
     assert list(captured.stats) == ["mt:fr-en", "mt:en-fr", "mono:en"]
     assert captured.pairs == ["fr-en", "en-fr"] and captured.model == service.model_key(loaded)
-    assert seen == sorted(seen) and seen[-1] == 1.0
+    fractions = [f for _, f in seen]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    assert len(seen) == 3 and all(s.endswith(", batch 1/1") for s, _ in seen)  # 2 prompts a set
     assert captured.rule is None
     table = captured.detect("mono:en", "top-k:2")
     assert captured.rule == "top-k:2" and len(table) == 4 and captured.detected is table
@@ -97,6 +99,12 @@ def test_analysis_prompts_are_the_clis_and_the_pages(corpus):
                                                 seed=5).texts
     with pytest.raises(MlpruneError, match="at least one translation direction"):
         analysis_prompts(corpus, [], [], shots=2, samples=3, seed=0)
+
+
+def test_a_load_job_shows_the_loaders_last_step(tiny_folder):
+    job = service.LoadJob(str(tiny_folder))
+    assert job.done.wait(120) and job.error is None and job.result is not None
+    assert (job.fraction, job.message) == (1.0, "Model ready")
 
 
 # --------------------------------------------------------------------------- the lock
