@@ -359,7 +359,9 @@ def cmd_sweep(args) -> None:
     if extra is not None:  # the CSV has every column; the terminal gets the summary ones
         summary = ("_acc_en", "_acc_non_en", "_rankc_mean", "_diff_non_en", "_p_non_en")
         table = table[[c for c in table.columns if c not in extra.columns or c.endswith(summary)]]
-    print(table.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+    print(table.to_string(index=False, float_format=lambda x: f"{x:.3f}", na_rep="-"))
+    print("chrf_p_vs_dense, bleu_p_vs_dense: sacrebleu's paired bootstrap p-value of the "
+          "difference from the dense row of the same pair (1000 resamples; - on dense rows)")
     print(f"wrote {args.csv}", file=sys.stderr)
     if args.figure:
         _write_figure(sweep_figure(table, "chrf", dequantized_from=loaded.dequantized_from), args.figure)

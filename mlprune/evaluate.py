@@ -243,6 +243,10 @@ def paired_translation_test(references: list[str], hyps_a: list[str], hyps_b: li
 
     sacrebleu reads its seed from the SACREBLEU_SEED environment variable, and treats 0 as
     "unseeded"; it is set here for the duration of the call, so ``seed`` must be at least 1.
+
+    Outputs identical sentence for sentence get p = 1: every resampled difference is then 0,
+    and sacrebleu, which counts a zero difference as no chance result, would report its
+    smallest p-value (1 / (resamples + 1)) for two systems that never differ.
     """
     from sacrebleu.metrics import BLEU, CHRF
     from sacrebleu.significance import PairedTest
@@ -285,4 +289,6 @@ def paired_translation_test(references: list[str], hyps_a: list[str], hyps_b: li
                     "a_mean": num(a.mean), "a_ci": num(a.ci), "b_mean": num(b.mean),
                     "b_ci": num(b.ci), "method": method, "n": len(references),
                     "n_samples": test.n_samples, "seed": seed}
+        if list(hyps_a) == list(hyps_b):
+            out[key]["p_value"] = 1.0
     return out

@@ -18,7 +18,7 @@ from pathlib import Path
 from mlprune import MlpruneError, Progress, no_progress
 from mlprune.capture import ActivationStats, Cancelled, capture
 from mlprune.corpus import ParallelCorpus
-from mlprune.evaluate import evaluate_translation
+from mlprune.evaluate import evaluate_translation, paired_translation_test
 from mlprune.features import detected_dims
 from mlprune.models import LoadedModel, cache_dir
 from mlprune.prompts import PromptSet, calibration_prompts, parse_pair
@@ -242,8 +242,12 @@ def prune(loaded: LoadedModel, corpus: ParallelCorpus, spec: PruneSpec, *, batch
 
 # --------------------------------------------------------------------------- sweep
 
+# Per metric, the column holding the p-value of a row's difference from the dense row of the
+# same pair (empty on dense rows): sacrebleu's paired bootstrap, dense as system a.
+SIGNIFICANCE_COLUMNS = {"chrf": "chrf_p_vs_dense", "bleu": "bleu_p_vs_dense"}
 SWEEP_COLUMNS = ["pair", "method", "sparsity", "pattern", "chrf", "bleu",
-                 "target_language_rate", "perplexity", "n", "sparsity_reached"]
+                 "target_language_rate", "perplexity", "n", "sparsity_reached",
+                 *SIGNIFICANCE_COLUMNS.values()]
 SWEEP_METHODS = {
     "wanda-mt": dict(method="wanda", calibration="mt"),
     "wanda-mono": dict(method="wanda", calibration="mono"),
@@ -252,6 +256,19 @@ SWEEP_METHODS = {
     "magnitude": dict(method="magnitude"),
     "random": dict(method="random"),
 }
+
+
+def paired_vs_dense(dense_outputs: list[dict], outputs: list[dict], lang: str) -> dict:
+    """:func:`~mlprune.evaluate.paired_translation_test` of ``outputs`` (system b) against
+    ``dense_outputs`` (system a), both ``evaluate_translation``'s ``outputs`` of the same
+    sentences; BLEU tokenized for the target language ``lang``."""
+    references = [o["reference"] for o in dense_outputs]
+    if references != [o["reference"] for o in outputs]:
+        raise MlpruneError("The dense and pruned outputs are not of the same sentences; "
+                           "they cannot be compared pair by pair.")
+    hyps_a, hyps_b = [o["output"] for o in dense_outputs], [o["output"] for o in outputs]
+    return paired_translation_test(references, hyps_a, hyps_b,
+                                   metrics=tuple(SIGNIFICANCE_COLUMNS), lang=lang)
 
 
 def sweep(loaded: LoadedModel, corpus: ParallelCorpus, *, methods: list[str], sparsities: list[float],
@@ -263,7 +280,12 @@ def sweep(loaded: LoadedModel, corpus: ParallelCorpus, *, methods: list[str], sp
     method and pair).
 
     Each row is appended to ``out_csv`` as soon as it is measured, and rows already there are
-    not measured again, so an interrupted sweep resumes where it stopped.
+    not measured again, so an interrupted sweep resumes where it stopped. Every pruned row
+    carries the p-values of its chrF and BLEU difference from the dense model on the same
+    sentences (:data:`SIGNIFICANCE_COLUMNS`, :func:`paired_vs_dense`). The dense outputs come
+    from this run's dense row of the pair; when the sweep has none in memory (resumed past it,
+    or 0 is not among the sparsities) they are generated once more: greedy decoding of the
+    same prompts gives the same outputs.
     """
     unknown = [m for m in methods if m not in SWEEP_METHODS]
     if unknown:
@@ -272,12 +294,20 @@ def sweep(loaded: LoadedModel, corpus: ParallelCorpus, *, methods: list[str], sp
         check_sparsity(s)
     base = base or PruneSpec()
     pattern = "unstructured"
-    done = read_sweep_rows(out_csv) if out_csv else []
+    done = read_sweep_rows(out_csv) if out_csv else []  # (first: it drops a torn last line)
+    if out_csv:
+        _check_header(out_csv, SWEEP_COLUMNS)
     seen = {(r["pair"], r["method"], float(r["sparsity"]), r["pattern"]) for r in done}
     rows = list(done)
     total = len(methods) * len(sparsities) * len(pairs)
     count = len(seen)
     dense: dict[str, tuple[dict, dict]] = {}  # pair -> dense metrics: the same for every method
+    dense_outputs: dict[str, list[dict]] = {}  # pair -> the dense outputs the p-values compare to
+
+    def evaluate(pair: str, spec: PruneSpec) -> dict:  # on the weights the model has now
+        return evaluate_translation(loaded.model, loaded.tokenizer, corpus, *parse_pair(pair),
+                                    shots=spec.shots, limit=limit, batch_size=batch_size)
+
     for pair in pairs:
         for method in methods:
             todo = [s for s in sparsities if (pair, method, float(s), pattern) not in seen]
@@ -299,15 +329,23 @@ def sweep(loaded: LoadedModel, corpus: ParallelCorpus, *, methods: list[str], sp
                         ranking = rank(loaded, spec, calib)
                     masks = ranking.masks(s) if s > 0 else None
                     with pruned(loaded.model, masks):
-                        metrics = evaluate_translation(loaded.model, loaded.tokenizer, corpus,
-                                                       *parse_pair(pair), shots=spec.shots,
-                                                       limit=limit, batch_size=batch_size)
+                        metrics = evaluate(pair, spec)
                         extra = extra_eval(loaded, method, s) if extra_eval else {}
                     if s == 0:
                         dense[pair] = metrics, extra
+                        dense_outputs[pair] = metrics["outputs"]
+                p_values = dict.fromkeys(SIGNIFICANCE_COLUMNS.values())
+                if s > 0:
+                    if pair not in dense_outputs:
+                        with pruned(loaded.model, None):
+                            dense_outputs[pair] = evaluate(pair, spec)["outputs"]
+                    test = paired_vs_dense(dense_outputs[pair], metrics["outputs"],
+                                           parse_pair(pair)[1])
+                    p_values = {col: test[m]["p_value"] for m, col in SIGNIFICANCE_COLUMNS.items()}
                 row = {"pair": pair, "method": method, "sparsity": float(s), "pattern": pattern,
                        **{k: metrics[k] for k in ("chrf", "bleu", "target_language_rate", "perplexity", "n")},
-                       "sparsity_reached": masks.overall_sparsity() if masks else 0.0, **extra}
+                       "sparsity_reached": masks.overall_sparsity() if masks else 0.0, **p_values,
+                       **extra}
                 rows.append(row)
                 if out_csv:
                     _append_row(out_csv, row)
@@ -330,7 +368,9 @@ def read_sweep_rows(path: str | Path) -> list[dict]:
     rows = list(csv.DictReader(io.StringIO(data.decode("utf-8"), newline="")))
     for r in rows:
         for k, v in r.items():
-            if k not in ("pair", "method", "pattern"):
+            if v == "":
+                r[k] = None  # written for None (the dense rows' p-values)
+            elif k not in ("pair", "method", "pattern"):
                 try:
                     r[k] = float(v)
                 except (TypeError, ValueError):
@@ -338,10 +378,32 @@ def read_sweep_rows(path: str | Path) -> list[dict]:
     return rows
 
 
+def _header(path: Path) -> list[str] | None:
+    """The column names of a CSV file (None when it has none yet)."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return None
+    with path.open(newline="", encoding="utf-8") as f:
+        return next(csv.reader(f), None)
+
+
+def _check_header(path: str | Path, columns: list[str]) -> None:
+    """Refuse to resume into a sweep CSV written without some of these columns (an earlier
+    version's): appended rows would not line up with its header."""
+    header = _header(Path(path))
+    missing = [c for c in columns if header is not None and c not in header]
+    if missing:
+        raise MlpruneError(f"{path} was written without the column {missing[0]} (by an earlier "
+                           "mlprune); give another CSV file to resume into.")
+
+
 def _append_row(path: str | Path, row: dict) -> None:
     """Append one row in a single write and fsync it, writing the header for a new file."""
     path = Path(path)
-    new = not path.is_file() or path.stat().st_size == 0
+    header = _header(path)
+    new = header is None
+    if not new and header != list(row):
+        raise MlpruneError(f"The columns of this row do not match the header of {path}; give "
+                           "another CSV file to resume into.")
     path.parent.mkdir(parents=True, exist_ok=True)
     line = io.StringIO(newline="")
     writer = csv.DictWriter(line, fieldnames=list(row))

@@ -35,6 +35,11 @@ def _note(fig: go.Figure, dequantized_from: str | None) -> go.Figure:
     return fig
 
 
+def _layer_axis(numbering: str) -> str:
+    """The layer axis's title under a numbering (``ActivationStats.layer_view``)."""
+    return "layer" if numbering == "sites" else "layer (output_hidden_states: 0 = embeddings)"
+
+
 def top_dims_figure(stats: ActivationStats, n: int = 5, title: str | None = None,
                     dequantized_from: str | None = None, numbering: str = "sites") -> go.Figure:
     """Per-layer bars of the n largest dimensions' ratio to the layer median (paper, Fig. 2).
@@ -49,20 +54,28 @@ def top_dims_figure(stats: ActivationStats, n: int = 5, title: str | None = None
                     hovertemplate="layer %{x}<br>dim %{customdata[0]}<br>magnitude %{customdata[1]:.1f}"
                                   "<br>%{y:.0f}x median<extra></extra>")
     fig.update_layout(barmode="group", title=title or f"Top {n} dimensions per layer ({stats.meta.get('prompts', '')})",
-                      xaxis_title="layer" if numbering == "sites"
-                      else "layer (output_hidden_states: 0 = embeddings)",
+                      xaxis_title=_layer_axis(numbering),
                       yaxis_title="magnitude / layer median", yaxis_type="log",
                       legend_title="rank", margin={"b": 90})
     return _note(fig, dequantized_from)
 
 
 def sweep_figure(table, metric: str = "chrf", dequantized_from: str | None = None) -> go.Figure:
-    """One line per method and pair: a metric against sparsity."""
+    """One line per method and pair: a metric against sparsity. Where the table has the
+    metric's p-value against dense (``{metric}_p_vs_dense``), hovering a point shows it."""
     fig = go.Figure()
+    p_column = f"{metric}_p_vs_dense"
     for (pair, method), part in table.groupby(["pair", "method"]):
         part = part.sort_values("sparsity")
+        extra = {}
+        if p_column in part:
+            p = pd.to_numeric(part[p_column], errors="coerce")
+            extra = dict(customdata=["dense" if pd.isna(v) else f"p = {v:.3f} vs dense"
+                                     for v in p],
+                         hovertemplate=f"{method} ({pair})<br>sparsity %{{x}}<br>{metric} "
+                                       "%{y:.2f}<br>%{customdata}<extra></extra>")
         fig.add_scatter(x=part["sparsity"], y=part[metric], mode="lines+markers",
-                        name=f"{method} ({pair})")
+                        name=f"{method} ({pair})", **extra)
     fig.update_layout(title=f"{metric} against sparsity", xaxis_title="sparsity",
                       yaxis_title=metric, yaxis_type="log" if metric == "perplexity" else "linear",
                       margin={"b": 90})
@@ -83,9 +96,13 @@ def _log_colour(values: np.ndarray) -> tuple[np.ndarray, dict]:
 
 
 def layer_dim_heatmap(stats: ActivationStats, detected: pd.DataFrame | None = None,
-                      title: str | None = None, dequantized_from: str | None = None) -> go.Figure:
-    """Layer x dimension magnitudes on a log colour scale, detected dimensions circled."""
-    values = stats.hidden_norms.float().numpy()
+                      title: str | None = None, dequantized_from: str | None = None,
+                      numbering: str = "sites") -> go.Figure:
+    """Layer x dimension magnitudes on a log colour scale, detected dimensions circled
+    (``detected`` as ``features.detect`` gives it in the same ``numbering``).
+    ``numbering="hidden_states"`` has the paper's L + 1 rows: 0 is the embedding output, the
+    last is after the final norm."""
+    values = stats.layer_view(numbering)[1].float().numpy()
     z, colorbar = _log_colour(values)
     fig = go.Figure(go.Heatmap(
         z=z, customdata=values, colorscale=_LOG_SCALE, colorbar=colorbar,
@@ -99,7 +116,7 @@ def layer_dim_heatmap(stats: ActivationStats, detected: pd.DataFrame | None = No
                           "<br>%{customdata[1]:.0f}x median<extra>detected</extra>")
     fig.update_layout(
         title=title or f"Magnitude per layer and dimension ({stats.meta.get('prompts', '')})",
-        xaxis_title="hidden dimension", yaxis_title="layer", margin={"b": 90},
+        xaxis_title="hidden dimension", yaxis_title=_layer_axis(numbering), margin={"b": 90},
         legend={"orientation": "h", "y": 1.02, "x": 1, "xanchor": "right", "yanchor": "bottom"})
     return _note(fig, dequantized_from)
 
@@ -162,14 +179,17 @@ def overlap_figure(matrix: pd.DataFrame, measure: str = "top_in_top", fraction: 
 
 def direction_compare_figure(a: ActivationStats, b: ActivationStats, name_a: str, name_b: str,
                              layer: int, label_top: int = 6,
-                             dequantized_from: str | None = None) -> go.Figure:
-    """Two prompt sets' magnitudes, dimension by dimension, at one layer (log-log scatter)."""
+                             dequantized_from: str | None = None,
+                             numbering: str = "sites") -> go.Figure:
+    """Two prompt sets' magnitudes, dimension by dimension, at one layer (log-log scatter);
+    ``layer`` counts as ``numbering`` lays layers out (``ActivationStats.layer_view``)."""
     if a.hidden_norms.shape != b.hidden_norms.shape:
         raise MlpruneError("These statistics come from different models and cannot be compared.")
-    if not 0 <= layer < a.n_layers:
-        raise MlpruneError(f"Layer {layer} is outside 0-{a.n_layers - 1}.")
-    x = a.hidden_norms[layer].float().clamp_min(1e-6).numpy()
-    y = b.hidden_norms[layer].float().clamp_min(1e-6).numpy()
+    rows_a, rows_b = a.layer_view(numbering)[1], b.layer_view(numbering)[1]
+    if not 0 <= layer < len(rows_a):
+        raise MlpruneError(f"Layer {layer} is outside 0-{len(rows_a) - 1}.")
+    x = rows_a[layer].float().clamp_min(1e-6).numpy()
+    y = rows_b[layer].float().clamp_min(1e-6).numpy()
     dims = np.arange(len(x))
     top = np.argsort(-np.maximum(x, y))[:label_top]
     fig = go.Figure()

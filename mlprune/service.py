@@ -48,6 +48,7 @@ from mlprune.features import detect
 from mlprune.models import DEFAULT_MODEL, LoadedModel, load_model
 from mlprune.pipeline import PruneSpec
 from mlprune.prompts import PromptSet, parse_pair
+from mlprune.protocol import get_protocol
 from mlprune.prune import MaskSet, Ranking, pruned
 
 MODEL_ENV = "MLPRUNE_MODEL"  # default model spec (tests point it at a tiny folder)
@@ -152,7 +153,8 @@ class CalibratedRanking:
 @dataclass
 class FeatureCapture:
     """What the Features page leaves for the other pages: the prompt sets it captured, their
-    statistics, and the detection rule the user settled on with the dimensions it found."""
+    statistics, the protocol they were built under, and the detection rule the user settled
+    on with the dimensions it found."""
 
     model: str  # model_key of the model the statistics came from
     prompts: dict[str, PromptSet]
@@ -160,16 +162,23 @@ class FeatureCapture:
     seconds: float
     rule: str | None = None
     detected: pd.DataFrame | None = None
+    protocol: str = "clean"  # the prompts' separator and the figures' layer numbering
 
     @property
     def pairs(self) -> list[str]:
         """The translation directions captured, in capture order ('fr-en', ...)."""
         return [name[3:] for name in self.stats if name.startswith("mt:")]
 
+    @property
+    def numbering(self) -> str:
+        """How the protocol numbers layers ("sites" or the paper's "hidden_states")."""
+        return get_protocol(self.protocol).numbering
+
     def detect(self, name: str, rule: str) -> pd.DataFrame:
-        """The dimensions ``rule`` detects in set ``name``, remembered as the session's choice
-        (the Prune page protects them by default)."""
-        table = detect(self.stats[name], rule)
+        """The dimensions ``rule`` detects in set ``name`` (layers in the protocol's
+        numbering), remembered as the session's choice (the Prune page protects them by
+        default)."""
+        table = detect(self.stats[name], rule, self.numbering)
         self.rule, self.detected = rule, table
         return table
 
@@ -290,8 +299,7 @@ class Shared:
               should_stop: Callable[[], bool] | None = None) -> ActivationStats:
         """Activation statistics of a prompt set, cached per (model, prompts) in memory and
         on disk."""
-        key = (model_key(loaded), prompts.name,
-               hashlib.sha256("\x00".join(prompts.texts).encode()).hexdigest())
+        key = (model_key(loaded), prompts.name, hashlib.sha256(prompts.key.encode()).hexdigest())
         stats = self._cached("stats", key)
         if stats is None:
             with dense(loaded):
@@ -301,15 +309,17 @@ class Shared:
         return stats
 
     def capture(self, loaded: LoadedModel, sets: list[PromptSet],
-                progress: Progress = no_progress) -> FeatureCapture:
-        """The statistics of every prompt set (each cached), as the Features page's result."""
+                progress: Progress = no_progress, protocol: str = "clean") -> FeatureCapture:
+        """The statistics of every prompt set (each cached), as the Features page's result;
+        ``protocol`` is the one the sets were built under (it numbers the figures' layers)."""
+        get_protocol(protocol)
         start, stats = time.perf_counter(), {}
         for i, ps in enumerate(sets):
             def step(stage: str, fraction: float, i=i, ps=ps) -> None:
                 progress(f"{prompt_set_label(ps.name)}, {stage}", (i + fraction) / len(sets))
             stats[ps.name] = self.stats(loaded, ps, progress=step)
         return FeatureCapture(model_key(loaded), {ps.name: ps for ps in sets}, stats,
-                              time.perf_counter() - start)
+                              time.perf_counter() - start, protocol=protocol)
 
     def tokens(self, loaded: LoadedModel, text: str):
         """``capture.token_magnitudes`` of one text, cached per (model, text)."""
@@ -366,7 +376,10 @@ class Shared:
                            masks: MaskSet | None, *, shots: int, limit: int,
                            progress: Progress = no_progress) -> dict[str, dict]:
         """``evaluate.evaluate_translation`` on the held-out slice: ``{"dense": metrics}``
-        (cached for every session), plus ``"pruned"`` with ``masks`` applied when given."""
+        (cached for every session), plus ``"pruned"`` with ``masks`` applied when given, and
+        ``"significance"``: the paired test of pruned against dense on the same sentences
+        (``pipeline.paired_vs_dense``: per metric, chrf and bleu, the scores, difference and
+        p-value)."""
         src, tgt = parse_pair(pair)
         settings = dict(shots=shots, limit=limit, max_new_tokens=HELD_OUT_TOKENS)
         key = (model_key(loaded), corpus_key(corpus), pair, shots, limit)
@@ -382,6 +395,8 @@ class Shared:
                 scores["pruned"] = evaluate_translation(
                     model, loaded.tokenizer, corpus, src, tgt, **settings,
                     progress=lambda s, f: progress(f"pruned ({s})", f))
+            scores["significance"] = pipeline.paired_vs_dense(
+                scores["dense"]["outputs"], scores["pruned"]["outputs"], tgt)
         return scores
 
 

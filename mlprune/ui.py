@@ -304,10 +304,15 @@ def sidebar_status() -> None:
     st.markdown("**Corpus**")
     st.caption(f"{corpus.name}: {len(corpus)} sentences, {', '.join(corpus.languages)}"
                if corpus is not None else "not read yet")
+    captured = features(loaded)
+    if captured is not None:
+        st.markdown("**Features**")
+        st.caption(f"{len(captured.stats)} prompt sets, {captured.protocol} protocol")
     state = session_pruning(loaded)
     st.markdown("**Pruning (this session only)**")
     if state is None:
         st.caption("none: the model is dense")
     else:
         st.caption(f"{state.spec.label} {state.spec.pair}, {state.masks.pattern}, "
-                   f"{state.masks.overall_sparsity():.1%} of the selected weights pruned")
+                   f"{state.masks.overall_sparsity():.1%} of the selected weights pruned, "
+                   f"{state.spec.protocol} protocol")

@@ -14,6 +14,7 @@ from mlprune.export import build_report, export_pruned
 from mlprune.features import Rule
 from mlprune.pipeline import PruneSpec
 from mlprune.prompts import eval_items, parse_pair
+from mlprune.protocol import PROTOCOLS
 from mlprune.prune import METHODS, MODES
 
 METHOD_HELP = {
@@ -28,7 +29,7 @@ PATTERNS = ["unstructured", "2:4", "4:8", "other N:M"]
 BLOCKS = ["attn", "mlp"]  # all of them by default, as the spec's blocks=None means
 # Widgets w.prune_<field> that start from the interactive preset (ui.spec_defaults).
 SPEC_FIELDS = ("method", "calibration", "mode", "sparsity", "pattern", "invert", "protect",
-               "shots", "samples", "seed")
+               "shots", "samples", "seed", "protocol")
 PROTECT_RULE = "top-k:4"  # the rule box's text when the Features page has chosen none
 
 
@@ -83,19 +84,28 @@ def settings(loaded, corpus) -> tuple[PruneSpec, float, str]:
     c1, c2 = st.columns([2, 2])
     lo, hi = c1.slider("Layers to prune", 0, n_layers - 1, key="w.prune_layers")
     blocks = c2.multiselect("Modules", BLOCKS, key="w.prune_blocks")
-    with st.expander("More settings"):
-        e1, e2, e3, e4 = st.columns(4)
+    with st.expander("More settings", expanded=st.session_state["w.prune_protocol"] != "clean"):
+        e1, e2, e3, e4, e5 = st.columns(5)
         shots = e1.number_input("Shots per calibration prompt", 1, 16, step=1,
                                 key="w.prune_shots")
         samples = e2.number_input("Calibration prompts", 1, 256, step=1, key="w.prune_samples")
         seed = e3.number_input("Seed", 0, 10_000, step=1, key="w.prune_seed")
-        invert = e4.toggle("Invert (prune the highest scores)", key="w.prune_invert",
+        protocol = e4.radio("Protocol", list(PROTOCOLS), key="w.prune_protocol",
+                            help="clean: calibration demonstrations end with a newline. paper: "
+                                 "they end with the EOS token, as the authors' code did.")
+        invert = e5.toggle("Invert (prune the highest scores)", key="w.prune_invert",
                            help="the paper's ablation")
+        if protocol == "paper":
+            st.caption("The paper protocol sets the calibration prompts' separator (EOS). The "
+                       "mode and the number of prompts stay as chosen here, one-shot and few "
+                       "to keep this page live; the authors' run is sequential with 100 prompts "
+                       "(pick them above, or `mlprune prune --protocol paper`).")
     spec = PruneSpec(method=method, calibration=calibration if method == "wanda" else "mt",
                      pair=pair, sparsity=sparsity / 100, pattern=pattern, invert=invert,
                      protect=protect_rule.strip() if protect else None,
                      layers=f"{lo}-{hi}", blocks=",".join(blocks) if blocks else "none",
-                     mode=mode, shots=int(shots), samples=int(samples), seed=int(seed))
+                     mode=mode, shots=int(shots), samples=int(samples), seed=int(seed),
+                     protocol=protocol)
     return spec, sparsity / 100, pattern
 
 
@@ -120,7 +130,8 @@ def ranking(loaded, corpus, spec: PruneSpec) -> service.CalibratedRanking | None
     if ranked is None:
         return None
     calib = (f", calibrated on {ranked.calibration.prompts.name} "
-             f"({len(ranked.calibration.prompts)} prompts)" if ranked.calibration else "")
+             f"({len(ranked.calibration.prompts)} prompts, {ranked.spec.protocol} protocol)"
+             if ranked.calibration else "")
     st.caption(f"Ranking ready: {ranked.spec.label}{calib}, {len(ranked.ranking.modules)} "
                f"modules, made in {ranked.seconds:.1f} s. The slider re-prunes from it.")
     if ranked.approximate_at and ranked.approximate_at != f"{spec.sparsity:.0%} {spec.pattern}":

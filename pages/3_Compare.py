@@ -116,13 +116,27 @@ def held_out_scores(loaded, corpus, state: service.SessionPruning | None) -> Non
             st.session_state["compare_scores"] = {"key": key, "result": result}
     scores = st.session_state.get("compare_scores")
     if scores and scores["key"] == key:
+        result = scores["result"]
         cols = st.columns(4)
-        for i, (name, r) in enumerate(scores["result"].items()):
+        for i, name in enumerate(n for n in ("dense", "pruned") if n in result):
+            r = result[name]
             cols[2 * i].metric(f"chrF, {name}", f"{r['chrf']:.1f}")
             cols[2 * i + 1].metric(f"in {language_name(tgt)}, {name}",
                                    f"{r['target_language_rate']:.0%}")
-        n = scores["result"]["dense"]["n"]
+        n = result["dense"]["n"]
         st.caption(f"{n} held-out sentences of {service.pair_label(pair)}; greedy, one line.")
+        if "significance" in result:
+            st.markdown(significance_line(result["significance"]))
+
+
+def significance_line(test: dict) -> str:
+    """Pruned against dense, per metric: the scores, the difference and its p-value."""
+    parts = [f"{r['metric']} {r['a']:.1f} → {r['b']:.1f} (pruned − dense {r['difference']:+.1f}, "
+             f"**p = {r['p_value']:.3f}**)" for r in test.values()]
+    first = next(iter(test.values()))
+    return (f"Paired test on the same n = {first['n']} sentences (sacrebleu's paired bootstrap, "
+            f"{first['n_samples']} resamples): " + "; ".join(parts) + ". A small p says the "
+            "difference is unlikely to be chance; with few sentences only large ones get there.")
 
 
 def main() -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import streamlit as st
 
 from mlprune import plots, service, ui
-from mlprune.pipeline import SWEEP_METHODS, PruneSpec
+from mlprune.pipeline import SIGNIFICANCE_COLUMNS, SWEEP_METHODS, PruneSpec
 
 SPARSITIES = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
 SPEC_FIELDS = ("samples", "shots")  # w.sw_samples, w.sw_shots: the base spec's
@@ -109,10 +109,17 @@ def main() -> None:
     for tab, metric in zip(st.tabs(list(metrics)), metrics.values()):
         with tab:
             ui.plot(plots.sweep_figure(table, metric, dequantized_from=q))
+    st.caption("`chrf_p_vs_dense`, `bleu_p_vs_dense`: p-value of the row's difference from the "
+               "dense model on the same held-out sentences (sacrebleu's paired bootstrap, 1000 "
+               "resamples; hover a point of the chrF chart to see it). Empty on dense rows; "
+               "with a few sentences per cell only large differences reach p < 0.05.")
     if any(c.endswith("_p_non_en") for c in table.columns):
         st.caption("Zero-shot: `*_diff_*` is accuracy minus dense on the same items, `*_p_*` "
                    "its paired-bootstrap p-value; `*_rankc_*` is consistency with English.")
-    st.dataframe(table, hide_index=True)
+    st.dataframe(table, hide_index=True, column_config={
+        col: st.column_config.NumberColumn(col, format="%.3f",
+                                           help=f"p-value of the {metric} difference from dense")
+        for metric, col in SIGNIFICANCE_COLUMNS.items()})
     st.download_button("Download CSV", table.to_csv(index=False), file_name="mlprune-sweep.csv",
                        mime="text/csv")
 

@@ -12,6 +12,7 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import EN
@@ -76,10 +77,16 @@ def values(data) -> list:
     if isinstance(data, dict) and "bdata" in data:
         import base64
 
-        import numpy as np
-
         return np.frombuffer(base64.b64decode(data["bdata"]), dtype=data["dtype"]).tolist()
     return list(data)
+
+
+def grid(data) -> list[list[float]]:
+    """A plotly 2-D array (a heatmap's z), plain or base64-typed with its shape."""
+    if isinstance(data, dict) and "bdata" in data:
+        shape = [int(n) for n in str(data["shape"]).split(",")]
+        return np.array(values(data)).reshape(shape).tolist()
+    return [[float(v) for v in row] for row in data]
 
 
 def chart_titles(at: AppTest) -> list[str]:
@@ -217,8 +224,8 @@ def test_features_capture_figures_thresholds_and_downloads(app_env):
     assert len(values(detected["x"])) == 4
     assert [d.label for d in at.get("download_button")] == ["Download CSV", "Download JSON"]
     at.selectbox(key="w.feat_set").set_value("mono:en")
-    at.slider(key="w.top_n").set_value(3)
-    at.radio(key="w.ov_measure").set_value("top_in_bottom")
+    at.slider(key="w.top_n_clean").set_value(3)
+    at.radio(key="w.ov_measure_clean").set_value("top_in_bottom")
     at.selectbox(key="w.ov_layer").set_value(1)
     at.toggle(key="w.tok_only_detected").set_value(False)
     run(at)
@@ -227,6 +234,54 @@ def test_features_capture_figures_thresholds_and_downloads(app_env):
     assert "bottom-x% (x = 5%, layer 1)" in titles[3]
     goto(at, "2_Prune")  # the Prune page protects what the Features page detected
     assert at.text_input(key="w.prune_protect_rule").value == "top-k:2"
+
+
+def test_features_under_the_paper_protocol(app_env):
+    """Paper: EOS-separated prompt sets, layers numbered as output_hidden_states (L + 1 rows:
+    the embedding output first, the final norm last), top 20 dims, and the paper's overlap
+    measure (top-40% in bottom-40%) by default; top-in-top stays one click away."""
+    at = goto(run(new_app()), "1_Features")
+    assert at.radio(key="w.feat_protocol").value == "clean"  # the interactive preset's
+    at.radio(key="w.feat_protocol").set_value("paper")
+    click(at, "Run capture")
+    captured = at.session_state[ui.FEATURES]
+    assert captured.protocol == "paper" and captured.numbering == "hidden_states"
+    assert all(ps.segments is not None and ps.meta["separator"] == "eos"
+               for ps in captured.prompts.values())
+    stats = captured.stats["mt:fr-en"]
+    n_rows = stats.n_layers + 1
+    top, heatmap = charts(at)[0], charts(at)[1]
+    assert top["layout"]["title"]["text"].startswith("Top 20 dimensions per layer (fr→en)")
+    assert len(top["data"]) == 20 and sorted(set(values(top["data"][0]["x"]))) == \
+        list(range(n_rows))
+    assert "0 = embeddings" in heatmap["layout"]["yaxis"]["title"]["text"]
+    assert len(grid(heatmap["data"][0]["z"])) == n_rows
+    # the first row is the embedding output, the last the final norm's
+    sites, norms = stats.layer_view("hidden_states")
+    assert (sites[0], sites[-1]) == ("embed", "final_norm")
+    assert metric(at, "Layers with one").endswith(f"of {n_rows}")
+    titles = chart_titles(at)
+    assert "bottom-x% (x = 40%, mean over layers)" in titles[3]
+    expected = overlap_matrix(captured.stats, 0.4, "top_in_bottom", numbering="hidden_states")
+    np.testing.assert_allclose(grid(charts(at)[3]["data"][0]["z"]), expected.to_numpy())
+    at.radio(key="w.ov_measure_paper").set_value("top_in_top")
+    at.slider(key="w.ov_fraction_paper").set_value(50)
+    at.selectbox(key="w.ov_layer").set_value(n_rows - 1)  # after the final norm
+    run(at)
+    assert f"top-x% (x = 50%, layer {n_rows - 1})" in chart_titles(at)[3]
+    expected = overlap_matrix(captured.stats, 0.5, "top_in_top", n_rows - 1, "hidden_states")
+    np.testing.assert_allclose(grid(charts(at)[3]["data"][0]["z"]), expected.to_numpy())
+    assert any("paper protocol" in c.value for c in at.caption)  # the sidebar says so
+    # back to clean without capturing again: the figures stay those of the paper capture
+    at.radio(key="w.feat_protocol").set_value("clean")
+    run(at)
+    assert any("captured under the paper protocol" in i.value for i in at.info)
+    assert chart_titles(at)[0].startswith("Top 20 dimensions")
+    click(at, "Run capture")
+    captured = at.session_state[ui.FEATURES]
+    assert captured.protocol == "clean" and captured.prompts["mt:fr-en"].segments is None
+    assert chart_titles(at)[0].startswith("Top 5 dimensions")
+    assert len(grid(charts(at)[1]["data"][0]["z"])) == stats.n_layers
 
 
 def test_features_bad_input_is_one_message(app_env):
@@ -347,6 +402,23 @@ def test_prune_protection_layers_mask_view_and_export(app_env, tmp_path):
     assert [d.label for d in at.get("download_button")] == ["Download the report (JSON)"]
 
 
+def test_prune_under_the_paper_protocol_keeps_the_live_mode(app_env, tmp_path):
+    at = goto(run(new_app()), "2_Prune")
+    at.radio(key="w.prune_protocol").set_value("paper")
+    run(at)
+    assert any("authors' run is sequential with 100 prompts" in c.value for c in at.caption)
+    click(at, "Calibrate and rank")
+    state = at.session_state[ui.PRUNING]
+    assert state.spec.protocol == "paper" and state.spec.mode == "one-shot"
+    assert state.spec.samples == PruneSpec.preset(ui.SPEC_PRESET).samples
+    assert state.ranking.calibration.prompts.segments is not None  # EOS-separated
+    assert any("paper protocol" in c.value for c in at.caption)  # ranking and sidebar
+    at.text_input(key="w.export_dir").set_value(str(tmp_path / "out"))
+    click(at, "Export the pruned model")
+    report = json.loads((tmp_path / "out" / "mlprune_report.json").read_text())
+    assert (report["spec"]["protocol"], report["spec"]["mode"]) == ("paper", "one-shot")
+
+
 def test_spec_defaults_are_the_presets_fields_in_widget_units():
     preset = PruneSpec.preset(ui.SPEC_PRESET)
     fields = tuple(f.name for f in dataclasses.fields(PruneSpec))
@@ -412,6 +484,13 @@ def test_compare_side_by_side_language_and_chrf(app_env):
     click(at, "Score fr→en on 3 held-out sentences")
     assert {m.label for m in at.metric} >= {"chrF, dense", "chrF, pruned", "in English, dense",
                                             "in English, pruned"}
+    scores = at.session_state["compare_scores"]["result"]
+    line = next(m.value for m in at.markdown if m.value.startswith("Paired test"))
+    assert "n = 3 sentences" in line and "1000 resamples" in line
+    for key in ("chrf", "bleu"):
+        test = scores["significance"][key]
+        assert f"p = {test['p_value']:.3f}" in line and f"{test['difference']:+.1f}" in line
+        assert test["a"] == pytest.approx(scores["dense"][key])
     at.radio(key="w.cmp_kind").set_value("free")
     run(at)
     at.text_area(key="w.cmp_text").set_value("French: Bonjour.\nEnglish:")
@@ -440,6 +519,13 @@ def test_sweep_runs_draws_and_cancels(app_env):
     assert chart_titles(at) == ["chrf against sparsity", "perplexity against sparsity"]
     table = at.dataframe[0].value
     assert len(table) == 4 and set(table["method"]) == {"magnitude", "random"}
+    dense_rows, pruned_rows = table[table["sparsity"] == 0], table[table["sparsity"] > 0]
+    for col in ("chrf_p_vs_dense", "bleu_p_vs_dense"):
+        assert dense_rows[col].isna().all()
+        assert ((pruned_rows[col] > 0) & (pruned_rows[col] <= 1)).all()
+    chrf_chart = charts(at)[0]
+    hover = [t.get("customdata") for t in chrf_chart["data"]]
+    assert all(h[0] == "dense" and h[1].startswith("p = ") for h in hover)
     assert [d.label for d in at.get("download_button")] == ["Download CSV"]
     assert not errors(at)
     click(at, "Cancel")
@@ -550,6 +636,17 @@ def test_feature_figures(loaded, feature_stats):
     fig = plots.direction_compare_figure(stats, feature_stats["mt:en-fr"], "fr→en", "en→fr", 1)
     assert len(fig.data[0].x) == 32 and len(fig.data[1].x) == 6
     assert fig.layout.xaxis.type == "log"
+    # the paper's numbering: L + 1 rows, 0 the embedding output, L after the final norm
+    paper = detect(stats, "top-k:2", "hidden_states")
+    fig = plots.layer_dim_heatmap(stats, paper, numbering="hidden_states")
+    assert fig.data[0].z.shape == (3, 32) and list(fig.data[1].y) == [0, 0, 1, 1, 2, 2]
+    assert "0 = embeddings" in fig.layout.yaxis.title.text
+    for layer, row in ((0, stats.embed_norms), (2, stats.final_norms)):
+        fig = plots.direction_compare_figure(stats, stats, "a", "b", layer,
+                                             numbering="hidden_states")
+        assert np.allclose(fig.data[0].x, row.float().clamp_min(1e-6).numpy())
+    with pytest.raises(MlpruneError, match="outside 0-2"):
+        plots.direction_compare_figure(stats, stats, "a", "b", 3, numbering="hidden_states")
 
 
 def test_pruning_figures_and_token_views(loaded, feature_stats):

@@ -15,15 +15,24 @@ from mlprune.evaluate import (
     _trim,
     bleu,
     chrf,
+    evaluate_translation,
     generate,
     generate_dense_and_pruned,
     language_of,
+    paired_translation_test,
     perplexity,
     target_language_rate,
 )
 from mlprune.export import MASKS, REPORT, build_report, export_pruned, read_report
 from mlprune.models import linear_modules, load_model
-from mlprune.pipeline import PruneSpec, prune, sweep
+from mlprune.pipeline import (
+    SIGNIFICANCE_COLUMNS,
+    PruneSpec,
+    paired_vs_dense,
+    prune,
+    read_sweep_rows,
+    sweep,
+)
 from mlprune.prune import MaskSet, rank_modules
 
 
@@ -183,7 +192,92 @@ def test_sweep_resumes_after_a_crash_with_the_same_table(tmp_path, loaded, corpu
         assert a["method"] == b["method"] and float(a["sparsity"]) == float(b["sparsity"])
         assert float(a["chrf"]) == pytest.approx(float(b["chrf"]))
         assert float(a["perplexity"]) == pytest.approx(float(b["perplexity"]), rel=1e-5)
+        for col in SIGNIFICANCE_COLUMNS.values():  # dense outputs made again when resumed
+            assert a[col] == b[col] if a[col] is None else a[col] == pytest.approx(b[col])
     assert (tmp_path / "resumed.csv").read_text().count("\n") == 5
+
+
+def _outputs(result: dict) -> list[str]:
+    return [o["output"] for o in result["outputs"]]
+
+
+def test_sweep_rows_carry_the_paired_test_against_dense(tmp_path, loaded, corpus, monkeypatch):
+    """chrf_p_vs_dense and bleu_p_vs_dense are sacrebleu's paired test of the row's outputs
+    against the dense outputs of the same sentences, as evaluate's function gives it directly;
+    the same when a resumed sweep never measured the dense row itself."""
+    import mlprune.pipeline as pipeline
+
+    measured: list[dict] = []  # what the sweep's evaluations returned, outputs and all
+
+    def recording(*args, **kwargs):
+        measured.append(evaluate_translation(*args, **kwargs))
+        return measured[-1]
+
+    monkeypatch.setattr(pipeline, "evaluate_translation", recording)
+    kwargs = dict(methods=["magnitude"], sparsities=[0.0, 0.5], pairs=["fr-en"], limit=2,
+                  base=PruneSpec(samples=2))
+    rows = sweep(loaded, corpus, out_csv=tmp_path / "s.csv", **kwargs)
+    dense_row, row = sorted(rows, key=lambda r: r["sparsity"])
+    dense, sparse = measured
+    assert (dense_row["chrf"], row["chrf"]) == (dense["chrf"], sparse["chrf"])
+    assert all(dense_row[c] is None for c in SIGNIFICANCE_COLUMNS.values())
+    assert _outputs(dense) != _outputs(sparse)  # else p would be 1 by definition
+    direct = paired_translation_test([o["reference"] for o in dense["outputs"]],
+                                     _outputs(dense), _outputs(sparse), lang="en")
+    for metric, col in SIGNIFICANCE_COLUMNS.items():
+        assert row[col] == direct[metric]["p_value"] and 0 < row[col] <= 1
+    # written and read back: empty on the dense row, the same number on the pruned one
+    read = sorted(read_sweep_rows(tmp_path / "s.csv"), key=lambda r: r["sparsity"])
+    assert [(r["chrf_p_vs_dense"], r["bleu_p_vs_dense"]) for r in read] == \
+        [(None, None), (row["chrf_p_vs_dense"], row["bleu_p_vs_dense"])]
+    json.dumps(read, allow_nan=False)
+    # resumed by a new call that never measured the dense row: its outputs are made again
+    lines = (tmp_path / "s.csv").read_text().splitlines(keepends=True)
+    dense_line = next(line for line in lines[1:] if ",0.0," in line)
+    (tmp_path / "resumed.csv").write_text(lines[0] + dense_line)
+    measured.clear()
+    again = sweep(loaded, corpus, out_csv=tmp_path / "resumed.csv", **kwargs)
+    assert len(measured) == 2 and _outputs(measured[1]) == _outputs(dense)  # pruned, dense
+    again = next(r for r in again if r["sparsity"] == 0.5)
+    assert [again[c] for c in SIGNIFICANCE_COLUMNS.values()] == \
+        [row[c] for c in SIGNIFICANCE_COLUMNS.values()]
+
+
+def test_identical_outputs_are_not_significant_and_old_csvs_are_refused(tmp_path, loaded, corpus):
+    outputs = [{"reference": r, "output": o} for r, o in
+               (("The cat sleeps.", "The cat sleeps."), ("It is sunny.", "It rains."))]
+    # sacrebleu gives two identical systems its smallest p-value; no difference is p = 1
+    raw = paired_translation_test([o["reference"] for o in outputs], *[[o["output"] for o in
+                                                                         outputs]] * 2)
+    assert raw["chrf"]["p_value"] == pytest.approx(1 / 1001)
+    same = paired_vs_dense(outputs, outputs, "en")
+    assert same["chrf"]["p_value"] == same["bleu"]["p_value"] == 1.0
+    assert same["chrf"]["difference"] == 0.0
+    with pytest.raises(MlpruneError, match="not of the same sentences"):
+        paired_vs_dense(outputs, outputs[::-1], "en")
+    # a CSV from before the p-value columns: resuming into it would misalign the rows
+    old = tmp_path / "old.csv"
+    old.write_text("pair,method,sparsity,pattern,chrf,bleu,target_language_rate,perplexity,n,"
+                   "sparsity_reached\nfr-en,magnitude,0.0,unstructured,1,1,1,1,1,0\n")
+    with pytest.raises(MlpruneError, match="without the column chrf_p_vs_dense"):
+        sweep(loaded, corpus, methods=["magnitude"], sparsities=[0.0, 0.5], pairs=["fr-en"],
+              limit=1, out_csv=old)
+    assert old.read_text().count("\n") == 2  # untouched
+
+
+def test_sweep_command_prints_the_p_values(tiny_folder, corpus_file, tmp_path, capsys):
+    from mlprune.cli import main
+
+    assert main(["sweep", "--model", str(tiny_folder), "--corpus", str(corpus_file),
+                 "--methods", "magnitude", "--sparsities", "0,0.5", "--limit", "2",
+                 "--samples", "2", "--csv", str(tmp_path / "s.csv")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    header = out[0].split()
+    assert header[-2:] == ["chrf_p_vs_dense", "bleu_p_vs_dense"]
+    dense, pruned_row = (line.split() for line in out[1:3])
+    assert dense[-2:] == ["-", "-"] and 0 < float(pruned_row[-2]) <= 1
+    rows = read_sweep_rows(tmp_path / "s.csv")
+    assert float(pruned_row[-2]) == pytest.approx(rows[1]["chrf_p_vs_dense"], abs=5e-4)
 
 
 def test_spec_validation():

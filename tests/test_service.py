@@ -15,7 +15,12 @@ from conftest import EN
 
 from mlprune import MlpruneError, pipeline, service
 from mlprune.capture import Cancelled, capture
-from mlprune.evaluate import Generation, evaluate_translation, generate
+from mlprune.evaluate import (
+    Generation,
+    evaluate_translation,
+    generate,
+    paired_translation_test,
+)
 from mlprune.models import load_model
 from mlprune.pipeline import PruneSpec
 from mlprune.prompts import analysis_prompts, eval_items, translation_prompts
@@ -75,6 +80,19 @@ def test_a_calibrated_ranking_cuts_masks_that_carry_their_spec(loaded, corpus):
     magnitude = service.Shared().make_ranking(loaded, corpus,
                                               PruneSpec(method="magnitude", mode="sequential"))
     assert magnitude.calibration is None and magnitude.approximate_at is None
+
+
+def test_a_paper_protocol_capture_numbers_layers_as_the_paper(loaded, corpus):
+    sets = analysis_prompts(corpus, ["fr-en"], ["en"], shots=2, samples=2, seed=0,
+                            separator="eos")
+    captured = service.Shared().capture(loaded, sets, protocol="paper")
+    assert captured.protocol == "paper" and captured.numbering == "hidden_states"
+    table = captured.detect("mt:fr-en", "top-k:1")
+    n_layers = captured.stats["mt:fr-en"].n_layers
+    assert list(table["layer"]) == list(range(n_layers + 1))
+    assert (table["site"].iloc[0], table["site"].iloc[-1]) == ("embed", "final_norm")
+    with pytest.raises(MlpruneError, match="Unknown protocol"):
+        service.Shared().capture(loaded, sets, protocol="authors")
 
 
 def test_capture_leaves_a_feature_capture_for_other_pages(loaded, corpus):
@@ -184,6 +202,13 @@ def test_held_out_scores_are_evaluate_translation_dense_cached(loaded, corpus, m
                                       **settings)
     assert scores["dense"] == dense and scores["pruned"] == sparse
     assert scores["dense"]["n"] == 3
+    # the paired test of pruned against dense: sacrebleu's, on these very outputs
+    hyps = [[o["output"] for o in r["outputs"]] for r in (dense, sparse)]
+    assert hyps[0] != hyps[1]
+    direct = paired_translation_test([o["reference"] for o in dense["outputs"]], *hyps, lang="en")
+    assert scores["significance"] == direct
+    assert scores["significance"]["chrf"]["a"] == pytest.approx(dense["chrf"])
+    assert scores["significance"]["chrf"]["b"] == pytest.approx(sparse["chrf"])
     evaluations = counting(monkeypatch, service, "evaluate_translation")
     again = cache.translation_scores(loaded, corpus, "fr-en", None, shots=2, limit=3)
     assert again == {"dense": dense} and evaluations["n"] == 0  # dense came from the cache
