@@ -377,6 +377,8 @@ def cmd_reproduce(args) -> None:
     for name in ("translation_limit", "task_limit", "samples", "analysis_samples"):
         if getattr(args, name) is not None:
             changes[name] = getattr(args, name)
+    if args.patterns is not None:
+        changes["patterns"] = tuple(p.strip() for p in args.patterns.split(",") if p.strip())
     grid = reproduce.config_for(args.quick, **changes)
     extra = tuple(args.task)
     for t in extra:  # a bad task file fails before the model loads
@@ -586,6 +588,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--samples", type=int, default=None, metavar="N",
                    help="calibration prompts per pruned variant (default 16, quick 8; the "
                         "paper's: 100)")
+    r.add_argument("--patterns", default=None, metavar="LIST",
+                   help="sparsity patterns of the pruned variants, e.g. 0.5,2:4 (the default)")
     r.add_argument("--analysis-samples", type=int, default=None, metavar="N",
                    help="prompts per analysis set (default 16, quick 8)")
     r.set_defaults(func=cmd_reproduce)

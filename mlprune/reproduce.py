@@ -224,13 +224,21 @@ def run(loaded: LoadedModel, corpus: ParallelCorpus, out: str | Path, grid: Grid
     return report
 
 
+# What a cell's content depends on (methods, patterns and the rest only choose which cells exist,
+# so a later run may add variants to a folder).
+CELL_SETTINGS = ("pair", "langs", "analysis_samples", "samples", "translation_limit", "tasks",
+                 "task_limit", "resamples", "seed")
+
+
 def _claim_folder(out: Path, grid: Grid, extra_tasks: tuple[str, ...]) -> None:
-    """Record the grid a folder's cells belong to; refuse to mix cells of another grid."""
+    """Record the settings a folder's cells were measured with; refuse to mix in cells
+    measured with other settings (adding methods or patterns is fine)."""
     manifest = out / "grid.json"
-    mine = zs.strict_json({"grid": asdict(grid), "extra_tasks": list(extra_tasks)})
+    settings = {k: v for k, v in asdict(grid).items() if k in CELL_SETTINGS}
+    mine = zs.strict_json({"settings": settings, "extra_tasks": list(extra_tasks)})
     if manifest.is_file() and manifest.read_text(encoding="utf-8") != mine:
-        raise MlpruneError(f"{out} holds a run of another grid (see {manifest}); choose another "
-                           "--out, or delete that folder to start again.")
+        raise MlpruneError(f"{out} holds a run measured with other settings (see {manifest}); "
+                           "choose another --out, or delete that folder to start again.")
     out.mkdir(parents=True, exist_ok=True)
     if not manifest.is_file():
         atomic_write_text(manifest, mine)

@@ -88,9 +88,14 @@ def test_the_command_line_runs_it(tiny_folder, corpus_file, tmp_path, grid, monk
                  "--out", str(tmp_path / "x")]) == 2
 
 
-def test_a_folder_refuses_the_cells_of_another_grid(finished_report, corpus):
+def test_a_folder_refuses_cells_measured_with_other_settings(finished_report, corpus,
+                                                             monkeypatch):
     from mlprune import MlpruneError
 
-    loaded, grid, out, _, _ = finished_report
-    with pytest.raises(MlpruneError, match="another grid"):
+    loaded, grid, out, first, _ = finished_report
+    with pytest.raises(MlpruneError, match="other settings"):
         reproduce.run(loaded, corpus, out, replace(grid, translation_limit=3))
+    # fewer variants is fine: the cells it needs are all there, nothing is measured again
+    monkeypatch.setattr(reproduce, "evaluate_translation", pytest.fail)
+    fewer = reproduce.run(loaded, corpus, out, replace(grid, methods=("wanda-mt",), invert=False))
+    assert [r["variant"] for r in fewer["table1"]] == ["dense", "wanda-mt 50%"]
