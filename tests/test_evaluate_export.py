@@ -247,9 +247,15 @@ def test_identical_outputs_are_not_significant_and_old_csvs_are_refused(tmp_path
     outputs = [{"reference": r, "output": o} for r, o in
                (("The cat sleeps.", "The cat sleeps."), ("It is sunny.", "It rains."))]
     # sacrebleu gives two identical systems its smallest p-value; no difference is p = 1
-    raw = paired_translation_test([o["reference"] for o in outputs], *[[o["output"] for o in
-                                                                         outputs]] * 2)
-    assert raw["chrf"]["p_value"] == pytest.approx(1 / 1001)
+    from sacrebleu.metrics import CHRF
+    from sacrebleu.significance import PairedTest
+
+    refs, hyps = [o["reference"] for o in outputs], [o["output"] for o in outputs]
+    _, direct = PairedTest([("a", hyps), ("b", hyps)], {"chrf": CHRF()}, references=[refs],
+                           test_type="bs", n_samples=0)()
+    assert direct[next(k for k in direct if k != "System")][1].p_value == pytest.approx(1 / 1001)
+    raw = paired_translation_test(refs, hyps, hyps)
+    assert raw["chrf"]["p_value"] == raw["bleu"]["p_value"] == 1.0
     same = paired_vs_dense(outputs, outputs, "en")
     assert same["chrf"]["p_value"] == same["bleu"]["p_value"] == 1.0
     assert same["chrf"]["difference"] == 0.0
