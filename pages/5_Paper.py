@@ -18,9 +18,11 @@ def claims_table(report: dict) -> pd.DataFrame:
     rows = []
     for c in report["claims"]:
         holds = HOLDS[c["holds"]] if c["p_value"] is not None else ("yes" if c["holds"] else "no")
+        p = c["p_value"]
         rows.append({"claim": c["claim"], "paper": c["paper"], "found": c["found"],
-                     "n": c["n"], "p": c["p_value"], "holds here": holds})
-    return pd.DataFrame(rows)
+                     "n": c["n"], "p": "—" if p is None else ("< 0.001" if p < 0.001 else f"{p:.3f}"),
+                     "holds here": holds})
+    return pd.DataFrame(rows).set_index("claim")
 
 
 def show(report: dict, key: str) -> None:
@@ -32,7 +34,7 @@ def show(report: dict, key: str) -> None:
                f"{grid['samples']} calibration prompts · translation on "
                f"{grid['translation_limit']} held-out sentences")
     st.subheader("Claims")
-    st.dataframe(claims_table(report), hide_index=True, width="stretch")
+    st.table(claims_table(report))  # a table wraps its long sentences; a dataframe scrolls
     st.subheader("Table 1: translation")
     st.dataframe(pd.DataFrame(report["table1"]), hide_index=True, width="stretch")
     for task, block in report["zeroshot"].items():

@@ -17,8 +17,8 @@ def test_paper_page_shows_a_finished_report(finished_report, monkeypatch):
     _, _, folder, report, _ = finished_report
     monkeypatch.setenv(reproduce.REPORT_ENV, str(folder))
     at = goto(run(new_app()), "5_Paper")
-    claims = at.dataframe[0].value
-    assert list(claims["claim"]) == [c["claim"] for c in report["claims"]]
+    claims = at.table[0].value
+    assert list(claims.index) == [c["claim"] for c in report["claims"]]
     assert len(charts(at)) == len(plots.report_figures(report))
     assert not at.error
 
