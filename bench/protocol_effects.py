@@ -3,15 +3,17 @@
 For every difference alone, prune at 50% unstructured and report:
 - mask agreement with the clean protocol: the share of the clean run's pruned weights that
   this run prunes too (1.0 = the same masks);
-- chrF and BLEU of fr->en few-shot translation on the held-out slice.
+- chrF and BLEU of fr->en few-shot translation on the held-out slice, with sacrebleu's paired
+  bootstrap p-value against the clean run's outputs on the same sentences.
 And whether the "not translation-specific" finding (the large dimensions are the same while
 translating and while reading) survives EOS separators: top-5% overlaps, translating vs reading.
 
     python bench/protocol_effects.py [--limit 40] [--out bench/results/protocol_effects.json]
                                      [--paper-masks reproduce/masks/wanda-mt_50_.safetensors]
 
-Each run's row is saved as soon as it is measured (and its masks under MLPRUNE_CACHE), so an
-interrupted run resumes. The paper protocol's own masks (EOS, 100 prompts, sequential) come
+Each run's row (with its outputs) is saved as soon as it is measured, and its masks under
+MLPRUNE_CACHE/protocol_effects, so an interrupted run resumes; a row saved without outputs (by
+an older version) is evaluated again from its masks. The paper protocol's own masks (EOS, 100 prompts, sequential) come
 from a `mlprune reproduce` run (`--paper-masks`), which calibrates on the same pair. Prints a
 Markdown table (the README's) and writes strict JSON.
 """
@@ -26,7 +28,7 @@ from pathlib import Path
 
 from mlprune.capture import capture
 from mlprune.corpus import builtin_corpus
-from mlprune.evaluate import evaluate_translation
+from mlprune.evaluate import evaluate_translation, paired_translation_test
 from mlprune.export import atomic_write_text
 from mlprune.features import overlap_matrix, top_dims
 from mlprune.models import cache_dir, load_model
@@ -72,24 +74,38 @@ def main() -> None:
         runs["paper (EOS, 100 prompts, sequential)"] = (PruneSpec.preset("paper"),
                                                          MaskSet.load(args.paper_masks))
     clean_path = folder / "0.safetensors"
+    clean_label = next(iter(runs))
     for i, (label, (spec, given)) in enumerate(runs.items()):
-        if label in rows and clean_path.is_file():
+        if "outputs" in rows.get(label, {}) and clean_path.is_file():
             continue
         t = time.perf_counter()
-        masks = given or prune(loaded, corpus, spec).masks
-        if i == 0:
-            masks.save(clean_path)
+        masks_path = clean_path if i == 0 else folder / f"{i}.safetensors"
+        if given is not None:
+            masks = given
+        elif masks_path.is_file():  # pruned before: only the evaluation is missing
+            masks = MaskSet.load(masks_path)
+        else:
+            masks = prune(loaded, corpus, spec).masks
+            masks.save(masks_path)
         with pruned(loaded.model, masks):
             ev = evaluate_translation(loaded.model, loaded.tokenizer, corpus, "fr", "en",
                                       limit=args.limit)
-        rows[label] = {"run": label, "spec": dict(vars(spec)),
-                       "mask_agreement": agreement(MaskSet.load(clean_path), masks),
-                       "chrf": ev["chrf"], "bleu": ev["bleu"], "n": ev["n"],
-                       "target_language_rate": ev["target_language_rate"],
-                       "seconds": round(time.perf_counter() - t, 1)}
+        outputs = [o["output"] for o in ev["outputs"]]
+        row = {"run": label, "spec": dict(vars(spec)),
+               "mask_agreement": agreement(MaskSet.load(clean_path), masks),
+               "chrf": ev["chrf"], "bleu": ev["bleu"], "n": ev["n"],
+               "target_language_rate": ev["target_language_rate"],
+               "seconds": rows.get(label, {}).get("seconds") or round(time.perf_counter() - t, 1),
+               "references": [o["reference"] for o in ev["outputs"]], "outputs": outputs}
+        if label != clean_label:  # sacrebleu's paired bootstrap against the clean run's outputs
+            clean = rows[clean_label]
+            test = paired_translation_test(clean["references"], clean["outputs"], outputs)
+            row.update(chrf_p_vs_clean=test["chrf"]["p_value"],
+                       bleu_p_vs_clean=test["bleu"]["p_value"])
+        rows[label] = row
         save(out, loaded, list(rows.values()), saved.get("translation_specific"))
-        print(f"{label}: agreement {rows[label]['mask_agreement']:.3f}, chrF {ev['chrf']:.1f}, "
-              f"{rows[label]['seconds']} s", file=sys.stderr, flush=True)
+        print(f"{label}: agreement {row['mask_agreement']:.3f}, chrF {ev['chrf']:.1f}, "
+              f"{row['seconds']} s", file=sys.stderr, flush=True)
     rows = list(rows.values())
 
     specific = {}
@@ -108,14 +124,20 @@ def main() -> None:
 
     print(f"\n{loaded.name}" + (f" (weights de-quantized from {loaded.dequantized_from})"
                                 if loaded.dequantized_from else ""))
-    print("\n| run | mask agreement with clean | chrF fr→en | BLEU | n |\n|---|---|---|---|---|")
+    print("\n| run | mask agreement with clean | chrF fr→en | p vs clean | BLEU | p vs clean | n |"
+          "\n|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['run']} | {r['mask_agreement']:.1%} | {r['chrf']:.1f} | {r['bleu']:.1f} | "
-              f"{r['n']} |")
+        print(f"| {r['run']} | {r['mask_agreement']:.1%} | {r['chrf']:.1f} | "
+              f"{_p(r.get('chrf_p_vs_clean'))} | {r['bleu']:.1f} | {_p(r.get('bleu_p_vs_clean'))} "
+              f"| {r['n']} |")
     for sep, s in specific.items():
         print(f"\n{sep}: top-5% overlap translating fr→en vs reading fr "
               f"{s['top5_overlap_mt_vs_mono_fr']:.0%}, vs reading en {s['top5_overlap_mt_vs_mono_en']:.0%}")
     save(out, loaded, rows, specific)
+
+
+def _p(p: float | None) -> str:
+    return "–" if p is None else ("< 0.001" if p < 0.001 else f"{p:.3f}")
 
 
 def save(out: Path, loaded, rows: list[dict], specific: dict | None) -> None:

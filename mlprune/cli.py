@@ -178,7 +178,7 @@ def cmd_prune(args) -> None:
     report = build_report(loaded, result.masks, spec=asdict(spec),
                           calibration_texts=result.calibration.prompts.texts if result.calibration else [],
                           timings=result.timings, metrics=metrics)
-    export_pruned(loaded, result.masks, out, report, overwrite=args.overwrite)
+    export_pruned(loaded, result.masks, out, report, overwrite=args.overwrite, format=args.format)
     print(f"pruned {spec.label} to {result.masks.overall_sparsity():.1%} ({result.masks.pattern}) "
           f"in {sum(result.timings.values()) + time.perf_counter() - t:.1f} s; saved to {out}")
 
@@ -438,6 +438,8 @@ def spec_from_args(args: argparse.Namespace):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from mlprune.export import FORMATS
+
     p = argparse.ArgumentParser(prog="mlprune", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -478,6 +480,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--eval", type=int, default=0, metavar="N",
                     help="also evaluate on N held-out sentences and store it in the report")
     pr.add_argument("--out", required=True)
+    pr.add_argument("--format", choices=FORMATS, default="hf",
+                    help="hf: dense safetensors any from_pretrained reads (default); "
+                         "compressed-tensors: llm-compressor's sparse format (2:4 bitmask for "
+                         "2:4), needs pip install 'mlprune[deploy]'")
     pr.add_argument("--overwrite", action="store_true")
     pr.set_defaults(func=cmd_prune)
 

@@ -1,5 +1,16 @@
 """Export a pruned model: safetensors weights, tokenizer, masks and a report JSON.
 
+Two weight formats:
+- ``hf`` (the default): the pruned weights as ordinary dense safetensors, which every
+  ``from_pretrained`` reads;
+- ``compressed-tensors``: what llm-compressor writes for sparse models, written by the
+  compressed-tensors library itself: ``sparse-24-bitmask`` for a 2:4 model (the layout of
+  vLLM's former 2:4 kernels), ``sparse-bitmask`` for any other pattern, with the
+  ``quantization_config`` entry in config.json that names the format. Its reader is the same
+  library (``ModelCompressor.from_pretrained(folder).decompress(folder, model)``). The sparse
+  compressors exist up to compressed-tensors 0.13 (later releases dropped them, and vLLM
+  0.19.1+ no longer runs Sparse24 models), hence the pinned optional dependency.
+
 Everything is written into a temporary sibling folder that is renamed into place at the end,
 so an interrupted export never leaves a half-written folder that looks like a model.
 """
@@ -14,11 +25,12 @@ import time
 from pathlib import Path
 
 from mlprune import MlpruneError, __version__
-from mlprune.models import LoadedModel
+from mlprune.models import LoadedModel, linear_modules
 from mlprune.prune import MaskSet, pruned
 
 REPORT = "mlprune_report.json"
 MASKS = "masks.safetensors"
+FORMATS = ("hf", "compressed-tensors")
 
 
 def build_report(loaded: LoadedModel, masks: MaskSet, *, spec: dict | None = None,
@@ -46,19 +58,30 @@ def build_report(loaded: LoadedModel, masks: MaskSet, *, spec: dict | None = Non
 
 
 def export_pruned(loaded: LoadedModel, masks: MaskSet, out_dir: str | Path, report: dict, *,
-                  overwrite: bool = False) -> Path:
-    """Write the pruned model to ``out_dir`` (atomically); the in-memory model stays dense."""
+                  overwrite: bool = False, format: str = "hf") -> Path:
+    """Write the pruned model to ``out_dir`` (atomically) in one of :data:`FORMATS`; the
+    in-memory model stays dense."""
+    if format not in FORMATS:
+        raise MlpruneError(f"Unknown export format '{format}': use {' or '.join(FORMATS)}.")
     out = Path(out_dir).expanduser()
     if out.exists() and not overwrite:
         raise MlpruneError(f"{out} already exists; choose another folder or allow overwriting.")
+    compressor = _sparse_compressor(loaded, masks) if format == "compressed-tensors" else None
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         with pruned(loaded.model, masks):
-            loaded.model.save_pretrained(tmp)
+            if compressor is None:
+                loaded.model.save_pretrained(tmp)
+            else:
+                loaded.model.save_pretrained(tmp, state_dict=compressor.compress(loaded.model))
+        if compressor is not None:
+            compressor.update_config(str(tmp))  # config.json names the format and its targets
         loaded.tokenizer.save_pretrained(tmp)
         masks.save(tmp / MASKS)
-        (tmp / REPORT).write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
+        (tmp / REPORT).write_text(json.dumps({**report, "format": format}, indent=2,
+                                             ensure_ascii=False, allow_nan=False),
+                                  encoding="utf-8")
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             os.replace(out, old)
@@ -69,6 +92,51 @@ def export_pruned(loaded: LoadedModel, masks: MaskSet, out_dir: str | Path, repo
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _sparse_compressor(loaded: LoadedModel, masks: MaskSet):
+    """compressed-tensors' compressor for these masks: 2:4 bitmask for 2:4, bitmask otherwise.
+
+    Only the pruned modules are targets (by their paths in the model, not mlprune's readable
+    names), so embeddings, norms and the LM head stay dense."""
+    try:
+        from compressed_tensors.compressors import ModelCompressor
+        from compressed_tensors.config import BitmaskConfig, Sparse24BitMaskConfig
+    except ImportError as e:
+        raise MlpruneError("The compressed-tensors format needs the compressed-tensors library "
+                           "with its sparse compressors: pip install 'mlprune[deploy]' "
+                           "(compressed-tensors 0.13).") from e
+    infos = linear_modules(loaded.model)
+    if not masks.modules:
+        raise MlpruneError("These masks prune no module; there is nothing to compress.")
+    if any(infos[n].transposed for n in masks.modules):
+        raise MlpruneError("This model stores its weights as GPT-2-style Conv1D (inputs x "
+                           "outputs); compressed-tensors' sparse formats are for Linear layers. "
+                           "Export it with --format hf.")
+    targets = [infos[n].path for n in masks.modules]
+    if masks.pattern == "2:4":
+        config = Sparse24BitMaskConfig(global_sparsity=masks.overall_sparsity(), targets=targets,
+                                       sparsity_structure="2:4")
+    else:
+        config = BitmaskConfig(global_sparsity=masks.overall_sparsity(), targets=targets,
+                                     sparsity_structure=masks.pattern)
+    return ModelCompressor(sparsity_config=config)
+
+
+def load_compressed_tensors(folder: str | Path, model) -> None:
+    """Fill ``model`` (the same architecture, e.g. ``from_config``) with the weights of a
+    compressed-tensors export, decompressed by the library that wrote them."""
+    try:
+        from compressed_tensors.compressors import ModelCompressor
+    except ImportError as e:
+        raise MlpruneError("Reading the compressed-tensors format needs the compressed-tensors "
+                           "library: pip install 'mlprune[deploy]'.") from e
+    compressor = ModelCompressor.from_pretrained(str(folder))
+    if compressor is None or compressor.sparsity_config is None:
+        raise MlpruneError(f"{folder} holds no compressed-tensors sparse model.")
+    compressor.decompress(str(folder), model)
+    if hasattr(model, "tie_weights"):  # decompression sets new embedding tensors: re-tie the head
+        model.tie_weights()
 
 
 def read_report(folder: str | Path) -> dict:

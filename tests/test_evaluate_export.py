@@ -23,8 +23,15 @@ from mlprune.evaluate import (
     perplexity,
     target_language_rate,
 )
-from mlprune.export import MASKS, REPORT, build_report, export_pruned, read_report
-from mlprune.models import linear_modules, load_model
+from mlprune.export import (
+    MASKS,
+    REPORT,
+    build_report,
+    export_pruned,
+    load_compressed_tensors,
+    read_report,
+)
+from mlprune.models import LoadedModel, linear_modules, load_model
 from mlprune.pipeline import (
     SIGNIFICANCE_COLUMNS,
     PruneSpec,
@@ -33,7 +40,7 @@ from mlprune.pipeline import (
     read_sweep_rows,
     sweep,
 )
-from mlprune.prune import MaskSet, rank_modules
+from mlprune.prune import MaskSet, pruned, rank_modules
 
 
 def test_trim_stops_at_end_of_line_and_eos(tok):
@@ -155,6 +162,50 @@ def test_export_round_trip(tmp_path, loaded, corpus):
     assert set(rep["sparsity_per_module"]) == set(result.masks.modules)
     with pytest.raises(MlpruneError, match="already exists"):
         export_pruned(loaded, result.masks, out, report)
+
+
+@pytest.mark.parametrize("pattern, sparsity, fmt", [("2:4", 0.0, "sparse-24-bitmask"),
+                                                     ("unstructured", 0.6, "sparse-bitmask")])
+def test_compressed_tensors_export_reloads_to_the_pruned_weights(tmp_path, loaded, pattern,
+                                                                  sparsity, fmt):
+    masks = rank_modules(loaded.model, method="magnitude").masks(sparsity, pattern)
+    with pruned(loaded.model, masks):
+        expected = {k: v.clone() for k, v in loaded.model.state_dict().items()}
+    out = export_pruned(loaded, masks, tmp_path / "ct", build_report(loaded, masks),
+                        format="compressed-tensors")
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "compressed-tensors"
+    assert config["sparsity_config"]["format"] == fmt
+    paths = {linear_modules(loaded.model)[n].path for n in masks.modules}
+    assert set(config["sparsity_config"]["targets"]) == paths
+    # every pruned module stored compressed (values + bitmask), not as its dense weight
+    from safetensors import safe_open
+
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert all(f"{p}.bitmask" in keys and f"{p}.weight" not in keys for p in paths)
+    # the library that wrote it reads it back into a fresh model: exactly the pruned weights
+    fresh = AutoModelForCausalLM.from_config(loaded.model.config).eval()
+    load_compressed_tensors(out, fresh)
+    got = fresh.state_dict()
+    assert all(torch.equal(got[k], v) for k, v in expected.items())
+    assert read_report(out)["format"] == "compressed-tensors"
+
+
+def test_compressed_tensors_refuses_what_it_cannot_write(tmp_path, loaded, tok):
+    from tiny import tiny_model
+
+    gpt2 = LoadedModel(tiny_model("gpt2"), tok, "gpt2", "local")
+    with pytest.raises(MlpruneError, match="Conv1D"):
+        export_pruned(gpt2, rank_modules(gpt2.model, method="magnitude").masks(0.0, "2:4"),
+                      tmp_path / "g", {}, format="compressed-tensors")
+    masks = rank_modules(loaded.model, method="magnitude").masks(0.5)
+    with pytest.raises(MlpruneError, match="Unknown export format"):
+        export_pruned(loaded, masks, tmp_path / "x", {}, format="gguf")
+    with pytest.raises(MlpruneError, match="no compressed-tensors"):
+        export_pruned(loaded, masks, tmp_path / "hf", {})
+        load_compressed_tensors(tmp_path / "hf", loaded.model)
+    assert not (tmp_path / "x").exists()
 
 
 def test_interrupted_export_leaves_nothing_that_looks_complete(tmp_path, loaded, corpus, monkeypatch):
