@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from mlprune import MlpruneError, Progress, no_progress
+from mlprune.allocation import ALLOCATIONS
 from mlprune.capture import ActivationStats, Cancelled, capture
 from mlprune.corpus import ParallelCorpus
 from mlprune.evaluate import evaluate_translation, paired_translation_test
@@ -29,6 +30,7 @@ from mlprune.prune import (
     MaskSet,
     Pattern,
     Ranking,
+    allocate,
     check_sparsity,
     pruned,
     rank_modules,
@@ -54,8 +56,17 @@ class PruneSpec:
     calibration: str = _setting("mt", "calibration set: mt (translation), mono or code")
     pair: str = _setting("fr-en", "language pair src-tgt of the calibration and evaluation")
     other: str = _setting("code", "second calibration set of the ratio method")
-    sparsity: float = _setting(0.5, "share of each row's weights to prune, in [0, 1)")
+    sparsity: float = _setting(0.5, "share of each row's weights to prune, in [0, 1); with a "
+                                    "layer-adaptive allocation, the mean over layers")
     pattern: str = _setting("unstructured", "unstructured, 2:4 or 4:8")
+    allocation: str = _setting("uniform", "sparsity per layer: uniform, owl (layers with more "
+                                          "outlier scores pruned less, as OWL) or cwl "
+                                          "(M-Wanda's, from cross-lingual correlation); "
+                                          "unstructured only")
+    allocation_range: float = _setting(0.08, "owl/cwl: how far a layer's sparsity may move "
+                                             "from the target (OWL's lambda)", metavar="LAMBDA")
+    outlier_threshold: float = _setting(5.0, "owl: a score above M times its layer's mean "
+                                             "score is an outlier (OWL's M)", metavar="M")
     invert: bool = _setting(False, "prune the highest scores instead (the paper's ablation)")
     protect: str | None = _setting(None, "never prune detected feature dims: top-k:8, ratio:100")
     layers: str | None = _setting(None, "layer range to prune, e.g. 0-11")
@@ -80,6 +91,19 @@ class PruneSpec:
         pattern = Pattern.parse(self.pattern)
         if not pattern.structured:
             check_sparsity(self.sparsity)
+        if self.allocation not in ALLOCATIONS:
+            raise MlpruneError(f"Unknown allocation '{self.allocation}': use "
+                               f"{', '.join(ALLOCATIONS)}.")
+        if self.allocation != "uniform" and pattern.structured:
+            raise MlpruneError(f"The {self.allocation} allocation prunes layers unevenly, which "
+                               f"the fixed {pattern} pattern cannot: use unstructured sparsity "
+                               "or the uniform allocation.")
+        if not 0 <= self.allocation_range <= 0.5:
+            raise MlpruneError("The allocation range must be between 0 and 0.5; got "
+                               f"{self.allocation_range}.")
+        if self.outlier_threshold <= 0:
+            raise MlpruneError(f"The outlier threshold must be above 0; got "
+                               f"{self.outlier_threshold}.")
         parse_pair(self.pair)
         if self.samples < 1:
             raise MlpruneError("The number of samples must be at least 1.")
@@ -114,7 +138,8 @@ class PruneSpec:
     @property
     def label(self) -> str:
         calib = f"-{self.calibration}" if self.method in ("wanda",) else ""
-        return f"{self.method}{calib}{'-inv' if self.invert else ''}"
+        alloc = f"-{self.allocation}" if self.allocation != "uniform" else ""
+        return f"{self.method}{calib}{alloc}{'-inv' if self.invert else ''}"
 
 
 # Named presets: what differs from the field defaults above, written once. The dashboard's
@@ -211,16 +236,21 @@ def rank(loaded: LoadedModel, spec: PruneSpec, calib: Calibration | None, *,
             raise MlpruneError("Protecting features needs calibration statistics.")
         protect = detected_dims(calib.stats, spec.protect)
     stats = calib.stats if calib else None
+    other = calib.other if calib else None
+    # the allocation reads the dense statistics, in sequential mode too (before the pass)
+    allocation = allocate(loaded.model, stats, kind=spec.allocation, method=spec.method,
+                          other=other, modules=modules, strength=spec.allocation_range,
+                          threshold=spec.outlier_threshold, seed=spec.seed)
     if spec.mode == "sequential" and spec.uses_activations:
         stats = sequential_stats(
             loaded.model, loaded.tokenizer, calib.prompts, calib.stats, method=spec.method,
-            sparsity=spec.sparsity, pattern=spec.pattern, other=calib.other, invert=spec.invert,
+            sparsity=spec.sparsity, pattern=spec.pattern, other=other, invert=spec.invert,
             protect=protect, modules=modules, seed=spec.seed, batch_size=batch_size,
-            pad_to=spec.pad_to,
+            pad_to=spec.pad_to, allocation=allocation,
             progress=lambda s, f: progress(f"sequential calibration, {s}", f))
-    return rank_modules(loaded.model, stats, method=spec.method, other=calib.other if calib else None,
+    return rank_modules(loaded.model, stats, method=spec.method, other=other,
                         invert=spec.invert, protect=protect, modules=modules, seed=spec.seed,
-                        progress=lambda s, f: progress(f"ranking, {s}", f))
+                        allocation=allocation, progress=lambda s, f: progress(f"ranking, {s}", f))
 
 
 def prune(loaded: LoadedModel, corpus: ParallelCorpus, spec: PruneSpec, *, batch_size: int = 8,

@@ -8,7 +8,9 @@ Scores of W[i, j] (compared within each output row i):
 - ``magnitude`` |W[i, j]|;
 - ``random``    seeded uniform noise.
 ``invert`` prunes the highest-scoring weights instead (the paper's ablation). Protected input
-columns (large-magnitude features) are ranked above everything and never pruned.
+columns (large-magnitude features) are ranked above everything and never pruned. A ranking may
+carry an :class:`~mlprune.allocation.Allocation` (OWL's layer-adaptive sparsity): its masks then
+prune each layer at that layer's share of the target, which stays the overall mean.
 
 Each row's column order is kept as small integers, so a new sparsity is a slice of it and a
 new N:M pattern one small sort, with no pass over data. Applying masks keeps only the pruned values
@@ -33,6 +35,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from mlprune import MlpruneError, Progress, no_progress
+from mlprune.allocation import Allocation
 from mlprune.capture import ActivationStats, LayerRunner
 from mlprune.models import LinearInfo, linear_modules
 from mlprune.prompts import PromptSet
@@ -205,9 +208,14 @@ class Ranking:
         return list(self.order)
 
     def masks(self, sparsity: float, pattern: str | Pattern = "unstructured") -> MaskSet:
-        """The pruned columns of every row of every module at this sparsity or N:M pattern."""
+        """The pruned columns of every row of every module at this sparsity or N:M pattern
+        (with an allocation, each module at its layer's sparsity; unstructured only)."""
         pattern = Pattern.parse(pattern)
         pruned_cols = {}
+        if pattern.structured and self.meta.get("allocation"):
+            raise MlpruneError(f"Layer-adaptive sparsity ({self.meta['allocation']['kind']}) "
+                               f"prunes layers unevenly, which the fixed {pattern} pattern "
+                               "cannot: use unstructured sparsity or the uniform allocation.")
         if pattern.structured:
             for name, order in self.order.items():
                 if order.shape[1] % pattern.m:
@@ -220,12 +228,30 @@ class Ranking:
             target = pattern.n / pattern.m
         else:
             target = check_sparsity(sparsity)
+            per_module = self.module_sparsities(target)
             for name, order in self.order.items():
                 n_in = order.shape[1]
-                k = min(int(n_in * target), n_in - int(self.protected[name].sum()))
+                k = min(int(n_in * per_module[name]), n_in - int(self.protected[name].sum()))
                 pruned_cols[name] = order[:, :k]
+        meta = dict(self.meta)
+        if self.allocation is not None:
+            meta["allocation"] = self.allocation.report(target)
         return MaskSet(pruned_cols, {n: o.shape[1] for n, o in self.order.items()}, target,
-                       str(pattern), dict(self.meta), self.protected)
+                       str(pattern), meta, self.protected)
+
+    @property
+    def allocation(self) -> Allocation | None:
+        """How the target is shared out across layers (None: every layer at the target)."""
+        data = self.meta.get("allocation")
+        return Allocation.from_dict(data) if data else None
+
+    def module_sparsities(self, target: float) -> dict[str, float]:
+        """Each ranked module's sparsity at this overall target: its layer's allocated share,
+        or the target itself when the ranking has no allocation."""
+        allocation = self.allocation
+        if allocation is None:
+            return dict.fromkeys(self.order, target)
+        return allocation.module_sparsities(target)
 
     def _nm_columns(self, name: str, pattern: Pattern) -> torch.Tensor:
         """The N lowest-ranked columns of every group of M (cached per module and pattern).
@@ -303,8 +329,11 @@ def _lowest_in_groups(order: torch.Tensor, n: int, m: int) -> torch.Tensor:
 def rank_modules(model: nn.Module, stats: ActivationStats | None = None, *, method: str = "wanda",
                  other: ActivationStats | None = None, invert: bool = False,
                  protect: dict[str, list[int]] | None = None, modules: list[str] | None = None,
-                 seed: int = 0, progress: Progress = no_progress) -> Ranking:
-    """Score and rank every selected module once (``progress`` is told "module i/n")."""
+                 seed: int = 0, allocation: Allocation | None = None,
+                 progress: Progress = no_progress) -> Ranking:
+    """Score and rank every selected module once (``progress`` is told "module i/n").
+
+    ``allocation`` (from :func:`allocate`) makes the ranking's masks layer-adaptive."""
     if method not in METHODS:
         raise MlpruneError(f"Unknown method '{method}': use {', '.join(METHODS)}.")
     infos = linear_modules(model)
@@ -319,7 +348,62 @@ def rank_modules(model: nn.Module, stats: ActivationStats | None = None, *, meth
             "protected_dims": {str(k): v for k, v in (protect or {}).items() if v},
             "calibration": (stats.meta.get("prompts") if stats else None),
             "other": (other.meta.get("prompts") if other else None)}
+    if allocation is not None:
+        meta["allocation"] = allocation.to_dict()
     return Ranking(order, prot, meta)
+
+
+def _by_layer(model: nn.Module, names: list[str]) -> dict[int, list[str]]:
+    infos = linear_modules(model)
+    layers: dict[int, list[str]] = {}
+    for name in names:
+        layers.setdefault(infos[name].layer, []).append(name)
+    return layers
+
+
+def outlier_shares(model: nn.Module, stats: ActivationStats | None = None, *,
+                   method: str = "wanda", other: ActivationStats | None = None,
+                   modules: list[str] | None = None, threshold: float = 5.0,
+                   seed: int = 0) -> dict[int, float]:
+    """OWL's layerwise outlier distribution D_l: per layer, the share of the selected modules'
+    weights whose score exceeds ``threshold`` times the mean score of that layer (OWL's
+    ``check_outlier_mean`` on the concatenated scores of a layer's modules)."""
+    if threshold <= 0:
+        raise MlpruneError(f"The outlier threshold must be above 0; got {threshold}.")
+    infos = linear_modules(model)
+    shares = {}
+    for layer, names in _by_layer(model, modules or list(infos)).items():
+        layer_scores = [scores(infos[n], method, stats, other, seed) for n in names]
+        count = sum(s.numel() for s in layer_scores)
+        mean = sum(float(s.double().sum()) for s in layer_scores) / count
+        above = sum(int((s > threshold * mean).sum()) for s in layer_scores)
+        shares[layer] = above / count
+    return shares
+
+
+def allocate(model: nn.Module, stats: ActivationStats | None = None, *, kind: str = "uniform",
+             method: str = "wanda", other: ActivationStats | None = None,
+             modules: list[str] | None = None, strength: float = 0.08, threshold: float = 5.0,
+             importance: dict[int, float] | None = None, seed: int = 0) -> Allocation | None:
+    """How to share a target out across the selected modules' layers: None for ``uniform``;
+    for ``owl``, offsets from :func:`outlier_shares` of the method's scores on ``stats`` (the
+    dense statistics, also in sequential mode); for any other kind (M-Wanda's ``cwl``), from
+    the per-layer ``importance`` given."""
+    if kind == "uniform":
+        return None
+    infos = linear_modules(model)
+    names = modules or list(infos)
+    if kind == "owl":
+        importance = outlier_shares(model, stats, method=method, other=other, modules=names,
+                                    threshold=threshold, seed=seed)
+        settings = {"threshold": threshold}
+    elif importance is None:
+        raise MlpruneError(f"The {kind} allocation needs a per-layer importance.")
+    else:
+        settings = {}
+    return Allocation.from_importance(
+        kind, importance, {n: infos[n].layer for n in names},
+        {n: infos[n].weight.numel() for n in names}, strength, **settings)
 
 
 # --------------------------------------------------------------------------- masks
@@ -615,6 +699,7 @@ def sequential_stats(model: nn.Module, tokenizer, texts: PromptSet | list[str],
                      other: ActivationStats | None = None, invert: bool = False,
                      protect: dict[str, list[int]] | None = None, modules: list[str] | None = None,
                      seed: int = 0, batch_size: int = 8, pad_to: int | None = None,
+                     allocation: Allocation | None = None,
                      progress: Progress = no_progress) -> ActivationStats:
     """Statistics as Wanda takes them: layer l's inputs with layers < l already pruned.
 
@@ -625,7 +710,7 @@ def sequential_stats(model: nn.Module, tokenizer, texts: PromptSet | list[str],
     return sequential_stats_and_masks(
         model, tokenizer, texts, dense, method=method, sparsity=sparsity, pattern=pattern,
         other=other, invert=invert, protect=protect, modules=modules, seed=seed,
-        batch_size=batch_size, pad_to=pad_to, progress=progress)[0]
+        batch_size=batch_size, pad_to=pad_to, allocation=allocation, progress=progress)[0]
 
 
 def sequential_stats_and_masks(
@@ -634,10 +719,13 @@ def sequential_stats_and_masks(
         other: ActivationStats | None = None, invert: bool = False,
         protect: dict[str, list[int]] | None = None, modules: list[str] | None = None,
         seed: int = 0, batch_size: int = 8, pad_to: int | None = None,
+        allocation: Allocation | None = None,
         progress: Progress = no_progress) -> tuple[ActivationStats, MaskSet]:
     """:func:`sequential_stats`, and the one mask set it grew layer by layer (every selected
-    module, each pruned at ``sparsity``/``pattern`` from the statistics it saw). ``progress``
-    is told "layer i/n" as each layer is done.
+    module, each pruned at ``sparsity``/``pattern`` from the statistics it saw, or at its
+    layer's share of ``sparsity`` under an ``allocation``, which :func:`allocate` computes
+    from the dense statistics before the pass). ``progress`` is told "layer i/n" as each
+    layer is done.
 
     The run starts from the dense model (masks applied before are restored first) and applies
     one :class:`AppliedMasks` that each layer extends with its own masks, so only that layer's
@@ -659,7 +747,8 @@ def sequential_stats_and_masks(
                     partial = ActivationStats(dense.hidden_norms, sqnorms, runner.n_tokens,
                                               dense.n_prompts, dense.meta)
                     ranking = rank_modules(model, partial, method=method, other=other,
-                                           invert=invert, protect=protect, modules=here, seed=seed)
+                                           invert=invert, protect=protect, modules=here, seed=seed,
+                                           allocation=allocation)
                     masks = ranking.masks(sparsity, pattern)
                     if applied is None:
                         applied = apply_masks(model, masks)
