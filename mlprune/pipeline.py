@@ -22,7 +22,16 @@ from mlprune.corpus import ParallelCorpus
 from mlprune.evaluate import evaluate_translation, paired_translation_test
 from mlprune.features import detected_dims
 from mlprune.models import LoadedModel, cache_dir
-from mlprune.prompts import PromptSet, calibration_prompts, parse_pair
+from mlprune.prompts import (
+    CALIBRATIONS,
+    PromptSet,
+    calibration_mix,
+    calibration_prompts,
+    is_mix,
+    mix_components,
+    parse_pair,
+    pooled_prompts,
+)
 from mlprune.protocol import get_protocol
 from mlprune.prune import (
     METHODS,
@@ -53,7 +62,11 @@ class PruneSpec:
     """
 
     method: str = _setting("wanda", "wanda, ratio, magnitude or random")
-    calibration: str = _setting("mt", "calibration set: mt (translation), mono or code")
+    calibration: str = _setting("mt", "calibration set: mt (translation), mono, code, pooled "
+                                      "(every X-en direction, equal weights) or a mix: "
+                                      "mix:fr-en=1,de-en=1,zh=0.5 (pairs translate, single "
+                                      "languages are monolingual; samples prompts per set)",
+                                metavar="SET")
     pair: str = _setting("fr-en", "language pair src-tgt of the calibration and evaluation")
     other: str = _setting("code", "second calibration set of the ratio method")
     sparsity: float = _setting(0.5, "share of each row's weights to prune, in [0, 1); with a "
@@ -105,6 +118,13 @@ class PruneSpec:
             raise MlpruneError(f"The outlier threshold must be above 0; got "
                                f"{self.outlier_threshold}.")
         parse_pair(self.pair)
+        for name in (self.calibration, self.other):
+            if is_mix(name):
+                mix_components(name)  # the syntax; the languages are checked with the corpus
+            elif name not in CALIBRATIONS:
+                raise MlpruneError(f"Unknown calibration set '{name}': use "
+                                   f"{', '.join(CALIBRATIONS)}, pooled or a mix such as "
+                                   "mix:fr-en=1,de-en=1.")
         if self.samples < 1:
             raise MlpruneError("The number of samples must be at least 1.")
         get_protocol(self.protocol)
@@ -181,7 +201,7 @@ def model_fingerprint(loaded: LoadedModel) -> str:
     return h.hexdigest()[:16]
 
 
-STATS_VERSION = "2"  # bumped when ActivationStats gain fields: older cache entries are not read
+STATS_VERSION = "3"  # bumped when ActivationStats gain fields: older cache entries are not read
 
 
 def cached_capture(loaded: LoadedModel, prompts: PromptSet, *, batch_size: int = 8,
@@ -204,25 +224,53 @@ def cached_capture(loaded: LoadedModel, prompts: PromptSet, *, batch_size: int =
     return stats
 
 
+def calibration_stats(loaded: LoadedModel, corpus: ParallelCorpus, calibration: str,
+                      spec: PruneSpec, *, what: str = "calibration", batch_size: int = 8,
+                      progress: Progress = no_progress,
+                      should_stop: Callable[[], bool] | None = None
+                      ) -> tuple[PromptSet, ActivationStats]:
+    """One calibration set's prompts and cached statistics, under the spec's shots, samples,
+    seed, protocol and padding. A mix captures (or reads from the cache) each of its sets
+    alone and combines them with its weights (:meth:`ActivationStats.combine`); its prompts
+    are the pooled prompt set, which a sequential pass collects per part."""
+    kw = dict(shots=spec.shots, samples=spec.samples, seed=spec.seed, separator=spec.separator)
+    if not is_mix(calibration):
+        prompts = calibration_prompts(corpus, calibration, spec.pair, **kw)
+        stats = cached_capture(loaded, prompts, batch_size=batch_size, should_stop=should_stop,
+                               pad_to=spec.pad_to,
+                               progress=lambda s, f: progress(f"{what} ({prompts.name}), {s}", f))
+        return prompts, stats
+    parts = calibration_mix(corpus, calibration, **kw)
+    captured = []
+    for i, (ps, _) in enumerate(parts):
+        captured.append(cached_capture(
+            loaded, ps, batch_size=batch_size, should_stop=should_stop, pad_to=spec.pad_to,
+            progress=lambda s, f, i=i, n=ps.name: progress(
+                f"{what} ({n}, set {i + 1}/{len(parts)}), {s}", (i + f) / len(parts))))
+    prompts = pooled_prompts(calibration, parts)
+    meta = {**{k: v for k, v in captured[0].meta.items() if k not in ("texts", "src", "tgt",
+                                                                      "lang")},
+            "prompts": calibration, "kind": "mix"}
+    if spec.pad_to:
+        meta["pad_to"] = spec.pad_to
+    stats = ActivationStats.combine(captured, [w for _, w in parts], [ps.name for ps, _ in parts],
+                                    meta=meta)
+    return prompts, stats
+
+
 def calibrate(loaded: LoadedModel, corpus: ParallelCorpus, spec: PruneSpec, *,
               batch_size: int = 8, progress: Progress = no_progress,
               should_stop: Callable[[], bool] | None = None) -> Calibration:
     """The dense model's statistics on the spec's calibration set (and second set), cached."""
     start = time.perf_counter()
-    prompts = calibration_prompts(corpus, spec.calibration, spec.pair, shots=spec.shots,
-                                  samples=spec.samples, seed=spec.seed, separator=spec.separator)
-    stats = cached_capture(loaded, prompts, batch_size=batch_size, should_stop=should_stop,
-                           pad_to=spec.pad_to,
-                           progress=lambda s, f: progress(f"calibration ({prompts.name}), {s}", f))
+    prompts, stats = calibration_stats(loaded, corpus, spec.calibration, spec,
+                                       batch_size=batch_size, progress=progress,
+                                       should_stop=should_stop)
     other = None
     if spec.method == "ratio":
-        other_prompts = calibration_prompts(corpus, spec.other, spec.pair, shots=spec.shots,
-                                            samples=spec.samples, seed=spec.seed,
-                                            separator=spec.separator)
-        other = cached_capture(
-            loaded, other_prompts, batch_size=batch_size, should_stop=should_stop,
-            pad_to=spec.pad_to,
-            progress=lambda s, f: progress(f"second set ({other_prompts.name}), {s}", f))
+        _, other = calibration_stats(loaded, corpus, spec.other, spec, what="second set",
+                                     batch_size=batch_size, progress=progress,
+                                     should_stop=should_stop)
     return Calibration(prompts, stats, other, time.perf_counter() - start)
 
 

@@ -693,6 +693,22 @@ def pruned(model: nn.Module, masks: MaskSet | None):
 # --------------------------------------------------------------------------- sequential
 
 
+def _with_inputs(dense: ActivationStats, sqnorms: list[dict[str, torch.Tensor]],
+                 active: list[dict[str, torch.Tensor]], tokens: list[int],
+                 meta: dict | None = None) -> ActivationStats:
+    """``dense`` with the module statistics of a sequential pass: one table per part of its
+    mix (one for a single set), combined with the mix's weights."""
+    parts = dense.parts or [(dense.meta.get("prompts", "calibration"), 1.0, dense)]
+    stats = [ActivationStats(p.hidden_norms, sq, n, p.n_prompts, p.meta, p.embed_norms,
+                             p.final_norms, act)
+             for (_, _, p), sq, act, n in zip(parts, sqnorms, active, tokens)]
+    if not dense.parts:
+        stats[0].meta = meta if meta is not None else dense.meta
+        return stats[0]
+    return ActivationStats.combine(stats, [w for _, w, _ in parts], [n for n, _, _ in parts],
+                                   meta=meta if meta is not None else dense.meta)
+
+
 def sequential_stats(model: nn.Module, tokenizer, texts: PromptSet | list[str],
                      dense: ActivationStats, *,
                      method: str, sparsity: float, pattern: str | Pattern = "unstructured",
@@ -734,18 +750,26 @@ def sequential_stats_and_masks(
     infos = linear_modules(model)
     names = modules or list(infos)
     n_layers = dense.n_layers
-    sqnorms = dict(dense.input_sqnorms)
+    # a mix is collected per part and combined with its weights after every layer
+    parts = dense.parts or [(dense.meta.get("prompts", "calibration"), 1.0, dense)]
+    sqnorms = [dict(p.input_sqnorms) for _, _, p in parts]
+    active = [dict(p.active_counts) for _, _, p in parts]
     applied: AppliedMasks | None = None
     with model_lock(model):
         restore(model)
         runner = LayerRunner(model, tokenizer, texts, batch_size, pad_to)
+        if runner.groups.count != len(parts):
+            raise MlpruneError("The prompts of the sequential pass are not the parts of the "
+                               "calibration mix its statistics were taken on.")
         try:
             for layer in range(n_layers):
                 here = [n for n in names if infos[n].layer == layer]
                 if here:
-                    sqnorms.update(runner.collect(layer, here))
-                    partial = ActivationStats(dense.hidden_norms, sqnorms, runner.n_tokens,
-                                              dense.n_prompts, dense.meta)
+                    sq, act = runner.collect(layer, here)
+                    for g in range(len(parts)):
+                        sqnorms[g].update({n: v[g] for n, v in sq.items()})
+                        active[g].update({n: v[g] for n, v in act.items()})
+                    partial = _with_inputs(dense, sqnorms, active, runner.group_tokens)
                     ranking = rank_modules(model, partial, method=method, other=other,
                                            invert=invert, protect=protect, modules=here, seed=seed,
                                            allocation=allocation)
@@ -761,8 +785,7 @@ def sequential_stats_and_masks(
                 applied.restore()
     meta = dict(dense.meta, mode="sequential", sequential_sparsity=sparsity,
                 sequential_pattern=str(Pattern.parse(pattern)))
-    stats = ActivationStats(dense.hidden_norms, sqnorms, runner.n_tokens, dense.n_prompts, meta,
-                            embed_norms=dense.embed_norms, final_norms=dense.final_norms)
+    stats = _with_inputs(dense, sqnorms, active, runner.group_tokens, meta)
     if applied is None:  # no selected module in the stats' layers
         pat = Pattern.parse(pattern)
         return stats, MaskSet({}, {}, pat.n / pat.m if pat.structured else sparsity, str(pat))
