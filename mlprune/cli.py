@@ -13,8 +13,9 @@ from mlprune import MlpruneError, Progress
 CORPUS_HELP = "corpus file (.tsv/.csv/.jsonl), 'builtin' (default) or 'flores:dev'"
 # Every PruneSpec field is a flag of `mlprune prune`; the other commands take the few they use.
 PRUNE_FIELDS = ("method", "calibration", "pair", "other", "sparsity", "pattern", "allocation",
-                "allocation_range", "outlier_threshold", "invert", "protect", "layers", "blocks",
-                "mode", "shots", "samples", "seed", "protocol", "pad_to")
+                "allocation_range", "outlier_threshold", "mwanda_parts", "variance_weight",
+                "prob_weight", "invert", "protect", "layers", "blocks", "mode", "shots",
+                "samples", "seed", "protocol", "pad_to")
 
 
 def _bar() -> Progress:

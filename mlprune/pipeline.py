@@ -22,6 +22,7 @@ from mlprune.corpus import ParallelCorpus
 from mlprune.evaluate import evaluate_translation, paired_translation_test
 from mlprune.features import detected_dims
 from mlprune.models import LoadedModel, cache_dir
+from mlprune.mwanda import PARTS, MWanda
 from mlprune.prompts import (
     CALIBRATIONS,
     PromptSet,
@@ -61,7 +62,8 @@ class PruneSpec:
     flags and the dashboard's widgets are built from these fields (see :func:`spec_flags`).
     """
 
-    method: str = _setting("wanda", "wanda, ratio, magnitude or random")
+    method: str = _setting("wanda", "wanda, ratio, m-wanda (M-Wanda: needs a calibration mix, "
+                                    "e.g. pooled), magnitude or random")
     calibration: str = _setting("mt", "calibration set: mt (translation), mono, code, pooled "
                                       "(every X-en direction, equal weights) or a mix: "
                                       "mix:fr-en=1,de-en=1,zh=0.5 (pairs translate, single "
@@ -80,6 +82,17 @@ class PruneSpec:
                                              "from the target (OWL's lambda)", metavar="LAMBDA")
     outlier_threshold: float = _setting(5.0, "owl: a score above M times its layer's mean "
                                              "score is an outlier (OWL's M)", metavar="M")
+    mwanda_parts: str = _setting("variance,cwl,prob", "m-wanda: the parts used (drop one to "
+                                                      "ablate it; none = wanda on the mix): "
+                                                      "variance (the languages' spread in the "
+                                                      "score), cwl (per-layer sparsity from "
+                                                      "cross-lingual correlation), prob (MLP "
+                                                      "neurons' activation probability)",
+                                 metavar="PARTS")
+    variance_weight: float = _setting(1.0, "m-wanda: weight of the languages' spread in the "
+                                           "score (alpha)", metavar="ALPHA")
+    prob_weight: float = _setting(1.0, "m-wanda: weight of the activation probability in the "
+                                       "score (gamma)", metavar="GAMMA")
     invert: bool = _setting(False, "prune the highest scores instead (the paper's ablation)")
     protect: str | None = _setting(None, "never prune detected feature dims: top-k:8, ratio:100")
     layers: str | None = _setting(None, "layer range to prune, e.g. 0-11")
@@ -111,6 +124,19 @@ class PruneSpec:
             raise MlpruneError(f"The {self.allocation} allocation prunes layers unevenly, which "
                                f"the fixed {pattern} pattern cannot: use unstructured sparsity "
                                "or the uniform allocation.")
+        mwanda = self.mwanda  # checks the parts and weights
+        if self.method == "m-wanda" or self.allocation == "cwl":
+            if not is_mix(self.calibration):
+                what = "The m-wanda method" if self.method == "m-wanda" else "The cwl allocation"
+                raise MlpruneError(f"{what} compares languages: calibrate on a mix, e.g. "
+                                   "--calibration pooled.")
+        if self.method == "m-wanda" and "cwl" in mwanda and self.allocation == "owl":
+            raise MlpruneError("M-Wanda's cwl part sets the per-layer sparsity: drop cwl from "
+                               "--mwanda-parts to use the owl allocation.")
+        if self.layer_allocation != "uniform" and pattern.structured:
+            raise MlpruneError(f"M-Wanda's cwl part prunes layers unevenly, which the fixed "
+                               f"{pattern} pattern cannot: use unstructured sparsity or drop cwl "
+                               "from --mwanda-parts.")
         if not 0 <= self.allocation_range <= 0.5:
             raise MlpruneError("The allocation range must be between 0 and 0.5; got "
                                f"{self.allocation_range}.")
@@ -146,8 +172,21 @@ class PruneSpec:
 
     @property
     def uses_activations(self) -> bool:
-        """Whether the method's scores read calibration statistics (Wanda and its ratio variant)."""
-        return self.method in ("wanda", "ratio")
+        """Whether the method's scores read calibration statistics (Wanda and its variants)."""
+        return self.method in ("wanda", "ratio", "m-wanda")
+
+    @property
+    def mwanda(self) -> MWanda:
+        """M-Wanda's parts and weights under this spec."""
+        return MWanda.parse(self.mwanda_parts, self.variance_weight, self.prob_weight)
+
+    @property
+    def layer_allocation(self) -> str:
+        """How sparsity is shared across layers: M-Wanda's cwl when its cwl part is on, else
+        the ``allocation`` field."""
+        if self.method == "m-wanda" and "cwl" in self.mwanda:
+            return "cwl"
+        return self.allocation
 
     @property
     def needs_calibration(self) -> bool:
@@ -159,6 +198,10 @@ class PruneSpec:
     def label(self) -> str:
         calib = f"-{self.calibration}" if self.method in ("wanda",) else ""
         alloc = f"-{self.allocation}" if self.allocation != "uniform" else ""
+        if self.method == "m-wanda":
+            parts = set(self.mwanda.parts)
+            alloc = "" if parts == set(PARTS) else f"[{','.join(sorted(parts)) or 'none'}]"
+            alloc += f"-{self.allocation}" if self.allocation == "owl" else ""
         return f"{self.method}{calib}{alloc}{'-inv' if self.invert else ''}"
 
 
@@ -286,19 +329,20 @@ def rank(loaded: LoadedModel, spec: PruneSpec, calib: Calibration | None, *,
     stats = calib.stats if calib else None
     other = calib.other if calib else None
     # the allocation reads the dense statistics, in sequential mode too (before the pass)
-    allocation = allocate(loaded.model, stats, kind=spec.allocation, method=spec.method,
+    allocation = allocate(loaded.model, stats, kind=spec.layer_allocation, method=spec.method,
                           other=other, modules=modules, strength=spec.allocation_range,
-                          threshold=spec.outlier_threshold, seed=spec.seed)
+                          threshold=spec.outlier_threshold, seed=spec.seed, mwanda=spec.mwanda)
     if spec.mode == "sequential" and spec.uses_activations:
         stats = sequential_stats(
             loaded.model, loaded.tokenizer, calib.prompts, calib.stats, method=spec.method,
             sparsity=spec.sparsity, pattern=spec.pattern, other=other, invert=spec.invert,
             protect=protect, modules=modules, seed=spec.seed, batch_size=batch_size,
-            pad_to=spec.pad_to, allocation=allocation,
+            pad_to=spec.pad_to, allocation=allocation, mwanda=spec.mwanda,
             progress=lambda s, f: progress(f"sequential calibration, {s}", f))
     return rank_modules(loaded.model, stats, method=spec.method, other=other,
                         invert=spec.invert, protect=protect, modules=modules, seed=spec.seed,
-                        allocation=allocation, progress=lambda s, f: progress(f"ranking, {s}", f))
+                        allocation=allocation, mwanda=spec.mwanda,
+                        progress=lambda s, f: progress(f"ranking, {s}", f))
 
 
 def prune(loaded: LoadedModel, corpus: ParallelCorpus, spec: PruneSpec, *, batch_size: int = 8,

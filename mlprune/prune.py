@@ -5,6 +5,9 @@ Scores of W[i, j] (compared within each output row i):
 - ``ratio``     |W[i, j]| * b_j * (b_j / o_j), b from translation and o from a second set
                 (e.g. code), so columns specific to the second set lose weight (the paper's
                 variant for BLOOM-like models);
+- ``m-wanda``   M-Wanda (Choenni and Titov, 2025): Wanda on a calibration mix with the
+                languages' spread and the MLP neurons' activation probability in the score
+                (:mod:`mlprune.mwanda`, whose CWL part is a layer allocation);
 - ``magnitude`` |W[i, j]|;
 - ``random``    seeded uniform noise.
 ``invert`` prunes the highest-scoring weights instead (the paper's ablation). Protected input
@@ -38,9 +41,11 @@ from mlprune import MlpruneError, Progress, no_progress
 from mlprune.allocation import Allocation
 from mlprune.capture import ActivationStats, LayerRunner
 from mlprune.models import LinearInfo, linear_modules
+from mlprune.mwanda import MWanda, cwl_importance
+from mlprune.mwanda import scores as mwanda_scores
 from mlprune.prompts import PromptSet
 
-METHODS = ("wanda", "ratio", "magnitude", "random")
+METHODS = ("wanda", "ratio", "m-wanda", "magnitude", "random")
 MODES = ("one-shot", "sequential")
 
 
@@ -135,8 +140,12 @@ def protected_columns(model: nn.Module, dims_by_site: dict[str, list[int]] | Non
 
 
 def scores(info: LinearInfo, method: str, stats: ActivationStats | None = None,
-           other: ActivationStats | None = None, seed: int = 0) -> torch.Tensor:
-    """Score of every weight of one module, fp32 [out, in]; low scores are pruned first."""
+           other: ActivationStats | None = None, seed: int = 0,
+           mwanda: MWanda | None = None) -> torch.Tensor:
+    """Score of every weight of one module, fp32 [out, in]; low scores are pruned first
+    (``mwanda``: the parts of M-Wanda to use, all by default)."""
+    if method == "m-wanda":
+        return mwanda_scores(info, stats, mwanda or MWanda())
     w = info.weight.detach().float().abs()
     if method == "magnitude":
         return w
@@ -330,7 +339,7 @@ def rank_modules(model: nn.Module, stats: ActivationStats | None = None, *, meth
                  other: ActivationStats | None = None, invert: bool = False,
                  protect: dict[str, list[int]] | None = None, modules: list[str] | None = None,
                  seed: int = 0, allocation: Allocation | None = None,
-                 progress: Progress = no_progress) -> Ranking:
+                 mwanda: MWanda | None = None, progress: Progress = no_progress) -> Ranking:
     """Score and rank every selected module once (``progress`` is told "module i/n").
 
     ``allocation`` (from :func:`allocate`) makes the ranking's masks layer-adaptive."""
@@ -341,13 +350,17 @@ def rank_modules(model: nn.Module, stats: ActivationStats | None = None, *, meth
     prot = protected_columns(model, protect, names)
     order = {}
     for i, name in enumerate(names):
-        s = scores(infos[name], method, stats, other, seed)
+        s = scores(infos[name], method, stats, other, seed, mwanda)
         order[name] = row_order(-s if invert else s, prot[name])
         progress(f"module {i + 1}/{len(names)}", (i + 1) / len(names))
     meta = {"method": method, "invert": invert, "seed": seed,
             "protected_dims": {str(k): v for k, v in (protect or {}).items() if v},
             "calibration": (stats.meta.get("prompts") if stats else None),
             "other": (other.meta.get("prompts") if other else None)}
+    if method == "m-wanda":
+        mw = mwanda or MWanda()
+        meta["mwanda"] = {"parts": sorted(mw.parts), "variance_weight": mw.variance_weight,
+                          "prob_weight": mw.prob_weight}
     if allocation is not None:
         meta["allocation"] = allocation.to_dict()
     return Ranking(order, prot, meta)
@@ -364,7 +377,7 @@ def _by_layer(model: nn.Module, names: list[str]) -> dict[int, list[str]]:
 def outlier_shares(model: nn.Module, stats: ActivationStats | None = None, *,
                    method: str = "wanda", other: ActivationStats | None = None,
                    modules: list[str] | None = None, threshold: float = 5.0,
-                   seed: int = 0) -> dict[int, float]:
+                   seed: int = 0, mwanda: MWanda | None = None) -> dict[int, float]:
     """OWL's layerwise outlier distribution D_l: per layer, the share of the selected modules'
     weights whose score exceeds ``threshold`` times the mean score of that layer (OWL's
     ``check_outlier_mean`` on the concatenated scores of a layer's modules)."""
@@ -373,7 +386,7 @@ def outlier_shares(model: nn.Module, stats: ActivationStats | None = None, *,
     infos = linear_modules(model)
     shares = {}
     for layer, names in _by_layer(model, modules or list(infos)).items():
-        layer_scores = [scores(infos[n], method, stats, other, seed) for n in names]
+        layer_scores = [scores(infos[n], method, stats, other, seed, mwanda) for n in names]
         count = sum(s.numel() for s in layer_scores)
         mean = sum(float(s.double().sum()) for s in layer_scores) / count
         above = sum(int((s > threshold * mean).sum()) for s in layer_scores)
@@ -384,23 +397,27 @@ def outlier_shares(model: nn.Module, stats: ActivationStats | None = None, *,
 def allocate(model: nn.Module, stats: ActivationStats | None = None, *, kind: str = "uniform",
              method: str = "wanda", other: ActivationStats | None = None,
              modules: list[str] | None = None, strength: float = 0.08, threshold: float = 5.0,
-             importance: dict[int, float] | None = None, seed: int = 0) -> Allocation | None:
-    """How to share a target out across the selected modules' layers: None for ``uniform``;
-    for ``owl``, offsets from :func:`outlier_shares` of the method's scores on ``stats`` (the
-    dense statistics, also in sequential mode); for any other kind (M-Wanda's ``cwl``), from
-    the per-layer ``importance`` given."""
+             seed: int = 0, mwanda: MWanda | None = None) -> Allocation | None:
+    """How to share a target out across the selected modules' layers, from ``stats`` (the
+    dense statistics, also in sequential mode): None for ``uniform``; for ``owl``, offsets
+    from :func:`outlier_shares` of the method's scores; for ``cwl`` (M-Wanda's), from the
+    cross-lingual correlation of the calibration mix's languages
+    (:func:`mlprune.mwanda.cwl_importance`)."""
     if kind == "uniform":
         return None
     infos = linear_modules(model)
     names = modules or list(infos)
     if kind == "owl":
         importance = outlier_shares(model, stats, method=method, other=other, modules=names,
-                                    threshold=threshold, seed=seed)
+                                    threshold=threshold, seed=seed, mwanda=mwanda)
         settings = {"threshold": threshold}
-    elif importance is None:
-        raise MlpruneError(f"The {kind} allocation needs a per-layer importance.")
+    elif kind == "cwl":
+        if stats is None:
+            raise MlpruneError("The cwl allocation needs calibration statistics of a mix.")
+        importance = cwl_importance(stats, _by_layer(model, names))
+        settings = {"correlation": "pearson of log input norms"}
     else:
-        settings = {}
+        raise MlpruneError(f"Unknown allocation '{kind}': use uniform, owl or cwl.")
     return Allocation.from_importance(
         kind, importance, {n: infos[n].layer for n in names},
         {n: infos[n].weight.numel() for n in names}, strength, **settings)
@@ -715,7 +732,7 @@ def sequential_stats(model: nn.Module, tokenizer, texts: PromptSet | list[str],
                      other: ActivationStats | None = None, invert: bool = False,
                      protect: dict[str, list[int]] | None = None, modules: list[str] | None = None,
                      seed: int = 0, batch_size: int = 8, pad_to: int | None = None,
-                     allocation: Allocation | None = None,
+                     allocation: Allocation | None = None, mwanda: MWanda | None = None,
                      progress: Progress = no_progress) -> ActivationStats:
     """Statistics as Wanda takes them: layer l's inputs with layers < l already pruned.
 
@@ -726,7 +743,8 @@ def sequential_stats(model: nn.Module, tokenizer, texts: PromptSet | list[str],
     return sequential_stats_and_masks(
         model, tokenizer, texts, dense, method=method, sparsity=sparsity, pattern=pattern,
         other=other, invert=invert, protect=protect, modules=modules, seed=seed,
-        batch_size=batch_size, pad_to=pad_to, allocation=allocation, progress=progress)[0]
+        batch_size=batch_size, pad_to=pad_to, allocation=allocation, mwanda=mwanda,
+        progress=progress)[0]
 
 
 def sequential_stats_and_masks(
@@ -735,7 +753,7 @@ def sequential_stats_and_masks(
         other: ActivationStats | None = None, invert: bool = False,
         protect: dict[str, list[int]] | None = None, modules: list[str] | None = None,
         seed: int = 0, batch_size: int = 8, pad_to: int | None = None,
-        allocation: Allocation | None = None,
+        allocation: Allocation | None = None, mwanda: MWanda | None = None,
         progress: Progress = no_progress) -> tuple[ActivationStats, MaskSet]:
     """:func:`sequential_stats`, and the one mask set it grew layer by layer (every selected
     module, each pruned at ``sparsity``/``pattern`` from the statistics it saw, or at its
@@ -772,7 +790,7 @@ def sequential_stats_and_masks(
                     partial = _with_inputs(dense, sqnorms, active, runner.group_tokens)
                     ranking = rank_modules(model, partial, method=method, other=other,
                                            invert=invert, protect=protect, modules=here, seed=seed,
-                                           allocation=allocation)
+                                           allocation=allocation, mwanda=mwanda)
                     masks = ranking.masks(sparsity, pattern)
                     if applied is None:
                         applied = apply_masks(model, masks)
