@@ -377,6 +377,14 @@ SWEEP_METHODS = {
     "ratio": dict(method="ratio", calibration="mt", other="code"),
     "magnitude": dict(method="magnitude"),
     "random": dict(method="random"),
+    # beyond the paper: a mix of every X->en direction, OWL's per-layer sparsity, M-Wanda
+    # and M-Wanda with each of its parts left out
+    "wanda-pooled": dict(method="wanda", calibration="pooled"),
+    "wanda-owl": dict(method="wanda", calibration="mt", allocation="owl"),
+    "m-wanda": dict(method="m-wanda", calibration="pooled", mwanda_parts=",".join(PARTS)),
+    **{f"m-wanda-no-{part}": dict(method="m-wanda", calibration="pooled",
+                                  mwanda_parts=",".join(p for p in PARTS if p != part))
+       for part in PARTS},
 }
 
 
