@@ -6,7 +6,15 @@ Collected, with padding excluded from every statistic and the LM head never run:
   ``embed`` (the embedding output, what layer 0 reads), ``layers.{i}.resid_post`` (layer i's
   output) and ``final_norm`` (the last layer's output after the model's final norm);
 - per linear module, the running squared L2 norm of each input column (Wanda's ||X_j||^2),
-  accumulated in fp32 so that fp16/bf16 activations cannot overflow.
+  accumulated in fp32 so that fp16/bf16 activations cannot overflow;
+- per MLP output projection (``down``), how many tokens activate each hidden neuron: the gate's
+  output above 0 where the MLP is gated (as LAPE counts it), else the neuron's value above 0
+  (M-Wanda's activation probability).
+
+A calibration *mix* (several prompt sets, each with a weight) is summarised by
+:meth:`ActivationStats.combine`: per token, each statistic is the weighted mean of the sets'
+own per-token statistics, so a set's weight, not its token count, decides its share. A pooled
+mix prompt set (``PromptSet.parts``) is collected per part in the same pass and combined alike.
 
 ``LayerRunner`` replays the decoder one layer at a time from captured inputs, which is what
 sequential calibration (layer l's statistics taken with layers < l already pruned) needs.
@@ -50,6 +58,11 @@ class ActivationStats:
     meta: dict = field(default_factory=dict)
     embed_norms: torch.Tensor | None = None  # [hidden]: the embedding output (layer 0's input)
     final_norms: torch.Tensor | None = None  # [hidden]: after the final norm
+    # down module name -> [in_features]: tokens on which each MLP neuron was active
+    active_counts: dict[str, torch.Tensor] = field(default_factory=dict)
+    # a mix's parts, (name, normalised weight, stats), when these stats combine several sets;
+    # kept in memory only (each part is cached on its own)
+    parts: list[tuple[str, float, ActivationStats]] = field(default_factory=list, repr=False)
 
     @property
     def n_layers(self) -> int:
@@ -86,6 +99,58 @@ class ActivationStats:
         """||X_j|| per input column of a module, per token (RMS) so sets of any size compare."""
         return (self.input_sqnorms[name] / max(self.n_tokens, 1)).sqrt()
 
+    def active_share(self, name: str) -> torch.Tensor:
+        """Share of tokens on which each MLP neuron (input column of a down module) was active."""
+        if name not in self.active_counts:
+            raise MlpruneError(f"These statistics hold no activation counts for {name} (they "
+                               "predate them, or it is no MLP output projection); capture again.")
+        return self.active_counts[name] / max(self.n_tokens, 1)
+
+    @classmethod
+    def combine(cls, stats: list[ActivationStats], weights: list[float],
+                names: list[str] | None = None, meta: dict | None = None) -> ActivationStats:
+        """The statistics of a calibration mix: per token, the weighted mean of each set's
+        statistics (weights normalised to sum to 1).
+
+        Per input column, the mean squared input is ``sum_k w_k * sqnorm_k / n_tokens_k`` (so
+        ``input_norms`` is its square root), the active share likewise; per residual site,
+        the magnitudes are ``sum_k w_k * magnitude_k``. ``parts`` keeps each set with its
+        weight, for methods that compare the sets (M-Wanda).
+        """
+        if not stats or len(stats) != len(weights):
+            raise MlpruneError("A calibration mix needs one weight per prompt set.")
+        if any(not w >= 0 or w == float("inf") for w in weights) or sum(weights) <= 0:
+            raise MlpruneError("Mix weights must be finite, at least 0, and not all 0.")
+        total_w = float(sum(weights))
+        w = [float(x) / total_w for x in weights]
+        names = names or [s.meta.get("prompts", f"set {i}") for i, s in enumerate(stats)]
+        n_tokens = sum(s.n_tokens for s in stats)
+
+        def per_token(tables: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+            shared = [k for k in tables[0] if all(k in t for t in tables)]
+            return {k: n_tokens * sum(wk * t[k] / max(s.n_tokens, 1)
+                                      for wk, t, s in zip(w, tables, stats)) for k in shared}
+
+        def mixed(values: list[torch.Tensor | None]) -> torch.Tensor | None:
+            if any(v is None for v in values):
+                return None
+            return sum(wk * v for wk, v in zip(w, values))
+
+        first = stats[0].meta
+        meta = meta if meta is not None else {
+            **{k: first[k] for k in ("model", "separator", "shots", "seed", "corpus") if k in first},
+            "prompts": "mix", "kind": "mix"}
+        meta = {**meta, "components": [
+            {"prompts": n, "weight": wk, "n_tokens": s.n_tokens, "n_prompts": s.n_prompts}
+            for n, wk, s in zip(names, w, stats)]}
+        return cls(hidden_norms=mixed([s.hidden_norms for s in stats]),
+                   input_sqnorms=per_token([s.input_sqnorms for s in stats]),
+                   n_tokens=n_tokens, n_prompts=sum(s.n_prompts for s in stats), meta=meta,
+                   embed_norms=mixed([s.embed_norms for s in stats]),
+                   final_norms=mixed([s.final_norms for s in stats]),
+                   active_counts=per_token([s.active_counts for s in stats]),
+                   parts=list(zip(names, w, stats)))
+
     def save(self, path: str | Path) -> Path:
         """Write one safetensors file (tensors + JSON metadata), atomically."""
         path = Path(path)
@@ -95,6 +160,7 @@ class ActivationStats:
             if norms is not None:
                 tensors[site] = norms.contiguous()
         tensors.update({f"in.{k}": v.contiguous() for k, v in self.input_sqnorms.items()})
+        tensors.update({f"act.{k}": v.contiguous() for k, v in self.active_counts.items()})
         header = {"n_tokens": self.n_tokens, "n_prompts": self.n_prompts, "meta": self.meta}
         tmp = path.with_name(path.name + ".partial")
         save_file(tensors, str(tmp), metadata={"mlprune": json.dumps(header)})
@@ -103,7 +169,8 @@ class ActivationStats:
 
     @classmethod
     def load(cls, path: str | Path) -> ActivationStats:
-        """Read stats written by :meth:`save`."""
+        """Read stats written by :meth:`save` (files from before activation counts read as
+        having none)."""
         from safetensors import safe_open
 
         path = Path(path)
@@ -119,7 +186,8 @@ class ActivationStats:
             hidden_norms=tensors.pop("hidden_norms"),
             embed_norms=tensors.pop("embed_norms", None),
             final_norms=tensors.pop("final_norms", None),
-            input_sqnorms={k[3:]: v for k, v in tensors.items()},
+            input_sqnorms={k[3:]: v for k, v in tensors.items() if k.startswith("in.")},
+            active_counts={k[4:]: v for k, v in tensors.items() if k.startswith("act.")},
             n_tokens=header["n_tokens"], n_prompts=header["n_prompts"], meta=header["meta"],
         )
 
@@ -197,15 +265,25 @@ def context_length(model: nn.Module) -> int | None:
 
 
 class _Collector:
-    """Forward hooks that add one batch's statistics into running sums, padding excluded."""
+    """Forward hooks that add one batch's statistics into running sums, padding excluded.
 
-    def __init__(self, layers: list[nn.Module], linears: list[LinearInfo], hidden: int):
-        self.layers, self.linears = layers, linears
-        self.hidden_sum = torch.zeros(len(layers), hidden, dtype=torch.float32)
-        self.embed_sum = torch.zeros(hidden, dtype=torch.float32)
-        self.final_sum = torch.zeros(hidden, dtype=torch.float32)
-        self.sqnorms = {info.name: torch.zeros(info.in_features, dtype=torch.float32) for info in linears}
+    Sums are kept per *group* (the parts of a pooled mix prompt set; one group otherwise):
+    ``group`` gives each row of the batch in flight its group.
+    """
+
+    def __init__(self, layers: list[nn.Module], linears: list[LinearInfo], hidden: int,
+                 groups: int = 1, gates: dict[str, nn.Module | None] | None = None):
+        self.layers, self.linears, self.groups = layers, linears, groups
+        self.hidden_sum = torch.zeros(groups, len(layers), hidden, dtype=torch.float32)
+        self.embed_sum = torch.zeros(groups, hidden, dtype=torch.float32)
+        self.final_sum = torch.zeros(groups, hidden, dtype=torch.float32)
+        self.sqnorms = {info.name: torch.zeros(groups, info.in_features, dtype=torch.float32)
+                        for info in linears}
+        self.gates = gates or {}  # down module -> its layer's gate (None: count its own input)
+        self.active = {name: torch.zeros(groups, self.sqnorms[name].shape[1], dtype=torch.float32)
+                       for name in self.gates}
         self.mask: torch.Tensor | None = None  # [B, T] bool for the batch in flight
+        self.group: torch.Tensor | None = None  # [B] long: each row's group (None: group 0)
         self._last: tuple[torch.Tensor, torch.Tensor] | None = None
         self._handles: list = []
 
@@ -217,6 +295,9 @@ class _Collector:
             self._handles.append(layer.register_forward_hook(self._layer_hook(i)))
         for info in self.linears:
             self._handles.append(info.module.register_forward_pre_hook(self._linear_hook(info.name)))
+        for name, gate in self.gates.items():
+            if gate is not None:
+                self._handles.append(gate.register_forward_hook(self._gate_hook(name)))
         return self
 
     def __exit__(self, *exc):
@@ -225,21 +306,39 @@ class _Collector:
         self._handles.clear()
         self._last = None
 
+    def start_batch(self, mask: torch.Tensor, group: torch.Tensor | None = None) -> None:
+        """The positions that count, and each row's group, of the batch about to run."""
+        self.mask, self.group, self._last = mask, group, None
+
+    def _masked(self, x: torch.Tensor) -> bool:
+        return self.mask is not None and x.dim() == 3 and x.shape[:2] == self.mask.shape
+
     def _tokens(self, x: torch.Tensor) -> torch.Tensor:
         """The rows of x at real (non-pad) token positions, as fp32 [n_tokens, features]."""
-        mask = self.mask
-        if mask is not None and x.dim() == 3 and x.shape[:2] == mask.shape:
-            x = x[mask]
-        else:
-            x = x.reshape(-1, x.shape[-1])
+        x = x[self.mask] if self._masked(x) else x.reshape(-1, x.shape[-1])
         return x.float()
 
+    def _column_sums(self, x: torch.Tensor) -> torch.Tensor:
+        """Per group, the sum over real tokens of each feature of x (fp32): [groups, features]."""
+        if self.groups == 1 or self.group is None:
+            return self._tokens(x).sum(dim=0, keepdim=True).cpu()
+        if not self._masked(x):
+            raise MlpruneError("A pooled calibration mix needs batched [batch, tokens, features] "
+                               "activations, which this model's modules do not give.")
+        rows = (x.float() * self.mask.unsqueeze(-1)).sum(dim=1)  # [B, features]
+        out = torch.zeros(self.groups, x.shape[-1], dtype=torch.float32, device=rows.device)
+        return out.index_add_(0, self.group.to(rows.device), rows).cpu()
+
     def prompt_norms(self, h: torch.Tensor) -> torch.Tensor | None:
-        """Sum over the batch's prompts of each dimension's L2 norm over real tokens [hidden]."""
-        if self.mask is None or h.dim() != 3 or h.shape[:2] != self.mask.shape:
+        """Per group, the sum over the batch's prompts of each dimension's L2 norm over real
+        tokens [groups, hidden]."""
+        if not self._masked(h):
             return None
-        sq = h.float().square() * self.mask.unsqueeze(-1)
-        return sq.sum(dim=1).sqrt().sum(dim=0).cpu()
+        norms = (h.float().square() * self.mask.unsqueeze(-1)).sum(dim=1).sqrt()  # [B, hidden]
+        if self.groups == 1 or self.group is None:
+            return norms.sum(dim=0, keepdim=True).cpu()
+        out = torch.zeros(self.groups, h.shape[-1], dtype=torch.float32, device=norms.device)
+        return out.index_add_(0, self.group.to(norms.device), norms).cpu()
 
     def _embed_hook(self, module, args, kwargs):
         norms = self.prompt_norms(args[0] if args else kwargs["hidden_states"])
@@ -250,20 +349,44 @@ class _Collector:
         def hook(module, args, output):
             norms = self.prompt_norms(output[0] if isinstance(output, tuple) else output)
             if norms is not None:
-                self.hidden_sum[i] += norms
+                self.hidden_sum[:, i] += norms
         return hook
 
     def _linear_hook(self, name: str):
+        counts_own_input = name in self.gates and self.gates[name] is None
+
         def hook(module, args):
             x = args[0]
             # q/k/v (and gate/up) read the same tensor: square it once.
             if self._last is not None and self._last[0] is x:
                 sq = self._last[1]
             else:
-                sq = self._tokens(x).square().sum(dim=0).cpu()
+                sq = self._column_sums(x.float().square())
                 self._last = (x, sq)
             self.sqnorms[name] += sq
+            if counts_own_input:
+                self.active[name] += self._column_sums((x > 0).float())
         return hook
+
+    def _gate_hook(self, name: str):
+        def hook(module, args, output):
+            self.active[name] += self._column_sums((output > 0).float())
+        return hook
+
+
+def activation_sources(model: nn.Module, names: list[str]) -> dict[str, nn.Module | None]:
+    """For every MLP output projection (``down``) among ``names``: the module whose output
+    above 0 marks a neuron active, its layer's gate where the MLP is gated (SiLU/GELU of the
+    gate is positive exactly then), else None (the neuron's own value, what ``down`` reads)."""
+    infos = linear_modules(model)
+    gates = {(i.layer, i.block): i for i in infos.values() if i.role == "gate"}
+    out: dict[str, nn.Module | None] = {}
+    for name in names:
+        info = infos[name]
+        if info.role == "down":
+            gate = gates.get((info.layer, info.block))
+            out[name] = gate.module if gate is not None and not gate.transposed else None
+    return out
 
 
 def _base_model(model: nn.Module) -> nn.Module:
@@ -279,15 +402,21 @@ def _check_pad_to(pad_to: int | None, model: nn.Module) -> None:
                            f"got {pad_to}.")
 
 
-def _forward_batches(ids: list[list[int]], batch_size: int, tokenizer, device,
-                     pad_to: int | None) -> Iterator[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]]:
-    """(input_ids, attention_mask for the model, positions that count) per batch. With
-    ``pad_to`` the model gets no padding mask and every position counts, as the authors ran it."""
-    for input_ids, mask in batches(ids, batch_size, _pad_id(tokenizer), pad_to):
+def _forward_batches(ids: list[list[int]], batch_size: int, tokenizer, device, pad_to: int | None
+                     ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]]:
+    """(input_ids, attention_mask for the model, positions that count, the rows' indices in
+    ``ids``) per batch. With ``pad_to`` the model gets no padding mask and every position
+    counts, as the authors ran it."""
+    lengths = [min(len(s), pad_to) if pad_to else len(s) for s in ids]
+    order = sorted(range(len(ids)), key=lambda i: lengths[i])  # as batches() orders them
+    chunks = batches([ids[i] for i in order], batch_size, _pad_id(tokenizer), pad_to)
+    for start, (input_ids, mask) in zip(range(0, len(ids), batch_size), chunks):
+        rows = torch.tensor(order[start:start + batch_size])
         if pad_to is None:
-            yield input_ids.to(device), mask.to(device), mask.bool().to(device)
+            yield input_ids.to(device), mask.to(device), mask.bool().to(device), rows
         else:
-            yield input_ids.to(device), None, torch.ones_like(mask, dtype=torch.bool).to(device)
+            yield (input_ids.to(device), None, torch.ones_like(mask, dtype=torch.bool).to(device),
+                   rows)
 
 
 def capture(model: nn.Module, tokenizer, prompts: PromptSet | list[str], *, batch_size: int = 8,
@@ -311,16 +440,16 @@ def capture(model: nn.Module, tokenizer, prompts: PromptSet | list[str], *, batc
     ids = prompt_ids(tokenizer, prompts, context_length(model))
     device = next(model.parameters()).device
     n_batches = -(-len(ids) // batch_size)
-    n_tokens = len(ids) * pad_to if pad_to else sum(len(s) for s in ids)
+    groups = PromptGroups.of(prompts, len(ids))
     base = _base_model(model)
-    collector = _Collector(layers, selected, hidden_size(model))
+    collector = _Collector(layers, selected, hidden_size(model), groups.count,
+                           activation_sources(model, [i.name for i in selected]))
     with collector, torch.inference_mode():
-        for b, (input_ids, attention, counted) in enumerate(
+        for b, (input_ids, attention, counted, rows) in enumerate(
                 _forward_batches(ids, batch_size, tokenizer, device, pad_to)):
             if should_stop is not None and should_stop():
                 raise Cancelled("Capture cancelled; nothing was changed.")
-            collector.mask = counted
-            collector._last = None
+            collector.start_batch(counted, groups.rows(rows))
             out = base(input_ids=input_ids, attention_mask=attention, use_cache=False)
             last = getattr(out, "last_hidden_state", None)
             collector.final_sum += collector.prompt_norms(out[0] if last is None else last)
@@ -328,14 +457,61 @@ def capture(model: nn.Module, tokenizer, prompts: PromptSet | list[str], *, batc
     meta = _meta(prompts, tokenizer, model)
     if pad_to:
         meta["pad_to"] = pad_to
-    stats = ActivationStats(
-        hidden_norms=collector.hidden_sum / len(texts),
-        input_sqnorms=collector.sqnorms, n_tokens=n_tokens, n_prompts=len(texts),
-        meta=meta, embed_norms=collector.embed_sum / len(texts),
-        final_norms=collector.final_sum / len(texts),
-    )
+    tokens = groups.tokens(ids, pad_to)
+    parts = []
+    for g in range(groups.count):
+        n_prompts = groups.prompts(g)
+        parts.append(ActivationStats(
+            hidden_norms=collector.hidden_sum[g] / n_prompts,
+            input_sqnorms={k: v[g].clone() for k, v in collector.sqnorms.items()},
+            n_tokens=tokens[g], n_prompts=n_prompts,
+            meta=meta if groups.count == 1 else {"prompts": groups.names[g]},
+            embed_norms=collector.embed_sum[g] / n_prompts,
+            final_norms=collector.final_sum[g] / n_prompts,
+            active_counts={k: v[g].clone() for k, v in collector.active.items()}))
+    stats = parts[0] if groups.count == 1 else \
+        ActivationStats.combine(parts, groups.weights, groups.names, meta=meta)
     check_finite(stats)
     return stats
+
+
+@dataclass
+class PromptGroups:
+    """Which prompts of a set belong together: the parts of a pooled mix prompt set
+    (``PromptSet.parts``: consecutive runs of prompts, each with a name and a weight), or one
+    group of every prompt."""
+
+    group_of: list[int]  # each prompt's group
+    names: list[str]
+    weights: list[float]
+
+    @classmethod
+    def of(cls, prompts: PromptSet | list[str], n: int) -> PromptGroups:
+        parts = prompts.parts if isinstance(prompts, PromptSet) else None
+        if not parts:
+            return cls([0] * n, [], [1.0])
+        group_of = [g for g, (_, count, _) in enumerate(parts) for _ in range(count)]
+        if len(group_of) != n:
+            raise MlpruneError("The parts of this mix prompt set do not add up to its prompts.")
+        return cls(group_of, [p[0] for p in parts], [p[2] for p in parts])
+
+    @property
+    def count(self) -> int:
+        return len(self.weights)
+
+    def rows(self, rows: torch.Tensor) -> torch.Tensor | None:
+        """The groups of these prompt rows (None when there is one group)."""
+        return None if self.count == 1 else torch.tensor(self.group_of)[rows]
+
+    def prompts(self, g: int) -> int:
+        return sum(1 for x in self.group_of if x == g)
+
+    def tokens(self, ids: list[list[int]], pad_to: int | None) -> list[int]:
+        """Tokens that count, per group."""
+        out = [0] * self.count
+        for g, seq in zip(self.group_of, ids):
+            out[g] += pad_to if pad_to else len(seq)
+        return out
 
 
 def _pad_id(tokenizer) -> int:
@@ -401,6 +577,9 @@ class LayerRunner:
     arguments each layer receives (masks, rotary embeddings: they do not depend on the hidden
     states). Then :meth:`collect` gathers layer l's module statistics from the current hidden
     states and :meth:`advance` pushes them through layer l, pruned or not.
+
+    A pooled mix prompt set is collected per part (``groups``), so that each part's
+    statistics can be weighted as the mix says (:meth:`ActivationStats.combine`).
     """
 
     def __init__(self, model: nn.Module, tokenizer, prompts: PromptSet | list[str],
@@ -410,8 +589,11 @@ class LayerRunner:
         _check_pad_to(pad_to, model)
         ids = prompt_ids(tokenizer, prompts, context_length(model))
         self.n_tokens = len(ids) * pad_to if pad_to else sum(len(s) for s in ids)
+        self.groups = PromptGroups.of(prompts, len(ids))
+        self.group_tokens = self.groups.tokens(ids, pad_to)
         device = next(model.parameters()).device
         self.masks: list[torch.Tensor] = []
+        self.rows: list[torch.Tensor | None] = []  # each batch's rows' groups
         self.hidden: list[torch.Tensor] = []
         self.calls: list[list[tuple[tuple, dict]]] = [[] for _ in self.layers]
         handles = []
@@ -419,9 +601,10 @@ class LayerRunner:
             handles.append(layer.register_forward_pre_hook(self._recorder(i), with_kwargs=True))
         try:
             with torch.inference_mode():
-                for input_ids, attention, counted in _forward_batches(ids, batch_size, tokenizer,
-                                                                      device, pad_to):
+                for input_ids, attention, counted, rows in _forward_batches(
+                        ids, batch_size, tokenizer, device, pad_to):
                     self.masks.append(counted)
+                    self.rows.append(self.groups.rows(rows))
                     _base_model(model)(input_ids=input_ids, attention_mask=attention,
                                        use_cache=False)
         finally:
@@ -447,16 +630,20 @@ class LayerRunner:
             outs.append(o[0] if isinstance(o, tuple) else o)
         return outs
 
-    def collect(self, i: int, names: list[str]) -> dict[str, torch.Tensor]:
-        """Squared input-column norms of layer i's modules, from the current hidden states."""
-        collector = _Collector([], [self.infos[n] for n in names], 1)
+    def collect(self, i: int, names: list[str]) -> tuple[dict[str, torch.Tensor],
+                                                          dict[str, torch.Tensor]]:
+        """Squared input-column norms of layer i's modules and the activation counts of its
+        MLP neurons, from the current hidden states: per module a [groups, in] tensor (one
+        row unless the prompts are a pooled mix)."""
+        collector = _Collector([], [self.infos[n] for n in names], 1, self.groups.count,
+                               activation_sources(self.model, names))
         with collector, torch.inference_mode():
             for b, mask in enumerate(self.masks):
-                collector.mask, collector._last = mask, None
+                collector.start_batch(mask, self.rows[b])
                 h = self.hidden[b]
                 rest, kwargs = self.calls[i][b]
                 self.layers[i](h, *rest, **kwargs)
-        return collector.sqnorms
+        return collector.sqnorms, collector.active
 
     def advance(self, i: int) -> None:
         """Replace the hidden states by layer i's output (with its current, maybe pruned, weights)."""

@@ -12,9 +12,10 @@ from mlprune import MlpruneError, Progress
 
 CORPUS_HELP = "corpus file (.tsv/.csv/.jsonl), 'builtin' (default) or 'flores:dev'"
 # Every PruneSpec field is a flag of `mlprune prune`; the other commands take the few they use.
-PRUNE_FIELDS = ("method", "calibration", "pair", "other", "sparsity", "pattern", "invert",
-                "protect", "layers", "blocks", "mode", "shots", "samples", "seed", "protocol",
-                "pad_to")
+PRUNE_FIELDS = ("method", "calibration", "pair", "other", "sparsity", "pattern", "allocation",
+                "allocation_range", "outlier_threshold", "mwanda_parts", "variance_weight",
+                "prob_weight", "invert", "protect", "layers", "blocks", "mode", "shots",
+                "samples", "seed", "protocol", "pad_to")
 
 
 def _bar() -> Progress:
@@ -379,6 +380,9 @@ def cmd_reproduce(args) -> None:
             changes[name] = getattr(args, name)
     if args.patterns is not None:
         changes["patterns"] = tuple(p.strip() for p in args.patterns.split(",") if p.strip())
+    if args.beyond is not None:
+        chosen = [m.strip() for m in args.beyond.split(",") if m.strip()]
+        changes["beyond"] = reproduce.BEYOND if chosen == ["all"] else tuple(chosen)
     grid = reproduce.config_for(args.quick, **changes)
     extra = tuple(args.task)
     for t in extra:  # a bad task file fails before the model loads
@@ -598,6 +602,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sparsity patterns of the pruned variants, e.g. 0.5,2:4 (the default)")
     r.add_argument("--analysis-samples", type=int, default=None, metavar="N",
                    help="prompts per analysis set (default 16, quick 8)")
+    r.add_argument("--beyond", default=None, metavar="LIST",
+                   help="also measure variants beyond the paper at 50%% unstructured, each "
+                        "tested against wanda-mt too: wanda-pooled (every X-en direction), "
+                        "wanda-owl (OWL's per-layer sparsity), m-wanda, m-wanda-no-variance, "
+                        "m-wanda-no-cwl, m-wanda-no-prob, or all (default: none)")
     r.set_defaults(func=cmd_reproduce)
     return p
 

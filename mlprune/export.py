@@ -50,6 +50,8 @@ def build_report(loaded: LoadedModel, masks: MaskSet, *, spec: dict | None = Non
         "sparsity_target": masks.target,
         "sparsity_reached": masks.overall_sparsity(),
         "sparsity_per_module": masks.sparsity(),
+        # layer-adaptive runs: the kind, its settings, and per layer the allocated sparsity
+        "allocation": masks.meta.get("allocation"),
         "protected_dims": masks.meta.get("protected_dims", {}),
         "calibration_texts": calibration_texts or [],
         "timings_s": timings or {},

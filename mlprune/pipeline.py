@@ -16,12 +16,23 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from mlprune import MlpruneError, Progress, no_progress
+from mlprune.allocation import ALLOCATIONS
 from mlprune.capture import ActivationStats, Cancelled, capture
 from mlprune.corpus import ParallelCorpus
 from mlprune.evaluate import evaluate_translation, paired_translation_test
 from mlprune.features import detected_dims
 from mlprune.models import LoadedModel, cache_dir
-from mlprune.prompts import PromptSet, calibration_prompts, parse_pair
+from mlprune.mwanda import PARTS, MWanda
+from mlprune.prompts import (
+    CALIBRATIONS,
+    PromptSet,
+    calibration_mix,
+    calibration_prompts,
+    is_mix,
+    mix_components,
+    parse_pair,
+    pooled_prompts,
+)
 from mlprune.protocol import get_protocol
 from mlprune.prune import (
     METHODS,
@@ -29,6 +40,7 @@ from mlprune.prune import (
     MaskSet,
     Pattern,
     Ranking,
+    allocate,
     check_sparsity,
     pruned,
     rank_modules,
@@ -50,12 +62,37 @@ class PruneSpec:
     flags and the dashboard's widgets are built from these fields (see :func:`spec_flags`).
     """
 
-    method: str = _setting("wanda", "wanda, ratio, magnitude or random")
-    calibration: str = _setting("mt", "calibration set: mt (translation), mono or code")
+    method: str = _setting("wanda", "wanda, ratio, m-wanda (M-Wanda: needs a calibration mix, "
+                                    "e.g. pooled), magnitude or random")
+    calibration: str = _setting("mt", "calibration set: mt (translation), mono, code, pooled "
+                                      "(every X-en direction, equal weights) or a mix: "
+                                      "mix:fr-en=1,de-en=1,zh=0.5 (pairs translate, single "
+                                      "languages are monolingual; samples prompts per set)",
+                                metavar="SET")
     pair: str = _setting("fr-en", "language pair src-tgt of the calibration and evaluation")
     other: str = _setting("code", "second calibration set of the ratio method")
-    sparsity: float = _setting(0.5, "share of each row's weights to prune, in [0, 1)")
+    sparsity: float = _setting(0.5, "share of each row's weights to prune, in [0, 1); with a "
+                                    "layer-adaptive allocation, the mean over layers")
     pattern: str = _setting("unstructured", "unstructured, 2:4 or 4:8")
+    allocation: str = _setting("uniform", "sparsity per layer: uniform, owl (layers with more "
+                                          "outlier scores pruned less, as OWL) or cwl "
+                                          "(M-Wanda's, from cross-lingual correlation); "
+                                          "unstructured only")
+    allocation_range: float = _setting(0.08, "owl/cwl: how far a layer's sparsity may move "
+                                             "from the target (OWL's lambda)", metavar="LAMBDA")
+    outlier_threshold: float = _setting(5.0, "owl: a score above M times its layer's mean "
+                                             "score is an outlier (OWL's M)", metavar="M")
+    mwanda_parts: str = _setting("variance,cwl,prob", "m-wanda: the parts used (drop one to "
+                                                      "ablate it; none = wanda on the mix): "
+                                                      "variance (the languages' spread in the "
+                                                      "score), cwl (per-layer sparsity from "
+                                                      "cross-lingual correlation), prob (MLP "
+                                                      "neurons' activation probability)",
+                                 metavar="PARTS")
+    variance_weight: float = _setting(1.0, "m-wanda: weight of the languages' spread in the "
+                                           "score (alpha)", metavar="ALPHA")
+    prob_weight: float = _setting(1.0, "m-wanda: weight of the activation probability in the "
+                                       "score (gamma)", metavar="GAMMA")
     invert: bool = _setting(False, "prune the highest scores instead (the paper's ablation)")
     protect: str | None = _setting(None, "never prune detected feature dims: top-k:8, ratio:100")
     layers: str | None = _setting(None, "layer range to prune, e.g. 0-11")
@@ -80,7 +117,40 @@ class PruneSpec:
         pattern = Pattern.parse(self.pattern)
         if not pattern.structured:
             check_sparsity(self.sparsity)
+        if self.allocation not in ALLOCATIONS:
+            raise MlpruneError(f"Unknown allocation '{self.allocation}': use "
+                               f"{', '.join(ALLOCATIONS)}.")
+        if self.allocation != "uniform" and pattern.structured:
+            raise MlpruneError(f"The {self.allocation} allocation prunes layers unevenly, which "
+                               f"the fixed {pattern} pattern cannot: use unstructured sparsity "
+                               "or the uniform allocation.")
+        mwanda = self.mwanda  # checks the parts and weights
+        if self.method == "m-wanda" or self.allocation == "cwl":
+            if not is_mix(self.calibration):
+                what = "The m-wanda method" if self.method == "m-wanda" else "The cwl allocation"
+                raise MlpruneError(f"{what} compares languages: calibrate on a mix, e.g. "
+                                   "--calibration pooled.")
+        if self.method == "m-wanda" and "cwl" in mwanda and self.allocation == "owl":
+            raise MlpruneError("M-Wanda's cwl part sets the per-layer sparsity: drop cwl from "
+                               "--mwanda-parts to use the owl allocation.")
+        if self.layer_allocation != "uniform" and pattern.structured:
+            raise MlpruneError(f"M-Wanda's cwl part prunes layers unevenly, which the fixed "
+                               f"{pattern} pattern cannot: use unstructured sparsity or drop cwl "
+                               "from --mwanda-parts.")
+        if not 0 <= self.allocation_range <= 0.5:
+            raise MlpruneError("The allocation range must be between 0 and 0.5; got "
+                               f"{self.allocation_range}.")
+        if self.outlier_threshold <= 0:
+            raise MlpruneError(f"The outlier threshold must be above 0; got "
+                               f"{self.outlier_threshold}.")
         parse_pair(self.pair)
+        for name in (self.calibration, self.other):
+            if is_mix(name):
+                mix_components(name)  # the syntax; the languages are checked with the corpus
+            elif name not in CALIBRATIONS:
+                raise MlpruneError(f"Unknown calibration set '{name}': use "
+                                   f"{', '.join(CALIBRATIONS)}, pooled or a mix such as "
+                                   "mix:fr-en=1,de-en=1.")
         if self.samples < 1:
             raise MlpruneError("The number of samples must be at least 1.")
         get_protocol(self.protocol)
@@ -102,8 +172,21 @@ class PruneSpec:
 
     @property
     def uses_activations(self) -> bool:
-        """Whether the method's scores read calibration statistics (Wanda and its ratio variant)."""
-        return self.method in ("wanda", "ratio")
+        """Whether the method's scores read calibration statistics (Wanda and its variants)."""
+        return self.method in ("wanda", "ratio", "m-wanda")
+
+    @property
+    def mwanda(self) -> MWanda:
+        """M-Wanda's parts and weights under this spec."""
+        return MWanda.parse(self.mwanda_parts, self.variance_weight, self.prob_weight)
+
+    @property
+    def layer_allocation(self) -> str:
+        """How sparsity is shared across layers: M-Wanda's cwl when its cwl part is on, else
+        the ``allocation`` field."""
+        if self.method == "m-wanda" and "cwl" in self.mwanda:
+            return "cwl"
+        return self.allocation
 
     @property
     def needs_calibration(self) -> bool:
@@ -114,7 +197,12 @@ class PruneSpec:
     @property
     def label(self) -> str:
         calib = f"-{self.calibration}" if self.method in ("wanda",) else ""
-        return f"{self.method}{calib}{'-inv' if self.invert else ''}"
+        alloc = f"-{self.allocation}" if self.allocation != "uniform" else ""
+        if self.method == "m-wanda":
+            parts = set(self.mwanda.parts)
+            alloc = "" if parts == set(PARTS) else f"[{','.join(sorted(parts)) or 'none'}]"
+            alloc += f"-{self.allocation}" if self.allocation == "owl" else ""
+        return f"{self.method}{calib}{alloc}{'-inv' if self.invert else ''}"
 
 
 # Named presets: what differs from the field defaults above, written once. The dashboard's
@@ -156,7 +244,7 @@ def model_fingerprint(loaded: LoadedModel) -> str:
     return h.hexdigest()[:16]
 
 
-STATS_VERSION = "2"  # bumped when ActivationStats gain fields: older cache entries are not read
+STATS_VERSION = "3"  # bumped when ActivationStats gain fields: older cache entries are not read
 
 
 def cached_capture(loaded: LoadedModel, prompts: PromptSet, *, batch_size: int = 8,
@@ -179,25 +267,53 @@ def cached_capture(loaded: LoadedModel, prompts: PromptSet, *, batch_size: int =
     return stats
 
 
+def calibration_stats(loaded: LoadedModel, corpus: ParallelCorpus, calibration: str,
+                      spec: PruneSpec, *, what: str = "calibration", batch_size: int = 8,
+                      progress: Progress = no_progress,
+                      should_stop: Callable[[], bool] | None = None
+                      ) -> tuple[PromptSet, ActivationStats]:
+    """One calibration set's prompts and cached statistics, under the spec's shots, samples,
+    seed, protocol and padding. A mix captures (or reads from the cache) each of its sets
+    alone and combines them with its weights (:meth:`ActivationStats.combine`); its prompts
+    are the pooled prompt set, which a sequential pass collects per part."""
+    kw = dict(shots=spec.shots, samples=spec.samples, seed=spec.seed, separator=spec.separator)
+    if not is_mix(calibration):
+        prompts = calibration_prompts(corpus, calibration, spec.pair, **kw)
+        stats = cached_capture(loaded, prompts, batch_size=batch_size, should_stop=should_stop,
+                               pad_to=spec.pad_to,
+                               progress=lambda s, f: progress(f"{what} ({prompts.name}), {s}", f))
+        return prompts, stats
+    parts = calibration_mix(corpus, calibration, **kw)
+    captured = []
+    for i, (ps, _) in enumerate(parts):
+        captured.append(cached_capture(
+            loaded, ps, batch_size=batch_size, should_stop=should_stop, pad_to=spec.pad_to,
+            progress=lambda s, f, i=i, n=ps.name: progress(
+                f"{what} ({n}, set {i + 1}/{len(parts)}), {s}", (i + f) / len(parts))))
+    prompts = pooled_prompts(calibration, parts)
+    meta = {**{k: v for k, v in captured[0].meta.items() if k not in ("texts", "src", "tgt",
+                                                                      "lang")},
+            "prompts": calibration, "kind": "mix"}
+    if spec.pad_to:
+        meta["pad_to"] = spec.pad_to
+    stats = ActivationStats.combine(captured, [w for _, w in parts], [ps.name for ps, _ in parts],
+                                    meta=meta)
+    return prompts, stats
+
+
 def calibrate(loaded: LoadedModel, corpus: ParallelCorpus, spec: PruneSpec, *,
               batch_size: int = 8, progress: Progress = no_progress,
               should_stop: Callable[[], bool] | None = None) -> Calibration:
     """The dense model's statistics on the spec's calibration set (and second set), cached."""
     start = time.perf_counter()
-    prompts = calibration_prompts(corpus, spec.calibration, spec.pair, shots=spec.shots,
-                                  samples=spec.samples, seed=spec.seed, separator=spec.separator)
-    stats = cached_capture(loaded, prompts, batch_size=batch_size, should_stop=should_stop,
-                           pad_to=spec.pad_to,
-                           progress=lambda s, f: progress(f"calibration ({prompts.name}), {s}", f))
+    prompts, stats = calibration_stats(loaded, corpus, spec.calibration, spec,
+                                       batch_size=batch_size, progress=progress,
+                                       should_stop=should_stop)
     other = None
     if spec.method == "ratio":
-        other_prompts = calibration_prompts(corpus, spec.other, spec.pair, shots=spec.shots,
-                                            samples=spec.samples, seed=spec.seed,
-                                            separator=spec.separator)
-        other = cached_capture(
-            loaded, other_prompts, batch_size=batch_size, should_stop=should_stop,
-            pad_to=spec.pad_to,
-            progress=lambda s, f: progress(f"second set ({other_prompts.name}), {s}", f))
+        _, other = calibration_stats(loaded, corpus, spec.other, spec, what="second set",
+                                     batch_size=batch_size, progress=progress,
+                                     should_stop=should_stop)
     return Calibration(prompts, stats, other, time.perf_counter() - start)
 
 
@@ -211,15 +327,21 @@ def rank(loaded: LoadedModel, spec: PruneSpec, calib: Calibration | None, *,
             raise MlpruneError("Protecting features needs calibration statistics.")
         protect = detected_dims(calib.stats, spec.protect)
     stats = calib.stats if calib else None
+    other = calib.other if calib else None
+    # the allocation reads the dense statistics, in sequential mode too (before the pass)
+    allocation = allocate(loaded.model, stats, kind=spec.layer_allocation, method=spec.method,
+                          other=other, modules=modules, strength=spec.allocation_range,
+                          threshold=spec.outlier_threshold, seed=spec.seed, mwanda=spec.mwanda)
     if spec.mode == "sequential" and spec.uses_activations:
         stats = sequential_stats(
             loaded.model, loaded.tokenizer, calib.prompts, calib.stats, method=spec.method,
-            sparsity=spec.sparsity, pattern=spec.pattern, other=calib.other, invert=spec.invert,
+            sparsity=spec.sparsity, pattern=spec.pattern, other=other, invert=spec.invert,
             protect=protect, modules=modules, seed=spec.seed, batch_size=batch_size,
-            pad_to=spec.pad_to,
+            pad_to=spec.pad_to, allocation=allocation, mwanda=spec.mwanda,
             progress=lambda s, f: progress(f"sequential calibration, {s}", f))
-    return rank_modules(loaded.model, stats, method=spec.method, other=calib.other if calib else None,
+    return rank_modules(loaded.model, stats, method=spec.method, other=other,
                         invert=spec.invert, protect=protect, modules=modules, seed=spec.seed,
+                        allocation=allocation, mwanda=spec.mwanda,
                         progress=lambda s, f: progress(f"ranking, {s}", f))
 
 
@@ -255,6 +377,14 @@ SWEEP_METHODS = {
     "ratio": dict(method="ratio", calibration="mt", other="code"),
     "magnitude": dict(method="magnitude"),
     "random": dict(method="random"),
+    # beyond the paper: a mix of every X->en direction, OWL's per-layer sparsity, M-Wanda
+    # and M-Wanda with each of its parts left out
+    "wanda-pooled": dict(method="wanda", calibration="pooled"),
+    "wanda-owl": dict(method="wanda", calibration="mt", allocation="owl"),
+    "m-wanda": dict(method="m-wanda", calibration="pooled", mwanda_parts=",".join(PARTS)),
+    **{f"m-wanda-no-{part}": dict(method="m-wanda", calibration="pooled",
+                                  mwanda_parts=",".join(p for p in PARTS if p != part))
+       for part in PARTS},
 }
 
 

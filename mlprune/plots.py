@@ -220,7 +220,9 @@ def _parse_module(name: str) -> tuple[int, str]:
 
 
 def sparsity_figure(masks: MaskSet, dequantized_from: str | None = None) -> go.Figure:
-    """Sparsity reached per module (bars, grouped by layer) and per layer (line)."""
+    """Sparsity reached per module (bars, grouped by layer) and per layer (line), against the
+    target (dashed) and, for a layer-adaptive run, each layer's allocated share of it (with
+    the layer's importance: OWL's outlier share or M-Wanda's 1 - correlation)."""
     per_module = masks.sparsity()
     weights = {n: c.shape[0] * masks.in_features[n] for n, c in masks.pruned_cols.items()}
     kinds: dict[str, list[tuple[int, float]]] = {}
@@ -240,9 +242,23 @@ def sparsity_figure(masks: MaskSet, dequantized_from: str | None = None) -> go.F
                     mode="lines+markers", name="layer (all modules)",
                     line={"color": "#222", "width": 2},
                     hovertemplate="layer %{x}: %{y:.1%}<extra></extra>")
+    fig.add_scatter(x=layers, y=[masks.target] * len(layers), mode="lines", name="target",
+                    line={"color": "#888", "dash": "dash"},
+                    hovertemplate="target %{y:.1%}<extra></extra>")
+    allocation = masks.meta.get("allocation")
+    title = f"Sparsity per layer and module ({masks.pattern}, target {masks.target:.0%}"
+    if allocation:
+        per_layer = {int(k): v for k, v in allocation["per_layer"].items()}
+        importance = {int(k): v for k, v in allocation.get("importance", {}).items()}
+        fig.add_scatter(
+            x=layers, y=[per_layer[n] for n in layers], mode="lines+markers",
+            name=f"allocated ({allocation['kind']})", line={"color": "#d62728", "dash": "dot"},
+            customdata=[importance.get(n, float("nan")) for n in layers],
+            hovertemplate="layer %{x}: allocated %{y:.1%}, importance %{customdata:.3g}"
+                          "<extra></extra>")
+        title += f", {allocation['kind']} allocation +-{allocation.get('range', 0):.0%}"
     fig.update_layout(
-        barmode="group", title=f"Sparsity per layer and module ({masks.pattern}, target "
-                               f"{masks.target:.0%}, reached {masks.overall_sparsity():.1%})",
+        barmode="group", title=f"{title}, reached {masks.overall_sparsity():.1%})",
         xaxis={"title": "layer", "dtick": 1}, yaxis={"title": "sparsity", "tickformat": ".0%",
                                                      "range": [0, 1]},
         legend_title="module", margin={"b": 90})

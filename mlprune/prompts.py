@@ -30,13 +30,16 @@ class PromptSet:
 
     ``segments`` (EOS-separated prompts only) holds each prompt's lines; the prompt is those
     lines, each followed by the EOS token id. ``texts`` is then for reading and reports.
+    ``parts`` (a pooled calibration mix only) names the consecutive runs of prompts that came
+    from each set of the mix, as (set name, number of prompts, weight).
     """
 
-    name: str  # "mt:fr-en", "mono:en", "code"
-    kind: str  # "mt" | "mono" | "code" | "text"
+    name: str  # "mt:fr-en", "mono:en", "code", "mix:fr-en=1,de-en=1", "pooled"
+    kind: str  # "mt" | "mono" | "code" | "text" | "mix"
     texts: list[str]
     meta: dict = field(default_factory=dict)
     segments: list[list[str]] | None = None
+    parts: list[tuple[str, int, float]] | None = None
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -45,8 +48,12 @@ class PromptSet:
     def key(self) -> str:
         """What the prompts are, exactly, as one string (for cache keys)."""
         if self.segments is None:
-            return "\x00".join(self.texts)
-        return "\x00".join("\x01".join(lines) for lines in self.segments) + "\x02eos"
+            key = "\x00".join(self.texts)
+        else:
+            key = "\x00".join("\x01".join(lines) for lines in self.segments) + "\x02eos"
+        if self.parts:
+            key += "\x03" + repr(self.parts)
+        return key
 
 
 def _prompt_set(name: str, kind: str, prompts: list[list[str]], separator: str,
@@ -151,7 +158,11 @@ def calibration_prompts(corpus: ParallelCorpus, calibration: str, pair: str | No
                         shots: int = 4, samples: int = 16, seed: int = 0,
                         separator: str = "newline") -> PromptSet:
     """The calibration set by name: ``mt`` (needs a pair), ``mono`` (the pair's source), ``code``
-    (code snippets are whole files: they take no separator)."""
+    (code snippets are whole files: they take no separator); a mix (``pooled``,
+    ``mix:...``, see :func:`mix_components`) as one pooled prompt set of all its parts."""
+    if is_mix(calibration):
+        return pooled_prompts(calibration, calibration_mix(
+            corpus, calibration, shots=shots, samples=samples, seed=seed, separator=separator))
     if calibration == "mt":
         if not pair:
             raise MlpruneError("Translation calibration needs a language pair, e.g. fr-en.")
@@ -163,7 +174,94 @@ def calibration_prompts(corpus: ParallelCorpus, calibration: str, pair: str | No
                                    separator=separator)
     if calibration == "code":
         return code_prompts(shots=shots, samples=samples, seed=seed)
-    raise MlpruneError(f"Unknown calibration set '{calibration}': use mt, mono or code.")
+    raise MlpruneError(f"Unknown calibration set '{calibration}': use mt, mono, code, pooled "
+                       "or a mix such as mix:fr-en=1,de-en=1.")
+
+
+# --------------------------------------------------------------------------- calibration mixes
+
+CALIBRATIONS = ("mt", "mono", "code")  # the single sets; a mix is pooled or mix:...
+POOLED = "pooled"  # every X->English direction of the corpus, equal weights
+MIX_PREFIX = "mix:"
+
+
+def is_mix(calibration: str) -> bool:
+    """Whether a calibration name is a mix of several sets (``pooled`` or ``mix:...``)."""
+    return calibration == POOLED or calibration.startswith(MIX_PREFIX)
+
+
+def mix_components(calibration: str, languages: list[str] | None = None) -> list[tuple[str, float]]:
+    """The sets of a mix and their weights, normalised to sum to 1.
+
+    ``mix:fr-en=1,de-en=2,zh`` lists its parts: a pair ``src-tgt`` is translation
+    demonstrations, a single language monolingual text; ``=w`` gives a weight (default 1), so
+    a language distribution is written as its shares. ``pooled`` is every X->English direction
+    of ``languages`` (the corpus's), equally weighted. Parts are returned by set name
+    (``mt:fr-en``, ``mono:zh``).
+    """
+    if calibration == POOLED:
+        if languages is None:
+            return []  # known once the corpus is: checked then
+        if "en" not in languages or len(languages) < 2:
+            raise MlpruneError("The pooled calibration mix needs a corpus with English and at "
+                               "least one other language.")
+        sources = [x for x in languages if x != "en"]
+        return [(f"mt:{x}-en", 1 / len(sources)) for x in sources]
+    if not calibration.startswith(MIX_PREFIX) or not calibration[len(MIX_PREFIX):].strip():
+        raise MlpruneError(f"'{calibration}' is not a calibration mix: write it as "
+                           "mix:fr-en=1,de-en=1 (pairs, or single languages for monolingual "
+                           "text).")
+    parts: dict[str, float] = {}
+    for item in calibration[len(MIX_PREFIX):].split(","):
+        what, _, weight = item.strip().partition("=")
+        what = what.strip()
+        try:
+            w = float(weight) if weight.strip() else 1.0
+        except ValueError:
+            w = float("nan")
+        if not what or not 0 <= w < float("inf"):
+            raise MlpruneError(f"'{item.strip()}' in the calibration mix is not a set with a "
+                               "weight: write fr-en=1 or fr=0.5 (weights at least 0).")
+        name = f"mt:{'-'.join(parse_pair(what))}" if "-" in what or ">" in what else f"mono:{what}"
+        if name in parts:
+            raise MlpruneError(f"The calibration mix names {what} twice.")
+        parts[name] = w
+    total = sum(parts.values())
+    if total <= 0:
+        raise MlpruneError("The weights of a calibration mix cannot all be 0.")
+    return [(name, w / total) for name, w in parts.items()]
+
+
+def calibration_mix(corpus: ParallelCorpus, calibration: str, *, shots: int = 4,
+                    samples: int = 16, seed: int = 0,
+                    separator: str = "newline") -> list[tuple[PromptSet, float]]:
+    """Each set of a mix with its weight: ``samples`` prompts per set, drawn exactly as the
+    set alone would be (so a mix reuses the single sets' cached statistics)."""
+    parts = mix_components(calibration, corpus.languages)
+    kw = dict(shots=shots, samples=samples, seed=seed, separator=separator)
+    out = []
+    for name, weight in parts:
+        kind, _, what = name.partition(":")
+        ps = (translation_prompts(corpus, *parse_pair(what), **kw) if kind == "mt"
+              else monolingual_prompts(corpus, what, **kw))
+        out.append((ps, weight))
+    return out
+
+
+def pooled_prompts(name: str, parts: list[tuple[PromptSet, float]]) -> PromptSet:
+    """All prompts of a mix's sets, one after the other, with ``parts`` saying which run of
+    prompts came from which set and its weight (a sequential pass collects them per part)."""
+    eos = [ps.segments is not None for ps, _ in parts]
+    if any(eos) and not all(eos):
+        raise MlpruneError("A calibration mix cannot join EOS-separated and newline-separated "
+                           "prompt sets.")
+    texts = [t for ps, _ in parts for t in ps.texts]
+    segments = [seg for ps, _ in parts for seg in ps.segments] if all(eos) else None
+    first = parts[0][0].meta
+    meta = {k: first[k] for k in ("shots", "seed", "corpus", "separator") if k in first}
+    meta["components"] = [{"prompts": ps.name, "weight": w} for ps, w in parts]
+    return PromptSet(name, "mix", texts, meta, segments,
+                     [(ps.name, len(ps), w) for ps, w in parts])
 
 
 def eval_items(corpus: ParallelCorpus, src: str, tgt: str, *, shots: int = 4,

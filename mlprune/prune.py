@@ -5,10 +5,15 @@ Scores of W[i, j] (compared within each output row i):
 - ``ratio``     |W[i, j]| * b_j * (b_j / o_j), b from translation and o from a second set
                 (e.g. code), so columns specific to the second set lose weight (the paper's
                 variant for BLOOM-like models);
+- ``m-wanda``   M-Wanda (Choenni and Titov, 2025): Wanda on a calibration mix with the
+                languages' spread and the MLP neurons' activation probability in the score
+                (:mod:`mlprune.mwanda`, whose CWL part is a layer allocation);
 - ``magnitude`` |W[i, j]|;
 - ``random``    seeded uniform noise.
 ``invert`` prunes the highest-scoring weights instead (the paper's ablation). Protected input
-columns (large-magnitude features) are ranked above everything and never pruned.
+columns (large-magnitude features) are ranked above everything and never pruned. A ranking may
+carry an :class:`~mlprune.allocation.Allocation` (OWL's layer-adaptive sparsity): its masks then
+prune each layer at that layer's share of the target, which stays the overall mean.
 
 Each row's column order is kept as small integers, so a new sparsity is a slice of it and a
 new N:M pattern one small sort, with no pass over data. Applying masks keeps only the pruned values
@@ -33,11 +38,14 @@ from safetensors.torch import save_file
 from torch import nn
 
 from mlprune import MlpruneError, Progress, no_progress
+from mlprune.allocation import Allocation
 from mlprune.capture import ActivationStats, LayerRunner
 from mlprune.models import LinearInfo, linear_modules
+from mlprune.mwanda import MWanda, cwl_importance
+from mlprune.mwanda import scores as mwanda_scores
 from mlprune.prompts import PromptSet
 
-METHODS = ("wanda", "ratio", "magnitude", "random")
+METHODS = ("wanda", "ratio", "m-wanda", "magnitude", "random")
 MODES = ("one-shot", "sequential")
 
 
@@ -132,8 +140,12 @@ def protected_columns(model: nn.Module, dims_by_site: dict[str, list[int]] | Non
 
 
 def scores(info: LinearInfo, method: str, stats: ActivationStats | None = None,
-           other: ActivationStats | None = None, seed: int = 0) -> torch.Tensor:
-    """Score of every weight of one module, fp32 [out, in]; low scores are pruned first."""
+           other: ActivationStats | None = None, seed: int = 0,
+           mwanda: MWanda | None = None) -> torch.Tensor:
+    """Score of every weight of one module, fp32 [out, in]; low scores are pruned first
+    (``mwanda``: the parts of M-Wanda to use, all by default)."""
+    if method == "m-wanda":
+        return mwanda_scores(info, stats, mwanda or MWanda())
     w = info.weight.detach().float().abs()
     if method == "magnitude":
         return w
@@ -205,9 +217,14 @@ class Ranking:
         return list(self.order)
 
     def masks(self, sparsity: float, pattern: str | Pattern = "unstructured") -> MaskSet:
-        """The pruned columns of every row of every module at this sparsity or N:M pattern."""
+        """The pruned columns of every row of every module at this sparsity or N:M pattern
+        (with an allocation, each module at its layer's sparsity; unstructured only)."""
         pattern = Pattern.parse(pattern)
         pruned_cols = {}
+        if pattern.structured and self.meta.get("allocation"):
+            raise MlpruneError(f"Layer-adaptive sparsity ({self.meta['allocation']['kind']}) "
+                               f"prunes layers unevenly, which the fixed {pattern} pattern "
+                               "cannot: use unstructured sparsity or the uniform allocation.")
         if pattern.structured:
             for name, order in self.order.items():
                 if order.shape[1] % pattern.m:
@@ -220,12 +237,30 @@ class Ranking:
             target = pattern.n / pattern.m
         else:
             target = check_sparsity(sparsity)
+            per_module = self.module_sparsities(target)
             for name, order in self.order.items():
                 n_in = order.shape[1]
-                k = min(int(n_in * target), n_in - int(self.protected[name].sum()))
+                k = min(int(n_in * per_module[name]), n_in - int(self.protected[name].sum()))
                 pruned_cols[name] = order[:, :k]
+        meta = dict(self.meta)
+        if self.allocation is not None:
+            meta["allocation"] = self.allocation.report(target)
         return MaskSet(pruned_cols, {n: o.shape[1] for n, o in self.order.items()}, target,
-                       str(pattern), dict(self.meta), self.protected)
+                       str(pattern), meta, self.protected)
+
+    @property
+    def allocation(self) -> Allocation | None:
+        """How the target is shared out across layers (None: every layer at the target)."""
+        data = self.meta.get("allocation")
+        return Allocation.from_dict(data) if data else None
+
+    def module_sparsities(self, target: float) -> dict[str, float]:
+        """Each ranked module's sparsity at this overall target: its layer's allocated share,
+        or the target itself when the ranking has no allocation."""
+        allocation = self.allocation
+        if allocation is None:
+            return dict.fromkeys(self.order, target)
+        return allocation.module_sparsities(target)
 
     def _nm_columns(self, name: str, pattern: Pattern) -> torch.Tensor:
         """The N lowest-ranked columns of every group of M (cached per module and pattern).
@@ -303,8 +338,11 @@ def _lowest_in_groups(order: torch.Tensor, n: int, m: int) -> torch.Tensor:
 def rank_modules(model: nn.Module, stats: ActivationStats | None = None, *, method: str = "wanda",
                  other: ActivationStats | None = None, invert: bool = False,
                  protect: dict[str, list[int]] | None = None, modules: list[str] | None = None,
-                 seed: int = 0, progress: Progress = no_progress) -> Ranking:
-    """Score and rank every selected module once (``progress`` is told "module i/n")."""
+                 seed: int = 0, allocation: Allocation | None = None,
+                 mwanda: MWanda | None = None, progress: Progress = no_progress) -> Ranking:
+    """Score and rank every selected module once (``progress`` is told "module i/n").
+
+    ``allocation`` (from :func:`allocate`) makes the ranking's masks layer-adaptive."""
     if method not in METHODS:
         raise MlpruneError(f"Unknown method '{method}': use {', '.join(METHODS)}.")
     infos = linear_modules(model)
@@ -312,14 +350,77 @@ def rank_modules(model: nn.Module, stats: ActivationStats | None = None, *, meth
     prot = protected_columns(model, protect, names)
     order = {}
     for i, name in enumerate(names):
-        s = scores(infos[name], method, stats, other, seed)
+        s = scores(infos[name], method, stats, other, seed, mwanda)
         order[name] = row_order(-s if invert else s, prot[name])
         progress(f"module {i + 1}/{len(names)}", (i + 1) / len(names))
     meta = {"method": method, "invert": invert, "seed": seed,
             "protected_dims": {str(k): v for k, v in (protect or {}).items() if v},
             "calibration": (stats.meta.get("prompts") if stats else None),
             "other": (other.meta.get("prompts") if other else None)}
+    if method == "m-wanda":
+        mw = mwanda or MWanda()
+        meta["mwanda"] = {"parts": sorted(mw.parts), "variance_weight": mw.variance_weight,
+                          "prob_weight": mw.prob_weight}
+    if allocation is not None:
+        meta["allocation"] = allocation.to_dict()
     return Ranking(order, prot, meta)
+
+
+def _by_layer(model: nn.Module, names: list[str]) -> dict[int, list[str]]:
+    infos = linear_modules(model)
+    layers: dict[int, list[str]] = {}
+    for name in names:
+        layers.setdefault(infos[name].layer, []).append(name)
+    return layers
+
+
+def outlier_shares(model: nn.Module, stats: ActivationStats | None = None, *,
+                   method: str = "wanda", other: ActivationStats | None = None,
+                   modules: list[str] | None = None, threshold: float = 5.0,
+                   seed: int = 0, mwanda: MWanda | None = None) -> dict[int, float]:
+    """OWL's layerwise outlier distribution D_l: per layer, the share of the selected modules'
+    weights whose score exceeds ``threshold`` times the mean score of that layer (OWL's
+    ``check_outlier_mean`` on the concatenated scores of a layer's modules)."""
+    if threshold <= 0:
+        raise MlpruneError(f"The outlier threshold must be above 0; got {threshold}.")
+    infos = linear_modules(model)
+    shares = {}
+    for layer, names in _by_layer(model, modules or list(infos)).items():
+        layer_scores = [scores(infos[n], method, stats, other, seed, mwanda) for n in names]
+        count = sum(s.numel() for s in layer_scores)
+        mean = sum(float(s.double().sum()) for s in layer_scores) / count
+        above = sum(int((s > threshold * mean).sum()) for s in layer_scores)
+        shares[layer] = above / count
+    return shares
+
+
+def allocate(model: nn.Module, stats: ActivationStats | None = None, *, kind: str = "uniform",
+             method: str = "wanda", other: ActivationStats | None = None,
+             modules: list[str] | None = None, strength: float = 0.08, threshold: float = 5.0,
+             seed: int = 0, mwanda: MWanda | None = None) -> Allocation | None:
+    """How to share a target out across the selected modules' layers, from ``stats`` (the
+    dense statistics, also in sequential mode): None for ``uniform``; for ``owl``, offsets
+    from :func:`outlier_shares` of the method's scores; for ``cwl`` (M-Wanda's), from the
+    cross-lingual correlation of the calibration mix's languages
+    (:func:`mlprune.mwanda.cwl_importance`)."""
+    if kind == "uniform":
+        return None
+    infos = linear_modules(model)
+    names = modules or list(infos)
+    if kind == "owl":
+        importance = outlier_shares(model, stats, method=method, other=other, modules=names,
+                                    threshold=threshold, seed=seed, mwanda=mwanda)
+        settings = {"threshold": threshold}
+    elif kind == "cwl":
+        if stats is None:
+            raise MlpruneError("The cwl allocation needs calibration statistics of a mix.")
+        importance = cwl_importance(stats, _by_layer(model, names))
+        settings = {"correlation": "pearson of log input norms"}
+    else:
+        raise MlpruneError(f"Unknown allocation '{kind}': use uniform, owl or cwl.")
+    return Allocation.from_importance(
+        kind, importance, {n: infos[n].layer for n in names},
+        {n: infos[n].weight.numel() for n in names}, strength, **settings)
 
 
 # --------------------------------------------------------------------------- masks
@@ -609,12 +710,29 @@ def pruned(model: nn.Module, masks: MaskSet | None):
 # --------------------------------------------------------------------------- sequential
 
 
+def _with_inputs(dense: ActivationStats, sqnorms: list[dict[str, torch.Tensor]],
+                 active: list[dict[str, torch.Tensor]], tokens: list[int],
+                 meta: dict | None = None) -> ActivationStats:
+    """``dense`` with the module statistics of a sequential pass: one table per part of its
+    mix (one for a single set), combined with the mix's weights."""
+    parts = dense.parts or [(dense.meta.get("prompts", "calibration"), 1.0, dense)]
+    stats = [ActivationStats(p.hidden_norms, sq, n, p.n_prompts, p.meta, p.embed_norms,
+                             p.final_norms, act)
+             for (_, _, p), sq, act, n in zip(parts, sqnorms, active, tokens)]
+    if not dense.parts:
+        stats[0].meta = meta if meta is not None else dense.meta
+        return stats[0]
+    return ActivationStats.combine(stats, [w for _, w, _ in parts], [n for n, _, _ in parts],
+                                   meta=meta if meta is not None else dense.meta)
+
+
 def sequential_stats(model: nn.Module, tokenizer, texts: PromptSet | list[str],
                      dense: ActivationStats, *,
                      method: str, sparsity: float, pattern: str | Pattern = "unstructured",
                      other: ActivationStats | None = None, invert: bool = False,
                      protect: dict[str, list[int]] | None = None, modules: list[str] | None = None,
                      seed: int = 0, batch_size: int = 8, pad_to: int | None = None,
+                     allocation: Allocation | None = None, mwanda: MWanda | None = None,
                      progress: Progress = no_progress) -> ActivationStats:
     """Statistics as Wanda takes them: layer l's inputs with layers < l already pruned.
 
@@ -625,7 +743,8 @@ def sequential_stats(model: nn.Module, tokenizer, texts: PromptSet | list[str],
     return sequential_stats_and_masks(
         model, tokenizer, texts, dense, method=method, sparsity=sparsity, pattern=pattern,
         other=other, invert=invert, protect=protect, modules=modules, seed=seed,
-        batch_size=batch_size, pad_to=pad_to, progress=progress)[0]
+        batch_size=batch_size, pad_to=pad_to, allocation=allocation, mwanda=mwanda,
+        progress=progress)[0]
 
 
 def sequential_stats_and_masks(
@@ -634,10 +753,13 @@ def sequential_stats_and_masks(
         other: ActivationStats | None = None, invert: bool = False,
         protect: dict[str, list[int]] | None = None, modules: list[str] | None = None,
         seed: int = 0, batch_size: int = 8, pad_to: int | None = None,
+        allocation: Allocation | None = None, mwanda: MWanda | None = None,
         progress: Progress = no_progress) -> tuple[ActivationStats, MaskSet]:
     """:func:`sequential_stats`, and the one mask set it grew layer by layer (every selected
-    module, each pruned at ``sparsity``/``pattern`` from the statistics it saw). ``progress``
-    is told "layer i/n" as each layer is done.
+    module, each pruned at ``sparsity``/``pattern`` from the statistics it saw, or at its
+    layer's share of ``sparsity`` under an ``allocation``, which :func:`allocate` computes
+    from the dense statistics before the pass). ``progress`` is told "layer i/n" as each
+    layer is done.
 
     The run starts from the dense model (masks applied before are restored first) and applies
     one :class:`AppliedMasks` that each layer extends with its own masks, so only that layer's
@@ -646,20 +768,29 @@ def sequential_stats_and_masks(
     infos = linear_modules(model)
     names = modules or list(infos)
     n_layers = dense.n_layers
-    sqnorms = dict(dense.input_sqnorms)
+    # a mix is collected per part and combined with its weights after every layer
+    parts = dense.parts or [(dense.meta.get("prompts", "calibration"), 1.0, dense)]
+    sqnorms = [dict(p.input_sqnorms) for _, _, p in parts]
+    active = [dict(p.active_counts) for _, _, p in parts]
     applied: AppliedMasks | None = None
     with model_lock(model):
         restore(model)
         runner = LayerRunner(model, tokenizer, texts, batch_size, pad_to)
+        if runner.groups.count != len(parts):
+            raise MlpruneError("The prompts of the sequential pass are not the parts of the "
+                               "calibration mix its statistics were taken on.")
         try:
             for layer in range(n_layers):
                 here = [n for n in names if infos[n].layer == layer]
                 if here:
-                    sqnorms.update(runner.collect(layer, here))
-                    partial = ActivationStats(dense.hidden_norms, sqnorms, runner.n_tokens,
-                                              dense.n_prompts, dense.meta)
+                    sq, act = runner.collect(layer, here)
+                    for g in range(len(parts)):
+                        sqnorms[g].update({n: v[g] for n, v in sq.items()})
+                        active[g].update({n: v[g] for n, v in act.items()})
+                    partial = _with_inputs(dense, sqnorms, active, runner.group_tokens)
                     ranking = rank_modules(model, partial, method=method, other=other,
-                                           invert=invert, protect=protect, modules=here, seed=seed)
+                                           invert=invert, protect=protect, modules=here, seed=seed,
+                                           allocation=allocation, mwanda=mwanda)
                     masks = ranking.masks(sparsity, pattern)
                     if applied is None:
                         applied = apply_masks(model, masks)
@@ -672,8 +803,7 @@ def sequential_stats_and_masks(
                 applied.restore()
     meta = dict(dense.meta, mode="sequential", sequential_sparsity=sparsity,
                 sequential_pattern=str(Pattern.parse(pattern)))
-    stats = ActivationStats(dense.hidden_norms, sqnorms, runner.n_tokens, dense.n_prompts, meta,
-                            embed_norms=dense.embed_norms, final_norms=dense.final_norms)
+    stats = _with_inputs(dense, sqnorms, active, runner.group_tokens, meta)
     if applied is None:  # no selected module in the stats' layers
         pat = Pattern.parse(pattern)
         return stats, MaskSet({}, {}, pat.n / pat.m if pat.structured else sparsity, str(pat))

@@ -11,6 +11,9 @@ The grid, under the paper protocol (EOS-separated demonstrations, sequential Wan
   against wanda-mono (the paper's key comparison), with a paired bootstrap and the smallest
   difference the test could detect; RankC consistency with English;
 - the inverted ablation (prune the highest Wanda scores);
+- optionally (``beyond``), methods past the paper at 50% unstructured: calibration on every
+  X->English direction pooled, OWL's per-layer sparsity, M-Wanda and its ablations, each
+  tested against wanda-mt as well;
 - a claims table: each claim of the paper, the direction it reported, what this run found.
 
 Every measured cell is written to ``out/cells`` as soon as it is done (masks to
@@ -36,19 +39,19 @@ from mlprune.evaluate import evaluate_translation, paired_translation_test
 from mlprune.export import atomic_write_text
 from mlprune.features import overlap_matrix, top_dims
 from mlprune.models import LoadedModel
-from mlprune.pipeline import PruneSpec, cached_capture, prune
+from mlprune.pipeline import SWEEP_METHODS, PruneSpec, cached_capture, prune
 from mlprune.prompts import monolingual_prompts, parse_pair, translation_prompts
 from mlprune.protocol import get_protocol
 from mlprune.prune import MaskSet, pruned
 
-# The grid's calibration methods, as the sweep names them: spec fields of each.
-METHODS = {
-    "wanda-mono": {"method": "wanda", "calibration": "mono"},
-    "wanda-mt": {"method": "wanda", "calibration": "mt"},
-    "magnitude": {"method": "magnitude"},
-    "random": {"method": "random"},
-}
+# The grid's methods, as the sweep names them (spec fields of each); the paper's four are
+# the grid's default, the rest (BEYOND) are optional variants at 50% unstructured.
+METHODS = dict(SWEEP_METHODS)
+PAPER_METHODS = ("wanda-mono", "wanda-mt", "magnitude", "random")
+BEYOND = ("wanda-pooled", "wanda-owl", "m-wanda", "m-wanda-no-variance", "m-wanda-no-cwl",
+          "m-wanda-no-prob")
 BASELINE = "wanda-mono"  # what Table 1 and the key zero-shot comparison test against
+REFERENCE = "wanda-mt"  # what the variants beyond the paper are also tested against
 REPORT_ENV = "MLPRUNE_REPORT"  # the report the dashboard's Paper page opens first
 # The README's run, shipped with a clone of the project (reports only; cells and masks stay out)
 SHIPPED_REPORT = Path(__file__).resolve().parents[1] / "bench" / "results" / "reproduce"
@@ -74,6 +77,9 @@ class Grid:
     zeroshot_methods: tuple[str, ...] = ("wanda-mono", "wanda-mt")
     resamples: int = 2000
     seed: int = 0
+    # variants beyond the paper (names of BEYOND), measured at 50% unstructured, translation
+    # and zero-shot, each also against wanda-mt; none by default (they add ~1 prune each)
+    beyond: tuple[str, ...] = ()
 
     def variants(self) -> list[tuple[str, PruneSpec | None]]:
         """(name, spec) of every model the grid measures; the dense model has no spec."""
@@ -84,6 +90,10 @@ class Grid:
         if self.invert:
             out.append((variant_name("wanda-mt-inv", "0.5"),
                         self.spec("wanda-mt", "0.5", invert=True)))
+        for method in self.beyond:
+            if method not in METHODS:
+                raise MlpruneError(f"Unknown variant '{method}': use {', '.join(BEYOND)}.")
+            out.append((variant_name(method, "0.5"), self.spec(method, "0.5")))
         return out
 
     def spec(self, method: str, pattern: str, invert: bool = False) -> PruneSpec:
@@ -99,7 +109,7 @@ class Grid:
         if name == "dense":
             return True
         method, pattern = name.rsplit(" ", 1)
-        return method in self.zeroshot_methods and pattern in {
+        return (method in self.zeroshot_methods or method in self.beyond) and pattern in {
             _pattern_label(p) for p in self.zeroshot_patterns}
 
 
@@ -296,7 +306,7 @@ def build_report(loaded: LoadedModel, grid: Grid, stats: dict[str, ActivationSta
             "monolingual": top_dims(stats[f"mono:{src}"], protocol.top_n, protocol.numbering),
         },
         "overlap": _overlaps(stats, protocol.overlap_fraction),
-        "table1": _table1(translation),
+        "table1": _table1(translation, grid),
         "zeroshot": {},
     }
     for task in tasks:
@@ -321,9 +331,10 @@ def _overlaps(stats: dict[str, ActivationStats], fraction: float) -> dict:
     return out
 
 
-def _table1(translation: dict[str, dict]) -> list[dict]:
-    """Table 1: chrF and BLEU per variant, each tested against wanda-mono of its pattern (and
-    the inverted ablation against the wanda-mt it inverts)."""
+def _table1(translation: dict[str, dict], grid: Grid) -> list[dict]:
+    """Table 1: chrF and BLEU per variant, each tested against wanda-mono of its pattern (the
+    inverted ablation also against the wanda-mt it inverts, the variants beyond the paper also
+    against wanda-mt)."""
     rows = []
     for name, cell in translation.items():
         row = {"variant": name, "chrf": cell["chrf"], "bleu": cell["bleu"],
@@ -333,6 +344,8 @@ def _table1(translation: dict[str, dict]) -> list[dict]:
         against = {"vs_" + BASELINE: translation.get(f"{BASELINE} {pattern}")}
         if method == "wanda-mt-inv":
             against["vs_uninverted"] = translation.get(f"wanda-mt {pattern}")
+        if method in grid.beyond and method != REFERENCE:
+            against["vs_" + REFERENCE] = translation.get(f"{REFERENCE} {pattern}")
         for suffix, base in against.items():
             if name == "dense" or base is None or method == BASELINE:
                 continue
@@ -374,6 +387,14 @@ def _zeroshot(task, results: dict[str, dict], grid: Grid) -> dict:
                 {"a": variant_name(BASELINE, pattern), "b": variant_name("wanda-mt", pattern),
                  "key": True,
                  "rows": zs.compare_results(a, b, n_resamples=grid.resamples, seed=grid.seed)})
+        reference = loaded_results.get(variant_name(REFERENCE, pattern))
+        for method in grid.beyond:
+            other = loaded_results.get(variant_name(method, pattern))
+            if reference is not None and other is not None and method != REFERENCE:
+                out["comparisons"].append(
+                    {"a": variant_name(REFERENCE, pattern), "b": variant_name(method, pattern),
+                     "rows": zs.compare_results(reference, other, n_resamples=grid.resamples,
+                                                seed=grid.seed)})
     return out
 
 
@@ -532,6 +553,15 @@ def markdown(report: dict) -> str:
                      f"{r['target_language_rate']:.0%} | {_fmt(r['perplexity'])} | "
                      f"{_fmt(r.get(f'chrf_p_vs_{BASELINE}'), '.3f')} | "
                      f"{_fmt(r.get(f'bleu_p_vs_{BASELINE}'), '.3f')} |")
+    beyond = [r for r in report["table1"] if f"chrf_p_vs_{REFERENCE}" in r]
+    if beyond:
+        lines += ["", f"Beyond the paper, against {REFERENCE} (50% unstructured):", "",
+                  f"| variant | chrF | BLEU | p chrF vs {REFERENCE} | p BLEU vs {REFERENCE} |",
+                  "|---|---|---|---|---|"]
+        for r in beyond:
+            lines.append(f"| {r['variant']} | {r['chrf']:.1f} | {r['bleu']:.1f} | "
+                         f"{_fmt(r.get(f'chrf_p_vs_{REFERENCE}'), '.3f')} | "
+                         f"{_fmt(r.get(f'bleu_p_vs_{REFERENCE}'), '.3f')} |")
     for task, block in report["zeroshot"].items():
         langs = [row["lang"] for row in next(iter(block["variants"].values()))]
         lines += ["", f"## Zero-shot: {task}", "", "Accuracy per language (RankC with English "

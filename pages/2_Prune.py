@@ -10,26 +10,36 @@ from dataclasses import asdict
 import streamlit as st
 
 from mlprune import MlpruneError, plots, service, ui
+from mlprune.allocation import ALLOCATIONS
 from mlprune.export import build_report, export_pruned
 from mlprune.features import Rule
+from mlprune.mwanda import PARTS
 from mlprune.pipeline import PruneSpec
-from mlprune.prompts import eval_items, parse_pair
+from mlprune.prompts import MIX_PREFIX, eval_items, parse_pair
 from mlprune.protocol import PROTOCOLS
 from mlprune.prune import METHODS, MODES
 
 METHOD_HELP = {
     "wanda": "|W| x ||X||, X from the calibration set",
     "ratio": "Wanda with columns specific to code down-weighted (the paper's BLOOM variant)",
+    "m-wanda": "M-Wanda: Wanda on a calibration mix, with the languages' spread, the MLP "
+               "neurons' activation probability and per-layer sparsity from cross-lingual "
+               "correlation (needs the pooled set or a mix)",
     "magnitude": "|W| only (no data)",
     "random": "seeded random scores (a floor)",
 }
 CALIBRATIONS = {"mt": "translation demonstrations", "mono": "monolingual (the source language)",
-                "code": "code snippets"}
+                "code": "code snippets", "pooled": "every X→English direction, equal weights",
+                "mix": "a mix of your own"}
+ALLOCATION_HELP = {"uniform": "every layer at the target",
+                   "owl": "OWL: layers with more outlier scores pruned less",
+                   "cwl": "M-Wanda's: layers where languages diverge pruned less (needs a mix)"}
 PATTERNS = ["unstructured", "2:4", "4:8", "other N:M"]
 BLOCKS = ["attn", "mlp"]  # all of them by default, as the spec's blocks=None means
 # Widgets w.prune_<field> that start from the interactive preset (ui.spec_defaults).
 SPEC_FIELDS = ("method", "calibration", "mode", "sparsity", "pattern", "invert", "protect",
-               "shots", "samples", "seed", "protocol")
+               "shots", "samples", "seed", "protocol", "allocation", "allocation_range",
+               "outlier_threshold")
 PROTECT_RULE = "top-k:4"  # the rule box's text when the Features page has chosen none
 
 
@@ -42,6 +52,10 @@ def settings(loaded, corpus) -> tuple[PruneSpec, float, str]:
     ui.valid_choice("w.prune_pair", pairs, first or service.default_pairs(corpus.languages)[0])
     ui.default_all(ui.spec_defaults("prune", SPEC_FIELDS))
     ui.default("w.prune_pattern_other", "1:4")
+    to_english = [p for p in pairs if p.endswith("-en")][:3]
+    ui.default("w.prune_mix", MIX_PREFIX + ",".join(f"{p}=1" for p in to_english))
+    parts = ui.spec_defaults("prune", ("mwanda_parts",))["w.prune_mwanda_parts"]
+    ui.default("w.prune_mwanda_parts", [p for p in parts.split(",") if p])
     ui.default("w.prune_protect_rule", captured.rule if captured and captured.rule
                else PROTECT_RULE)
     ui.default("w.prune_blocks", BLOCKS)
@@ -54,8 +68,13 @@ def settings(loaded, corpus) -> tuple[PruneSpec, float, str]:
                           help="; ".join(f"{m}: {h}" for m, h in METHOD_HELP.items()))
     calibration = c2.selectbox("Calibration set", list(CALIBRATIONS), key="w.prune_calibration",
                                format_func=CALIBRATIONS.get,
-                               disabled=method != "wanda",
-                               help="ratio always uses translation vs code")
+                               disabled=method not in ("wanda", "m-wanda"),
+                               help="ratio always uses translation vs code; m-wanda needs "
+                                    "several languages: pooled or a mix")
+    if calibration == "mix":
+        calibration = c2.text_input("Mix (set=weight, ...)", key="w.prune_mix",
+                                    help="pairs translate (fr-en), single languages are "
+                                         "monolingual (fr); weights are normalised").strip()
     pair = c3.selectbox("Direction", pairs, key="w.prune_pair", format_func=service.pair_label)
     mode = c4.radio("Calibration mode", list(MODES), key="w.prune_mode", horizontal=True,
                     help="one-shot: statistics of the dense model, exact at every sparsity. "
@@ -81,11 +100,24 @@ def settings(loaded, corpus) -> tuple[PruneSpec, float, str]:
                                  disabled=not protect,
                                  help="top-k:4, ratio:100 or absolute:500 (the Features page's "
                                       "rule is the default)")
-    c1, c2 = st.columns([2, 2])
+    c1, c2, c3 = st.columns([2, 2, 2])
     lo, hi = c1.slider("Layers to prune", 0, n_layers - 1, key="w.prune_layers")
     blocks = c2.multiselect("Modules", BLOCKS, key="w.prune_blocks")
+    allocation = c3.radio("Per-layer sparsity", list(ALLOCATIONS), key="w.prune_allocation",
+                          horizontal=True,
+                          help="; ".join(f"{a}: {h}" for a, h in ALLOCATION_HELP.items())
+                               + ". The target stays the mean over layers, weighted by size.")
+    mwanda_parts = ",".join(PARTS)
+    if method == "m-wanda":
+        chosen = st.multiselect("M-Wanda parts (drop one to ablate it)", list(PARTS),
+                                key="w.prune_mwanda_parts",
+                                help="variance: the languages' spread in the score; cwl: "
+                                     "per-layer sparsity from cross-lingual correlation (sets "
+                                     "the allocation); prob: MLP neurons' activation "
+                                     "probability. None left: Wanda on the mix.")
+        mwanda_parts = ",".join(chosen) or "none"
     with st.expander("More settings", expanded=st.session_state["w.prune_protocol"] != "clean"):
-        e1, e2, e3, e4, e5 = st.columns(5)
+        e1, e2, e3, e4, e5, e6 = st.columns(6)
         shots = e1.number_input("Shots per calibration prompt", 1, 16, step=1,
                                 key="w.prune_shots")
         samples = e2.number_input("Calibration prompts", 1, 256, step=1, key="w.prune_samples")
@@ -95,17 +127,28 @@ def settings(loaded, corpus) -> tuple[PruneSpec, float, str]:
                                  "they end with the EOS token, as the authors' code did.")
         invert = e5.toggle("Invert (prune the highest scores)", key="w.prune_invert",
                            help="the paper's ablation")
+        allocation_range = e6.slider("Allocation range (±)", 0.0, 0.3, step=0.01,
+                                     key="w.prune_allocation_range",
+                                     help="owl/cwl: how far a layer's sparsity may move from "
+                                          "the target (OWL's lambda)")
+        outlier_threshold = e6.number_input("Outlier threshold M", 0.5, 100.0, step=0.5,
+                                            key="w.prune_outlier_threshold",
+                                            help="owl: a score above M times its layer's mean "
+                                                 "is an outlier")
         if protocol == "paper":
             st.caption("The paper protocol sets the calibration prompts' separator (EOS). The "
                        "mode and the number of prompts stay as chosen here, one-shot and few "
                        "to keep this page live; the authors' run is sequential with 100 prompts "
                        "(pick them above, or `mlprune prune --protocol paper`).")
-    spec = PruneSpec(method=method, calibration=calibration if method == "wanda" else "mt",
+    spec = PruneSpec(method=method,
+                     calibration=calibration if method in ("wanda", "m-wanda") else "mt",
                      pair=pair, sparsity=sparsity / 100, pattern=pattern, invert=invert,
                      protect=protect_rule.strip() if protect else None,
                      layers=f"{lo}-{hi}", blocks=",".join(blocks) if blocks else "none",
                      mode=mode, shots=int(shots), samples=int(samples), seed=int(seed),
-                     protocol=protocol)
+                     protocol=protocol, allocation=allocation,
+                     allocation_range=float(allocation_range),
+                     outlier_threshold=float(outlier_threshold), mwanda_parts=mwanda_parts)
     return spec, sparsity / 100, pattern
 
 
