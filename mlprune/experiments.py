@@ -330,11 +330,12 @@ def _stage(progress: Progress, prefix: str) -> Progress:
 
 def run_intervention_experiment(loaded: LoadedModel, corpus: ParallelCorpus,
                                 spec: InterventionSpec, *, batch_size: int = 8,
-                                cells: Cells | None = None,
+                                cells: Cells | None = None, built: BuiltInterventions | None = None,
                                 progress: Progress = no_progress) -> dict:
     """Dense, intervened, control (and wanda-mt when asked) on the held-out translation
     slice and on every task, with the paired tests of :data:`COMPARISONS`: pure data, ready
-    for :func:`markdown` and strict JSON. ``cells`` keeps measured cells (resume, reuse)."""
+    for :func:`markdown` and strict JSON. ``cells`` keeps measured cells (resume, reuse);
+    ``built`` is the spec's :func:`build_interventions` when the caller already has it."""
     spec.validate()
     cells = cells if cells is not None else Cells()
     tasks = [zs.load_task(t).subset(spec.task_limit) for t in spec.tasks]  # fail before work
@@ -343,8 +344,9 @@ def run_intervention_experiment(loaded: LoadedModel, corpus: ParallelCorpus,
         if missing:
             raise MlpruneError(f"LRP2 needs a language vector for every task language, but the "
                                f"corpus '{corpus.name}' has no sentences in {', '.join(missing)}.")
-    built = build_interventions(loaded, corpus, spec, batch_size=batch_size,
-                                progress=_stage(progress, "setup"))
+    if built is None:
+        built = build_interventions(loaded, corpus, spec, batch_size=batch_size,
+                                    progress=_stage(progress, "setup"))
     runs = ["dense", "intervened"] + (["control"] if built.control else []) \
         + (["pruned"] if spec.compare_prune else [])
     masks: list[MaskSet] = []  # made on first need: a resumed run may have every pruned cell
