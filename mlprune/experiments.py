@@ -382,7 +382,7 @@ def run_intervention_experiment(loaded: LoadedModel, corpus: ParallelCorpus,
                 iv=None if run in ("dense", "pruned") else built.for_run(run),
                 max_new_tokens=spec.max_new_tokens, batch_size=batch_size, progress=_stage(progress, f"translation ({run})"))
             cells.put(key, cell)
-        translation[run] = cell
+        translation[run] = dict(cell)  # a copy: whoever edits the report leaves the cell whole
     report = {
         "model": loaded.name, "dequantized_from": loaded.dequantized_from,
         "spec": asdict(spec), "runs": runs,

@@ -321,7 +321,7 @@ def test_the_experiment_reports_effect_control_and_significance(loaded, corpus, 
     from mlprune.prompts import translation_prompts
 
     spec = ex.InterventionSpec(kind="mean", limit=2, samples=2, max_new_tokens=8, tasks=(str(task_file),),
-                               task_limit=3, resamples=200)
+                               task_limit=2, resamples=100)
     cells = ex.Cells()
     stages = []
     report = ex.run_intervention_experiment(loaded, corpus, spec, cells=cells,
@@ -343,7 +343,7 @@ def test_the_experiment_reports_effect_control_and_significance(loaded, corpus, 
     assert set(block["runs"]) == {"dense", "intervened", "control"}
     rows = block["tests"][0]["rows"]
     assert {r["lang"] for r in rows} == {"en", "fr", "non-en"}
-    assert all(0 < r["p_value"] <= 1 and r["n"] == 3 for r in rows if r["lang"] != "non-en")
+    assert all(0 < r["p_value"] <= 1 and r["n"] == 2 for r in rows if r["lang"] != "non-en")
     text = ex.markdown(report)
     assert "| intervened vs control |" in text and "### Zero-shot tiny_task" in text
     strict(json.dumps(json.loads(__import__("mlprune").zeroshot.strict_json(report))))
@@ -427,3 +427,33 @@ def test_an_unknown_kind_is_one_sentence():
 
     with pytest.raises(MlpruneError, match="Unknown intervention 'blur': use zero, mean, scale, lrp2."):
         InterventionSpec(kind="blur").validate()
+
+
+def test_the_bench_script_runs_on_a_tiny_model_and_resumes(tiny_folder, corpus_file, task_file,
+                                                           tmp_path, monkeypatch, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    from mlprune import experiments as ex
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "interventions.py"
+    spec = importlib.util.spec_from_file_location("bench_interventions", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "interventions.json"
+    argv = ["--model", str(tiny_folder), "--corpus", str(corpus_file), "--pairs", "fr-en",
+            "--only", "scale x2,lrp2", "--limit", "1", "--task-limit", "1", "--tasks",
+            str(task_file), "--max-new-tokens", "2", "--samples", "2", "--out", str(out),
+            "--cells", str(tmp_path / "cells.json")]
+    bench.main(argv)
+    first = strict(out.read_text(encoding="utf-8"))
+    assert [r["intervention"] for r in first["rows"]] == ["scale x2", "lrp2", "wanda-mt 50%"]
+    row = first["rows"][0]
+    assert {"chrf_p", "chrf_vs_control_p", "tiny_task_non_en_p", "tiny_task_non_en_control"} <= set(row)
+    table = capsys.readouterr().out
+    assert "| fr-en | scale x2 |" in table and "| fr-en | wanda-mt 50% |" in table
+    monkeypatch.setattr(ex, "translation_cell", lambda *a, **k: pytest.fail("measured again"))
+    monkeypatch.setattr(ex, "task_cell", lambda *a, **k: pytest.fail("measured again"))
+    monkeypatch.setattr(ex, "prune", lambda *a, **k: pytest.fail("pruned again"))
+    bench.main(argv)  # resumed: every cell was saved
+    assert strict(out.read_text(encoding="utf-8"))["rows"] == first["rows"]
