@@ -48,7 +48,13 @@ from mlprune.interventions import (
     sentence_means,
 )
 from mlprune.models import LoadedModel, hidden_size
-from mlprune.pipeline import PruneSpec, cached_capture, paired_vs_dense, prune
+from mlprune.pipeline import (
+    PruneSpec,
+    cached_capture,
+    model_fingerprint,
+    paired_vs_dense,
+    prune,
+)
 from mlprune.prompts import parse_pair, translation_prompts
 from mlprune.prune import MaskSet, check_sparsity, pruned
 
@@ -351,7 +357,9 @@ def run_intervention_experiment(loaded: LoadedModel, corpus: ParallelCorpus,
         + (["pruned"] if spec.compare_prune else [])
     masks: list[MaskSet] = []  # made on first need: a resumed run may have every pruned cell
 
-    model_id = [loaded.name, loaded.facts()["parameters"]]
+    # what every cell depends on: the model's weights and the corpus's sentences
+    model_id = [model_fingerprint(loaded), corpus.name,
+                hashlib.sha256(corpus.table.to_csv(index=False).encode()).hexdigest()[:16]]
     prune_key = cell_key("pruned", model_id, asdict(spec.prune_spec()))
 
     def the_masks() -> MaskSet:
@@ -401,7 +409,8 @@ def run_intervention_experiment(loaded: LoadedModel, corpus: ParallelCorpus,
     for task in tasks:
         results: dict[str, zs.TaskResult] = {}
         for run in runs:
-            key = cell_key("task", model_id, task.name, [(it.id, it.lang) for it in task.items],
+            key = cell_key("task", model_id, task.name,
+                           [(it.id, it.lang, it.prompt, it.choices, it.label) for it in task.items],
                            what(run))
             cell = cells.get(key)
             if cell is None:

@@ -33,7 +33,8 @@ src/models/*_lrp2.py, src/evaluate_lrp2.py, experiments/lrp2/search.sh):
   (LSRP: back to language X); with b = L, after the final norm;
 - they add the vectors only at the tokens of the task's text in language X (XNLI premise and
   hypothesis), not at the template's words, and pick (a, b) by searching every pair on 500
-  XNLI validation items (a = 0 never projects: their code tests ``if lirp_layer:``).
+  XNLI validation items (with a = 0 only the projection back happens: their code tests
+  ``if lirp_layer:``).
 
 Here (:func:`language_vectors`): the same per-sentence means and the same mean over
 sentences, padding excluded, over up to 100 sentences of the parallel corpus's

@@ -8,6 +8,7 @@ import streamlit as st
 from mlprune import plots, service, ui
 from mlprune.corpus import language_name
 from mlprune.evaluate import chrf, language_of
+from mlprune.models import hidden_size
 from mlprune.pipeline import PruneSpec
 from mlprune.prompts import eval_items, parse_pair
 from mlprune.zeroshot import BUILTIN_TASKS
@@ -160,7 +161,7 @@ def intervention_choice(loaded, corpus, state: service.SessionPruning | None):
                     format_func=service.INTERVENTION_KINDS.get, horizontal=True)
     if kind == "none":
         return None
-    n_layers, hidden = len(loaded.layers), loaded.facts()["hidden_size"]
+    n_layers, hidden = len(loaded.layers), hidden_size(loaded.model)
     captured = ui.features(loaded)
     dims, layers, factor, lrp2 = [], None, None, None
     c1, c2, c3 = st.columns([3, 2, 1])
