@@ -44,7 +44,15 @@ from mlprune import MlpruneError, Progress, no_progress, pipeline
 from mlprune.capture import ActivationStats, token_magnitudes
 from mlprune.corpus import ParallelCorpus, builtin_corpus, read_corpus
 from mlprune.evaluate import Generation, evaluate_translation, generate
+from mlprune.experiments import (
+    BuiltInterventions,
+    Cells,
+    InterventionSpec,
+    build_interventions,
+    run_intervention_experiment,
+)
 from mlprune.features import detect
+from mlprune.interventions import intervened
 from mlprune.models import DEFAULT_MODEL, LoadedModel, load_model
 from mlprune.pipeline import PruneSpec
 from mlprune.prompts import PromptSet, parse_pair
@@ -248,7 +256,11 @@ class Shared:
             "dense": _Lru(512),  # (model, prompt, max_new_tokens) -> Generation
             "scores": _Lru(32),  # (model, corpus, pair, shots, limit) -> dense metrics
             "tokens": _Lru(8),  # (model, text) -> (tokens, |h|)
+            "interventions": _Lru(8),  # (model, corpus, InterventionSpec) -> BuiltInterventions
+            "intervened": _Lru(256),  # (model, corpus, spec, prompt, max_new_tokens) -> Generation
         }
+        # measured cells of intervention experiments (dense ones are shared by every spec)
+        self.intervention_cells = Cells()
 
     def _cached(self, table: str, key):
         with self._lock:
@@ -264,6 +276,7 @@ class Shared:
             self._jobs.clear()
             for table in self._tables.values():
                 table.clear()
+            self.intervention_cells = Cells()
 
     # ---- models
 
@@ -399,6 +412,51 @@ class Shared:
                 scores["dense"]["outputs"], scores["pruned"]["outputs"], tgt)
         return scores
 
+    # ---- interventions
+
+    def intervention(self, loaded: LoadedModel, corpus: ParallelCorpus, spec: InterventionSpec,
+                     progress: Progress = no_progress) -> BuiltInterventions:
+        """The spec's intervention and control (means and vectors computed once), under the
+        model's lock: they read the dense model."""
+        key = (model_key(loaded), corpus_key(corpus), _what_builds(spec.validate()))
+        built = self._cached("interventions", key)
+        if built is None:
+            with dense(loaded):
+                built = build_interventions(loaded, corpus, spec, batch_size=CAPTURE_BATCH,
+                                            progress=progress)
+            self._store("interventions", key, built)
+        return built
+
+    def intervened_generations(self, loaded: LoadedModel, corpus: ParallelCorpus,
+                               spec: InterventionSpec, prompts: list[str], max_new_tokens: int = 48,
+                               progress: Progress = no_progress) -> list[Generation]:
+        """Greedy continuations with the spec's intervention on the dense model (hooks added
+        and removed under the model's lock, so no session's masks are ever under them)."""
+        what = _what_builds(spec)
+        keys = [(model_key(loaded), corpus_key(corpus), what, p, max_new_tokens) for p in prompts]
+        found = {k: self._cached("intervened", k) for k in keys}
+        missing = [k[3] for k in keys if found[k] is None]
+        if missing:
+            built = self.intervention(loaded, corpus, spec, progress=progress)
+            with dense(loaded) as model, intervened(model, built.intervention):
+                fresh = generate(model, loaded.tokenizer, missing, max_new_tokens=max_new_tokens,
+                                 batch_size=CAPTURE_BATCH, progress=progress)
+            for prompt, gen in zip(missing, fresh):
+                key = (model_key(loaded), corpus_key(corpus), what, prompt, max_new_tokens)
+                self._store("intervened", key, gen)
+                found[key] = gen
+        return [found[k] for k in keys]
+
+    def intervention_scores(self, loaded: LoadedModel, corpus: ParallelCorpus,
+                            spec: InterventionSpec, progress: Progress = no_progress) -> dict:
+        """``experiments.run_intervention_experiment`` on the dense model, under its lock:
+        dense, intervened and control on the held-out slice (and the spec's tasks)."""
+        built = self.intervention(loaded, corpus, spec, progress=progress)
+        with dense(loaded):
+            return run_intervention_experiment(loaded, corpus, spec, batch_size=CAPTURE_BATCH,
+                                               cells=self.intervention_cells, built=built,
+                                               progress=progress)
+
 
 def pruned_generations(loaded: LoadedModel, masks: MaskSet, prompts: list[str],
                        max_new_tokens: int = 48,
@@ -502,6 +560,61 @@ def sweep_extra_eval(names: list[str]) -> Callable[[LoadedModel, str, float], di
         return row
 
     return extra_eval
+
+
+# --------------------------------------------------------------------------- interventions
+
+def _what_builds(spec: InterventionSpec) -> InterventionSpec:
+    """The spec without what only measuring reads (held-out size, tasks): the key of its
+    intervention and of the generations made with it."""
+    return replace(spec, limit=1, tasks=(), task_limit=None, max_new_tokens=1,
+                   compare_prune=None, resamples=0)
+
+
+INTERVENTION_KINDS = {"none": "None", "zero": "Zero", "mean": "Set to mean",
+                      "scale": "Scale", "lrp2": "LRP2 (language vector)"}
+
+
+def detected_union(captured: FeatureCapture | None) -> list[int]:
+    """Every dim the Features page's rule detected at any layer (sorted), or none."""
+    if captured is None or captured.detected is None or not len(captured.detected):
+        return []
+    return sorted({int(d) for d in captured.detected["dim"]})
+
+
+def dims_from_selection(selection) -> list[int]:
+    """The dims of the points a user clicked in a layer x dimension figure (x is the dim)."""
+    points = (selection or {}).get("points", []) if isinstance(selection, dict) else []
+    dims = []
+    for point in points:
+        x = point.get("x") if isinstance(point, dict) else None
+        if isinstance(x, (int, float)) and float(x).is_integer() and x >= 0:
+            dims.append(int(x))
+    return sorted(set(dims))
+
+
+def intervention_spec(kind: str, *, pair: str, dims: list[int], layers: tuple[int, int] | None,
+                      factor: float | None, lrp2_layers: tuple[int, int | None] | None,
+                      shots: int, samples: int, limit: int, control: bool,
+                      task: str | None, task_limit: int, detect: str | None) -> InterventionSpec:
+    """The Compare page's widgets as an :class:`~mlprune.experiments.InterventionSpec`
+    (one clear sentence when they do not make one)."""
+    if kind == "lrp2":
+        if lrp2_layers is None:
+            raise MlpruneError("Choose the layer where LRP2 projects to English.")
+        first, second = lrp2_layers
+        where, chosen = (f"{first}" if second is None else f"{first},{second}"), None
+    else:
+        if not dims:
+            raise MlpruneError("Pick at least one dimension to act on (the Features page's "
+                               "detected set fills the list).")
+        lo, hi = layers if layers is not None else (None, None)
+        where, chosen = (None if lo is None else f"{lo}-{hi}"), tuple(sorted(set(dims)))
+    return InterventionSpec(pair=pair, kind=kind, factor=factor if kind == "scale" else None,
+                            layers=where, dims=chosen, detect=detect or "top-k:4",
+                            control=control, limit=limit, shots=shots, samples=samples,
+                            tasks=(task,) if task else (), task_limit=task_limit,
+                            max_new_tokens=HELD_OUT_TOKENS).validate()
 
 
 # --------------------------------------------------------------------------- text helpers

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -271,9 +271,41 @@ def dequant_caption(loaded: LoadedModel) -> None:
         st.caption(f":material/warning: {text}")
 
 
-def plot(fig, key: str | None = None) -> None:
-    """Draw a plotly figure across the page width."""
-    st.plotly_chart(fig, key=key, config={"displaylogo": False})
+def plot(fig, key: str | None = None, on_select=None) -> None:
+    """Draw a plotly figure across the page width; ``on_select`` (a callback, which needs a
+    ``key``) is called when the user clicks points, their selection in ``st.session_state[key]``."""
+    if on_select is None:
+        st.plotly_chart(fig, key=key, config={"displaylogo": False})
+    else:
+        st.plotly_chart(fig, key=key, config={"displaylogo": False}, on_select=on_select,
+                        selection_mode="points")
+
+
+INTERVENTION_DIMS = "w.iv_dims"  # the dims the Compare page intervenes on
+_PREFILLED = "iv_dims_prefilled"  # the detected set they were last filled with
+
+
+def follow_detected_dims(detected: list[int], hidden: int) -> None:
+    """The intervention's dims follow the Features page's detected set until the user
+    changes them (by hand or by clicking); dims the model does not have are dropped."""
+    current = st.session_state.get(INTERVENTION_DIMS)
+    if current is None or current == st.session_state.get(_PREFILLED):
+        st.session_state[INTERVENTION_DIMS] = st.session_state[_PREFILLED] = list(detected)
+    else:
+        st.session_state[INTERVENTION_DIMS] = [d for d in current if 0 <= d < hidden]
+
+
+def add_clicked_dims(chart_key: str) -> Callable[[], None]:
+    """An ``on_select`` callback adding the dims clicked in a layer x dimension figure to the
+    set the Compare page intervenes on."""
+    def callback() -> None:
+        state = st.session_state.get(chart_key)
+        selection = state.get("selection") if hasattr(state, "get") else None
+        clicked = service.dims_from_selection(selection)
+        if clicked:
+            current = st.session_state.get(INTERVENTION_DIMS) or []
+            st.session_state[INTERVENTION_DIMS] = sorted(set(current) | set(clicked))
+    return callback
 
 
 def output_box(gen: Generation, differs: list[bool] | None, kind: str, *,

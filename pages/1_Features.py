@@ -11,7 +11,13 @@ from mlprune import plots, ui
 from mlprune.features import overlap_matrix
 from mlprune.prompts import analysis_prompts
 from mlprune.protocol import PROTOCOLS, Protocol, get_protocol
-from mlprune.service import FeatureCapture, comma_list, default_pairs, prompt_set_label
+from mlprune.service import (
+    FeatureCapture,
+    comma_list,
+    default_pairs,
+    detected_union,
+    prompt_set_label,
+)
 
 RULE_DEFAULTS = {"top-k": 4, "ratio": 100.0, "absolute": 100.0}
 RULE_HELP = {"top-k": "the k largest dimensions of every layer",
@@ -95,7 +101,13 @@ def figures(loaded, result: FeatureCapture, name: str, table: pd.DataFrame) -> N
     with tabs[1]:
         ui.plot(plots.layer_dim_heatmap(stats, table, title=f"Magnitude per layer and dimension "
                                         f"({prompt_set_label(name)}), detected circled",
-                                        dequantized_from=q, numbering=numbering))
+                                        dequantized_from=q, numbering=numbering),
+                key="features_heatmap", on_select=ui.add_clicked_dims("features_heatmap"))
+        hidden = stats.hidden_norms.shape[1]
+        ui.follow_detected_dims(detected_union(result), hidden)
+        st.multiselect("Dimensions to intervene on (the Compare page acts on them)",
+                       list(range(hidden)), key=ui.INTERVENTION_DIMS,
+                       help="starts as the detected set; click a dimension in the figure to add it")
     with tabs[2]:
         texts = result.prompts[name].texts
         ui.default("w.tok_prompt", 0)

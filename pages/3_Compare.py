@@ -1,4 +1,5 @@
-"""Compare: dense and pruned generations side by side, and chrF on a held-out slice."""
+"""Compare: dense and pruned generations side by side, and chrF on a held-out slice; and
+interventions on the features (zero, mean, scale chosen dims, or LRP2) against dense."""
 
 from __future__ import annotations
 
@@ -7,7 +8,10 @@ import streamlit as st
 from mlprune import plots, service, ui
 from mlprune.corpus import language_name
 from mlprune.evaluate import chrf, language_of
+from mlprune.models import hidden_size
+from mlprune.pipeline import PruneSpec
 from mlprune.prompts import eval_items, parse_pair
+from mlprune.zeroshot import BUILTIN_TASKS
 
 KINDS = {"fewshot": "Few-shot translation from the corpus", "free": "Free text"}
 SPEC_FIELDS = ("shots",)  # w.cmp_shots: demonstrations per prompt, as the spec's
@@ -95,9 +99,7 @@ def dense_and_pruned_outputs(loaded, corpus, state: service.SessionPruning | Non
 def held_out_scores(loaded, corpus, state: service.SessionPruning | None) -> None:
     """evaluate_translation on a held-out slice, dense and (with masks) pruned."""
     st.subheader("chrF on a held-out slice")
-    pair = st.session_state.get("w.cmp_pair") or (state.spec.pair if state else None)
-    if pair is None:
-        pair = service.default_pairs(corpus.languages)[0]
+    pair = current_pair(corpus, state)
     tgt = parse_pair(pair)[1]
     shots = int(st.session_state["w.cmp_shots"])
     ui.default("w.cmp_limit", 8)
@@ -139,6 +141,131 @@ def significance_line(test: dict) -> str:
             "difference is unlikely to be chance; with few sentences only large ones get there.")
 
 
+def current_pair(corpus, state: service.SessionPruning | None) -> str:
+    """The direction the page's prompts and held-out slice use."""
+    pair = st.session_state.get("w.cmp_pair") or (state.spec.pair if state else None)
+    return pair or service.default_pairs(corpus.languages)[0]
+
+
+def intervention_choice(loaded, corpus, state: service.SessionPruning | None):
+    """The intervention widgets, as a spec (None when the choice is "none")."""
+    st.subheader("Intervene on the features")
+    st.caption("Act on chosen residual dimensions at chosen layers while the dense model "
+               "generates (this session's pruning is not applied): set them to zero, to their "
+               "mean over the calibration prompts, or scale them; or add LRP2's language vector "
+               "(English minus the source language) after one layer and subtract it after a "
+               "later one. The control repeats the intervention on as many random ordinary "
+               "dimensions.")
+    ui.default("w.iv_kind", "none")
+    kind = st.radio("Intervention", list(service.INTERVENTION_KINDS), key="w.iv_kind",
+                    format_func=service.INTERVENTION_KINDS.get, horizontal=True)
+    if kind == "none":
+        return None
+    n_layers, hidden = len(loaded.layers), hidden_size(loaded.model)
+    captured = ui.features(loaded)
+    dims, layers, factor, lrp2 = [], None, None, None
+    c1, c2, c3 = st.columns([3, 2, 1])
+    if kind == "lrp2":
+        options = list(range(n_layers))
+        ui.valid_choice("w.iv_project", options, n_layers // 4)
+        ui.valid_choice("w.iv_restore", ["none", *options], (3 * n_layers) // 4)
+        first = c1.selectbox("Project to English after layer", options, key="w.iv_project")
+        second = c2.selectbox("Project back after layer", ["none", *options], key="w.iv_restore")
+        lrp2 = (int(first), None if second == "none" else int(second))
+    else:
+        ui.follow_detected_dims(service.detected_union(captured), hidden)
+        dims = c1.multiselect("Dimensions", list(range(hidden)), key=ui.INTERVENTION_DIMS,
+                              help="prefilled with the Features page's detected set; click a "
+                                   "dimension in its layer x dimension figure to add it")
+        if n_layers > 1:
+            ui.default("w.iv_layers", (0, n_layers - 1))
+            layers = c2.slider("Layers (decoder layer outputs)", 0, n_layers - 1,
+                               key="w.iv_layers")
+        if kind == "scale":
+            ui.default("w.iv_factor", 0.5)
+            factor = float(c3.number_input("Factor", min_value=0.0, step=0.25, key="w.iv_factor",
+                                           help="below 1 weakens, above 1 amplifies"))
+        if captured is None:
+            st.caption("Capture features on the Features page to prefill the dimensions with "
+                       "the detected large ones.")
+    ui.default("w.iv_limit", 8)
+    ui.default("w.iv_control", True)
+    ui.default("w.iv_task", "none")
+    ui.default("w.iv_task_limit", 5)
+    d1, d2, d3, d4 = st.columns([1, 1, 1, 1])
+    limit = int(d1.number_input("Held-out sentences", 1, 500, step=1, key="w.iv_limit"))
+    task = d2.selectbox("Zero-shot task", ["none", *BUILTIN_TASKS], key="w.iv_task")
+    task_limit = int(d3.number_input("Items per language", 1, 170, step=1, key="w.iv_task_limit"))
+    control = d4.toggle("Random-dims control", key="w.iv_control")
+    return service.intervention_spec(
+        kind, pair=current_pair(corpus, state), dims=list(dims), layers=layers, factor=factor,
+        lrp2_layers=lrp2, shots=int(st.session_state["w.cmp_shots"]),
+        samples=PruneSpec.preset(ui.SPEC_PRESET).samples, limit=limit, control=control,
+        task=None if task == "none" else task, task_limit=task_limit,
+        detect=captured.rule if captured else None)
+
+
+def intervened_outputs(loaded, corpus, spec, prompt: str, target: str | None) -> None:
+    """Dense and intervened outputs of the page's prompt, side by side."""
+    max_new = int(st.session_state["w.cmp_max_new"])
+    dense = ui.shared().dense_generations(loaded, [prompt], max_new)[0]
+    bar, progress = ui.progress_bar("Intervening")
+    out = ui.shared().intervened_generations(loaded, corpus, spec, [prompt], max_new,
+                                             progress=progress)[0]
+    bar.empty()
+    built = ui.shared().intervention(loaded, corpus, spec)
+    fa, fb = service.diff_flags(dense.tokens, out.tokens)
+    candidates = tuple(corpus.languages)
+    c1, c2 = st.columns(2)
+    with c1:
+        st.markdown("#### Dense")
+        ui.output_box(dense, fa, "dense")
+        st.markdown(f"Output language: {language_line(dense.text, target, candidates)}")
+    with c2:
+        iv = built.intervention
+        where = f"{len(iv.dims)} layer{'s' if len(iv.dims) > 1 else ''}"
+        st.markdown(f"#### Intervened · {iv.label} · {where}")
+        ui.output_box(out, fb, "intervened")
+        st.markdown(f"Output language: {language_line(out.text, target, candidates)}")
+    st.caption(f"{sum(fb)} of {len(out.tokens)} intervened tokens differ from the dense output.")
+
+
+def intervention_scores(loaded, corpus, spec) -> None:
+    """Dense, intervened and control on the held-out slice (and a zero-shot slice)."""
+    key = (service.model_key(loaded), service.corpus_key(corpus), spec)
+    what = f"{spec.limit} held-out sentences" + (f" and {spec.tasks[0]}" if spec.tasks else "")
+    if st.button(f"Score the intervention on {what}"):
+        with ui.errors() as ok:
+            bar, progress = ui.progress_bar("Scoring")
+            report = ui.shared().intervention_scores(loaded, corpus, spec, progress=progress)
+            bar.empty()
+        if ok.ok:
+            st.session_state["intervention_scores"] = {"key": key, "report": report}
+    scores = st.session_state.get("intervention_scores")
+    if not scores or scores["key"] != key:
+        return
+    report = scores["report"]
+    runs = report["translation"]["runs"]
+    cols = st.columns(len(runs))
+    for col, (name, r) in zip(cols, runs.items()):
+        col.metric(f"chrF, {name}", f"{r['chrf']:.1f}")
+    for test in report["translation"]["tests"]:
+        c = test["chrf"]
+        st.markdown(f"chrF {test['b']} − {test['a']}: {c['difference']:+.1f} "
+                    f"(**p = {c['p_value']:.3f}**, n = {c['n']})")
+    for task, block in report["zeroshot"].items():
+        rows = []
+        for name, table in block["runs"].items():
+            rows.append({"run": name, **{r["lang"]: r["accuracy"] for r in table}})
+        st.markdown(f"**{task}**: accuracy per language ({block['n_items']} items each)")
+        st.dataframe(rows, hide_index=True)
+        for test in block["tests"]:
+            r = next((r for r in test["rows"] if r["lang"] == "non-en"), test["rows"][0])
+            st.markdown(f"{task} {test['b']} − {test['a']} ({r['lang']}): {r['diff']:+.3f} "
+                        f"(**p = {r['p_value']:.3f}**, n = {r['n']})")
+    st.caption(" ".join(report["notes"]))
+
+
 def main() -> None:
     ready = ui.page("Compare dense and pruned")
     if ready is None:
@@ -154,6 +281,14 @@ def main() -> None:
         dense_and_pruned_outputs(loaded, corpus, state, prompt, target, reference)
     with ui.errors():
         held_out_scores(loaded, corpus, state)
+    st.divider()
+    with ui.errors() as ok:
+        spec = intervention_choice(loaded, corpus, state)
+    if ok.ok and spec is not None:
+        with ui.errors():
+            intervened_outputs(loaded, corpus, spec, prompt, target)
+        with ui.errors():
+            intervention_scores(loaded, corpus, spec)
 
 
 main()

@@ -102,10 +102,10 @@ def metric(at: AppTest, label: str) -> str:
 
 
 def outputs(at: AppTest) -> dict[str, str]:
-    """The dense/pruned output boxes' HTML by kind."""
+    """The dense/pruned/intervened output boxes' HTML by kind."""
     found = {}
     for m in at.markdown:
-        for kind in ("dense", "pruned"):
+        for kind in ("dense", "pruned", "intervened"):
             if f'data-kind="{kind}"' in m.value:
                 found[kind] = m.value
     return found
@@ -503,6 +503,76 @@ def test_compare_without_masks_shows_the_dense_side_and_a_way_to_prune(app_env):
     at = goto(run(new_app()), "3_Compare")
     assert set(outputs(at)) == {"dense"}
     assert any("No pruned model in this session yet" in i.value for i in at.info)
+
+
+def test_compare_intervenes_on_the_features_dims_side_by_side_with_scores(app_env):
+    at = goto(run(new_app()), "1_Features")
+    click(at, "Run capture")
+    at.radio(key="w.rule_kind").set_value("top-k")
+    run(at)
+    at.number_input(key="w.rule_top-k").set_value(2)
+    run(at)
+    detected = sorted(set(at.session_state[ui.FEATURES].detected["dim"].astype(int)))
+    assert at.multiselect(key=ui.INTERVENTION_DIMS).value == detected  # prefilled
+    goto(at, "3_Compare")
+    assert set(outputs(at)) == {"dense"}  # no intervention until one is chosen
+    at.radio(key="w.iv_kind").set_value("scale")
+    run(at)
+    assert at.multiselect(key=ui.INTERVENTION_DIMS).value == detected
+    at.multiselect(key=ui.INTERVENTION_DIMS).set_value([3, 7])
+    at.number_input(key="w.iv_factor").set_value(40.0)
+    run(at)
+    boxes = outputs(at)
+    assert set(boxes) == {"dense", "intervened"} and boxes["dense"] != boxes["intervened"]
+    assert any("Intervened · scale x40" in m.value for m in at.markdown)
+    at.number_input(key="w.iv_limit").set_value(2)
+    at.selectbox(key="w.iv_task").set_value("wordorder")
+    at.number_input(key="w.iv_task_limit").set_value(1)
+    run(at)
+    click(at, "Score the intervention on 2 held-out sentences and wordorder")
+    assert {"chrF, dense", "chrF, intervened", "chrF, control"} <= {m.label for m in at.metric}
+    report = at.session_state["intervention_scores"]["report"]
+    assert report["intervention"]["dims"] == {"layers.0.resid_post": [3, 7],
+                                              "layers.1.resid_post": [3, 7]}
+    lines = [m.value for m in at.markdown if m.value.startswith("chrF intervened − control")]
+    assert len(lines) == 1 and "p = " in lines[0]
+    assert at.dataframe and any(m.value.startswith("wordorder intervened − dense") for m in at.markdown)
+    # LRP2: project after layer 0, back after layer 1
+    at.radio(key="w.iv_kind").set_value("lrp2")
+    run(at)
+    at.selectbox(key="w.iv_project").set_value(0)
+    at.selectbox(key="w.iv_restore").set_value(1)
+    run(at)
+    assert "intervened" in outputs(at) and not errors(at)
+    # the shared model carries no hook afterwards
+    model = ui.shared().model(str(app_env)).model
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    # bad input is one message: scale with no dims
+    at.radio(key="w.iv_kind").set_value("zero")
+    run(at)
+    at.multiselect(key=ui.INTERVENTION_DIMS).set_value([])
+    run(at)
+    assert errors(at) == ["Pick at least one dimension to act on (the Features page's detected "
+                          "set fills the list)."]
+
+
+def test_clicked_points_become_dims():
+    assert service.dims_from_selection({"points": [{"x": 7, "y": 1}, {"x": 3.0}, {"x": 7},
+                                                   {"y": 2}, {"x": "a"}]}) == [3, 7]
+    assert service.dims_from_selection(None) == [] == service.dims_from_selection({})
+
+    def page():
+        import streamlit as st
+
+        from mlprune import ui
+
+        st.session_state[ui.INTERVENTION_DIMS] = [1]
+        st.session_state["chart"] = {"selection": {"points": [{"x": 5}, {"x": 1}]}}
+        ui.add_clicked_dims("chart")()
+        st.write(st.session_state[ui.INTERVENTION_DIMS])
+
+    at = AppTest.from_function(page).run()
+    assert not at.exception and at.session_state[ui.INTERVENTION_DIMS] == [1, 5]
 
 
 # --------------------------------------------------------------------------- sweep
