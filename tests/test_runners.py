@@ -215,3 +215,26 @@ def test_ray_gives_the_same_table(local_table, tiny_folder, corpus, tmp_path):
         assert RayRunner().run(job(tiny_folder, corpus, store)) == rows
     finally:
         ray.shutdown()
+
+
+def test_the_sweep_command_runs_in_a_worker_into_a_store(tiny_folder, corpus_file, tmp_path,
+                                                         capsys):
+    from mlprune.cli import main
+
+    common = ["sweep", "--model", str(tiny_folder), "--corpus", str(corpus_file), "--methods",
+              "magnitude", "--sparsities", "0,0.5", "--limit", "2", "--samples", "2"]
+    assert main([*common, "--runner", "process", "--csv", str(tmp_path / "s.csv")]) == 0
+    out = capsys.readouterr()
+    assert out.out.splitlines()[0].split()[-2:] == ["chrf_p_vs_dense", "bleu_p_vs_dense"]
+    store = ResultStore(tmp_path / "s.sqlite")  # beside the CSV, which is its export
+    assert len(store) == 2 and read_sweep_rows(tmp_path / "s.csv") == store.rows()
+    assert f"wrote {tmp_path / 's.sqlite'}" in out.err
+    assert main([*common, "--store", str(tmp_path / "s.csv")]) == 2
+    assert "--store takes a .sqlite or .db file" in capsys.readouterr().err
+    # the local runner resumes the same store (nothing left to measure) ...
+    assert main([*common, "--store", str(tmp_path / "s.sqlite")]) == 0
+    assert ResultStore(tmp_path / "s.sqlite").rows() == store.rows()
+    capsys.readouterr()
+    # ... and refuses to mix in rows measured with other settings
+    assert main([*common, "--store", str(tmp_path / "s.sqlite"), "--limit", "3"]) == 2
+    assert "holds rows measured with another limit (2, not 3)" in capsys.readouterr().err
