@@ -657,7 +657,11 @@ def test_while_a_sweep_runs_in_its_worker_another_sessions_compare_answers(app_e
     lock = model_lock(shared_model.model)
     assert lock.acquire(blocking=False)  # the sweep's cells do not hold it ...
     lock.release()
-    b = goto(run(new_app()), "3_Compare")  # ... so another session's Compare answers
+    b = goto(run(new_app()), "3_Compare")  # ... so another session's Compare answers,
+    b.radio(key="w.cmp_kind").set_value("free")  # on a text no cache holds: it generates
+    run(b)
+    b.text_area(key="w.cmp_text").set_value("English: A sweep runs in another tab.\nFrench:")
+    run(b)
     assert set(outputs(b)) == {"dense"} and tokens_of(outputs(b)["dense"])
     measured = len(service.read_results(store))
     assert not sweep.job.done() and measured < 30, "the sweep ended before Compare answered"
