@@ -5,8 +5,8 @@ can run it from scratch: where the model comes from (:class:`ModelSource`), the 
 settings, and where results go. Three runners take such work:
 
 - :class:`LocalRunner` runs it here, on the caller's model (the command line's default);
-- :class:`ProcessRunner` runs it in one worker process started for it (``spawn``: a fresh
-  interpreter that loads its own copy of the model from the same source), so the caller's
+- :class:`ProcessRunner` runs it in one worker process started for it (a fresh interpreter
+  that loads its own copy of the model from the same source), so the caller's
   model, and the lock that guards it, stay free: the dashboard's live pages keep answering
   while a sweep runs. Progress streams back; cancelling kills the worker, which loses only
   the cell it had not finished (every finished row is already committed to the store);
@@ -21,14 +21,17 @@ greedy decoding makes them the same wherever it runs). Every runner gives the sa
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import pickle
+import socket
+import subprocess
+import sys
 import threading
 import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 from mlprune import MlpruneError, Progress, no_progress, pipeline
@@ -170,16 +173,28 @@ def _portable(error: BaseException) -> BaseException:
         return MlpruneError(f"The worker failed: {type(error).__name__}: {error}")
 
 
-def _worker_main(work, messages) -> None:
-    """A worker process's whole life: load the model, run the work, send back the outcome
-    (``messages`` is the sending end of a pipe; each send completes before the next step)."""
+def _this_mlprune_first() -> str:
+    """PYTHONPATH that makes a child import this very mlprune (a checkout, not an install)."""
+    here = str(Path(__file__).resolve().parents[1])
+    return os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)
+
+
+def serve(fd: int) -> None:
+    """A worker process's whole life (``python -m mlprune.runners FD``): read the work from
+    the connection on file descriptor ``fd``, load the model, run the work, send back its
+    progress and outcome. If the parent goes away, the next send fails and the worker ends."""
+    messages = Connection(fd)
+
     def progress(stage: str, fraction: float) -> None:
         messages.send(("progress", stage, float(fraction)))
 
     try:
+        work = messages.recv()
         loaded = work.model.load(lambda s, f: progress(f"worker: {s}", f))
         messages.send(("done", work.run(loaded, progress=progress)))
-    except BaseException as e:  # noqa: BLE001 - everything goes back to the parent
+    except (BrokenPipeError, EOFError, ConnectionError):
+        pass  # the parent is gone: nobody to tell
+    except BaseException as e:  # noqa: BLE001 - everything else goes back to the parent
         if not isinstance(e, MlpruneError):
             traceback.print_exc()  # the details, in the server's log
         messages.send(("error", _portable(e)))
@@ -187,11 +202,10 @@ def _worker_main(work, messages) -> None:
 
 class Job:
     """Work running in a worker process: its latest progress, its outcome, and a way to stop
-    it. A thread follows the worker's messages, so reading a job never blocks."""
+    it. A thread hands the work over and follows the worker's messages, so reading a job
+    never blocks."""
 
-    def __init__(self, process, messages):
-        """``messages``: the receiving end of the worker's pipe (this process holds no
-        sending end, so the worker's exit, even mid-message, reads as the end)."""
+    def __init__(self, process: subprocess.Popen, messages: Connection, work: bytes):
         self.stage, self.fraction = "Starting a worker process", 0.0
         self.started = time.perf_counter()
         self.ended: float | None = None
@@ -199,25 +213,30 @@ class Job:
         self._process, self._messages = process, messages
         self._value, self._error = None, None
         self._done = threading.Event()
-        threading.Thread(target=self._follow, daemon=True, name="mlprune-job").start()
+        threading.Thread(target=self._follow, args=(work,), daemon=True,
+                         name="mlprune-job").start()
 
     def _next(self):
         """The worker's next message; None once it has exited with nothing more to say."""
         try:
-            self._messages.poll(None)  # true on a message and at the end alike
             return self._messages.recv()
         except (EOFError, OSError):
             return None
 
-    def _follow(self) -> None:
+    def _follow(self, work: bytes) -> None:
+        try:
+            self._messages.send_bytes(work)  # here, not in start(): the worker reads it later
+        except OSError:
+            pass  # it died before reading: told below
         while True:
             message = self._next()
             if message is None:
+                code = self._process.wait()
                 self._error = Cancelled("Cancelled; finished results are kept and a new run "
                                         "resumes where it stopped.") if self.cancelled else \
-                    MlpruneError(f"The worker process stopped (exit code "
-                                 f"{self._process.exitcode}) before it finished; finished "
-                                 "results are kept and a new run resumes where it stopped.")
+                    MlpruneError(f"The worker process stopped (exit code {code}) before it "
+                                 "finished; finished results are kept and a new run resumes "
+                                 "where it stopped.")
                 break
             kind, *payload = message
             if kind == "progress":
@@ -229,7 +248,10 @@ class Job:
                 self._error = payload[0]
             break
         self._messages.close()
-        self._process.join(timeout=30)
+        try:
+            self._process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
         self.ended = time.perf_counter()
         self._done.set()
 
@@ -262,26 +284,29 @@ class Job:
         """Stop it now: the worker is killed (its own model copy goes with it, and every row
         it finished is already committed), and the job ends as cancelled."""
         self.cancelled = True
-        if self._process.is_alive():
+        if self._process.poll() is None:
             self._process.kill()
 
 
 class ProcessRunner:
-    """In one worker process started for each piece of work (``spawn``: a fresh interpreter
-    with its own copy of the model, loaded from the work's source)."""
+    """In one worker process started for each piece of work: a fresh interpreter
+    (``python -m mlprune.runners``) that loads its own copy of the model from the work's
+    source. (Not multiprocessing's spawn: under Streamlit, ``__main__`` is the app script,
+    which spawn would run again in the child.)"""
 
     def start(self, work) -> Job:
         """Start the work in a worker and return at once."""
         if isinstance(work, SweepJob):
             work.validate()
-        context = multiprocessing.get_context("spawn")
-        receiving, sending = context.Pipe(duplex=False)
-        # daemon: the worker ends with the process that started it (a closed dashboard)
-        process = context.Process(target=_worker_main, args=(work, sending), daemon=True,
-                                  name="mlprune-worker")
-        process.start()
-        sending.close()  # the worker holds the only sending end now
-        return Job(process, receiving)
+        payload = pickle.dumps(work)  # fails here, plainly, for work that cannot travel
+        mine, theirs = socket.socketpair()
+        with mine, theirs:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "mlprune.runners", str(theirs.fileno())],
+                pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
+                env={**os.environ, "PYTHONPATH": _this_mlprune_first()})
+            messages = Connection(os.dup(mine.fileno()))
+        return Job(process, messages, payload)
 
     def run(self, work, progress: Progress = no_progress,
             should_stop: Callable[[], bool] | None = None):
@@ -361,9 +386,7 @@ class RayRunner:
                 cells.append(replace(cell, sparsities=todo))
         gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
         # the worker imports this mlprune, and writes its caches where this process does
-        env = {"PYTHONPATH": os.pathsep.join(
-            p for p in (str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH"))
-            if p)}
+        env = {"PYTHONPATH": _this_mlprune_first()}
         if os.environ.get(CACHE_ENV):
             env[CACHE_ENV] = os.environ[CACHE_ENV]
         task = ray.remote(_cell_rows).options(num_gpus=gpus, num_cpus=1, max_retries=1,
@@ -400,3 +423,9 @@ def get_runner(name: str, loaded: LoadedModel | None = None):
         _import_ray()
         return RayRunner()
     raise MlpruneError(f"Unknown runner '{name}': use {', '.join(RUNNERS)}.")
+
+
+if __name__ == "__main__":  # a worker process of ProcessRunner
+    from mlprune.runners import serve as _serve  # the module's own name, not __main__'s
+
+    _serve(int(sys.argv[1]))
