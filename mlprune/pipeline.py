@@ -503,7 +503,8 @@ def sweep_settings(loaded: LoadedModel, base: PruneSpec, limit: int | None,
                    extra_eval: Callable | None = None) -> dict:
     """What a sweep row's numbers depend on besides its cell: the model, the held-out
     limit, the base spec's fields a cell does not set, and the extra columns."""
-    per_cell = {"pair", "method", "calibration", "other", "sparsity", "pattern", "mode"}
+    per_cell = {"pair", "sparsity", "pattern", "mode", *(k for fields in SWEEP_METHODS.values()
+                                                         for k in fields)}
     return {"model": loaded.name, "dequantized_from": loaded.dequantized_from, "limit": limit,
             "spec": {k: v for k, v in asdict(base).items() if k not in per_cell},
             "extra": list(getattr(extra_eval, "columns", []))}
