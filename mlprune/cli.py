@@ -337,25 +337,62 @@ def cmd_compare(args) -> None:
         print()
 
 
+def _sweep_outputs(args) -> tuple[str | None, str | None]:
+    """(store, csv) of a sweep: without --store, the local runner appends to the CSV
+    (default sweep.csv) as before, and the other runners commit to a store beside it (the
+    CSV then an export); with --store, the CSV is an export only when --csv is given."""
+    if args.store:
+        from mlprune.store import is_store
+
+        if not is_store(args.store):
+            raise MlpruneError(f"--store takes a .sqlite or .db file; got {args.store}.")
+        return args.store, args.csv
+    csv = args.csv or "sweep.csv"
+    if args.runner == "local":
+        return None, csv
+    return str(Path(csv).with_suffix(".sqlite")), csv
+
+
 def cmd_sweep(args) -> None:
     import pandas as pd
 
-    from mlprune.pipeline import sweep
     from mlprune.plots import sweep_figure
 
+    store, csv = _sweep_outputs(args)
     extra = None
     if args.task:
         from mlprune.zeroshot import sweep_eval
 
         extra = sweep_eval(args.task, limit=args.task_limit, norm=args.norm,
                            batch_size=args.batch_size, seed=args.seed)
-        extra.check_resume(args.csv)
-    loaded, corpus = _load(args)
+        if store is None:  # a store records its columns itself and refuses others
+            extra.check_resume(csv)
     sparsities = [float(s) for s in args.sparsities.split(",")]
-    rows = sweep(loaded, corpus, methods=args.methods.split(","), sparsities=sparsities,
-                 pairs=args.pair or ["fr-en"], limit=args.limit, out_csv=args.csv,
-                 base=args.spec,
-                 batch_size=args.batch_size, progress=_bar(), extra_eval=extra)
+    methods, pairs = args.methods.split(","), args.pair or ["fr-en"]
+    if args.runner == "local":
+        from mlprune.pipeline import sweep
+
+        loaded, corpus = _load(args)
+        rows = sweep(loaded, corpus, methods=methods, sparsities=sparsities, pairs=pairs,
+                     limit=args.limit, out_csv=csv, store=store, base=args.spec,
+                     batch_size=args.batch_size, progress=_bar(), extra_eval=extra)
+        dequantized_from = loaded.dequantized_from
+    else:
+        from mlprune.corpus import read_corpus
+        from mlprune.runners import ModelSource, SweepJob, get_runner
+        from mlprune.store import ResultStore
+
+        source = ModelSource(args.model, args.dtype, args.device, args.trust_remote_code,
+                             args.allow_pickle)
+        job = SweepJob(source, read_corpus(args.corpus), store, tuple(methods),
+                       tuple(sparsities), tuple(pairs), args.spec, args.limit,
+                       args.batch_size, tasks=tuple(args.task), task_limit=args.task_limit,
+                       task_norm=args.norm, task_seed=args.seed)
+        rows = get_runner(args.runner).run(job, progress=_bar())
+        results = ResultStore(store)
+        if csv:
+            results.export_csv(csv)
+        dequantized_from = (results.settings() or {}).get("dequantized_from")
     table = pd.DataFrame(rows)
     if extra is not None:  # the CSV has every column; the terminal gets the summary ones
         summary = ("_acc_en", "_acc_non_en", "_rankc_mean", "_diff_non_en", "_p_non_en")
@@ -363,9 +400,11 @@ def cmd_sweep(args) -> None:
     print(table.to_string(index=False, float_format=lambda x: f"{x:.3f}", na_rep="-"))
     print("chrf_p_vs_dense, bleu_p_vs_dense: sacrebleu's paired bootstrap p-value of the "
           "difference from the dense row of the same pair (1000 resamples; - on dense rows)")
-    print(f"wrote {args.csv}", file=sys.stderr)
+    for path in (store, csv):
+        if path:
+            print(f"wrote {path}", file=sys.stderr)
     if args.figure:
-        _write_figure(sweep_figure(table, "chrf", dequantized_from=loaded.dequantized_from), args.figure)
+        _write_figure(sweep_figure(table, "chrf", dequantized_from=dequantized_from), args.figure)
 
 
 # --------------------------------------------------------------------------- reproduce
@@ -600,7 +639,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sparsities", default="0,0.1,0.2,0.3,0.4,0.5")
     s.add_argument("--pair", action="append", default=[])
     s.add_argument("--limit", type=int, default=16, help="held-out sentences per point")
-    s.add_argument("--csv", default="sweep.csv", help="results, appended row by row (resumable)")
+    s.add_argument("--csv", default=None,
+                   help="results CSV, appended row by row (resumable; default sweep.csv); "
+                        "with --store, a CSV export written at the end")
+    s.add_argument("--store", default=None, metavar="PATH",
+                   help="results store (.sqlite or .db): one transaction per measured row, "
+                        "resumable, safe for many workers at once; the dashboard's Sweep page "
+                        "opens it")
+    s.add_argument("--runner", default="local", choices=("local", "process", "ray"),
+                   help="where the cells run: local (this process, the default), process (a "
+                        "worker process with its own copy of the model) or ray (one Ray task "
+                        "per method and pair, a GPU each where the cluster has GPUs; "
+                        "RAY_ADDRESS names a cluster, else Ray starts here; pip install "
+                        "'mlprune[ray]'). Without --store, the non-local runners commit to "
+                        "sweep.sqlite beside the CSV")
     s.add_argument("--figure", default=None, help="chrF against sparsity (.html or .png)")
     s.add_argument("--task", action="append", default=[],
                    help="also score a zero-shot task per row: nli, sentiment or a JSONL file "
