@@ -320,6 +320,7 @@ def load_model(
     if device_map is not None and device:
         raise MlpruneError("Give a device or a device map, not both: the device map places "
                            "every module itself.")
+    spec = (spec or DEFAULT_MODEL).strip()
     dtype = parse_dtype(dtype, device)
     folder, source, name, dequantized_from = _resolve(spec, allow_pickle, progress,
                                                       check_memory=device_map is None)
@@ -328,7 +329,7 @@ def load_model(
         plan = memory_plan(_config(folder, trust_remote_code), dtype,
                            free=free_memory(offload_folder), caps=max_memory, name=name).check()
     progress(f"Loading weights from {folder}", 0.8)
-    model, tokenizer = _from_pretrained(folder, spec or DEFAULT_MODEL, dtype, device,
+    model, tokenizer = _from_pretrained(folder, spec, dtype, device,
                                         trust_remote_code, allow_pickle, device_map=device_map,
                                         max_memory=max_memory, offload_folder=offload_folder)
     if dequantized_from is None and source == "local":
@@ -664,8 +665,12 @@ def memory_plan(config, dtype: torch.dtype | str | None = None, *, free: dict[st
     dtype = parse_dtype(dtype) or parse_dtype(str(getattr(config, "dtype", None) or
                                                   getattr(config, "torch_dtype", None) or
                                                   "float32"))
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except Exception as e:  # an architecture transformers cannot build from its config alone
+        raise MlpruneError(f"Could not lay out {name} from its config to plan its memory: "
+                           f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
     size = torch.empty((), dtype=dtype).element_size()
     layers = decoder_layers(model)
     in_layers = {id(p) for layer in layers for p in layer.parameters()}

@@ -182,7 +182,9 @@ def _scores(info: LinearInfo, method: str, stats: ActivationStats | None,
 
 
 def row_order(score: torch.Tensor, protected: torch.Tensor | None = None) -> torch.Tensor:
-    """Input columns of each row in ascending score order (protected columns last), int16/32.
+    """Input columns of each row in ascending score order (protected columns last), int16/32,
+    on the CPU whatever the score's device (a model's rankings are as large as its weights:
+    streamed through a GPU layer by layer, they must not pile up there).
 
     Ties keep column order: the result is ``score.argsort(dim=1, stable=True)``.
     """
@@ -191,7 +193,7 @@ def row_order(score: torch.Tensor, protected: torch.Tensor | None = None) -> tor
     n_in = score.shape[1]
     dtype = torch.int16 if n_in <= torch.iinfo(torch.int16).max else torch.int32
     if score.device.type != "cpu" or score.dtype != torch.float32:
-        return score.argsort(dim=1, stable=True).to(dtype)
+        return score.argsort(dim=1, stable=True).to(dtype).cpu()
     order = _stable_argsort_rows(score)
     return torch.from_numpy(order.astype(np.int16 if dtype == torch.int16 else np.int32))
 
@@ -959,10 +961,6 @@ class LayerCheckpoint:
 
     def path(self, layer: int) -> Path:
         return self.folder / f"layer-{layer:03d}.safetensors"
-
-    def done(self) -> list[int]:
-        """The layers saved so far."""
-        return sorted(int(p.stem.split("-")[1]) for p in self.folder.glob("layer-*.safetensors"))
 
     def write(self, layer: int, sqnorms: dict[str, torch.Tensor],
               active: dict[str, torch.Tensor], masks: MaskSet | None) -> Path:
