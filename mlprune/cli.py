@@ -51,13 +51,29 @@ def _say(loaded) -> None:
 
 def _load_model(args, spec: str | None):
     """The model ``spec`` (a --model or --pruned value) as the command's --dtype, --device,
-    --trust-remote-code and --allow-pickle say, with a progress bar; summarised on stderr."""
-    from mlprune.models import load_model
+    --device-map, --max-memory, --offload-folder, --trust-remote-code and --allow-pickle say,
+    with a progress bar; summarised on stderr. With a device map, the memory plan is printed
+    first (one line), and a model that cannot fit even streamed is refused before loading."""
+    from mlprune.models import load_model, parse_device_map, parse_max_memory, plan_load
 
-    loaded = load_model(spec, dtype=getattr(args, "dtype", None),
-                        device=getattr(args, "device", None),
-                        trust_remote_code=getattr(args, "trust_remote_code", False),
-                        allow_pickle=getattr(args, "allow_pickle", False), progress=_bar())
+    device_map = parse_device_map(getattr(args, "device_map", None))
+    max_memory = parse_max_memory(getattr(args, "max_memory", None))
+    offload_folder = getattr(args, "offload_folder", None)
+    if device_map is None and (max_memory or offload_folder):
+        raise MlpruneError("--max-memory and --offload-folder place a model with a device "
+                           "map: add --device-map auto.")
+    common = dict(dtype=getattr(args, "dtype", None),
+                  trust_remote_code=getattr(args, "trust_remote_code", False),
+                  allow_pickle=getattr(args, "allow_pickle", False))
+    if device_map is not None:
+        plan = plan_load(spec, max_memory=max_memory, offload_folder=offload_folder,
+                         samples=getattr(args, "samples", None) or 0,
+                         batch_size=getattr(args, "batch_size", 8), **common)
+        print(plan, file=sys.stderr)
+        plan.check()
+    loaded = load_model(spec, device=getattr(args, "device", None), device_map=device_map,
+                        max_memory=max_memory, offload_folder=offload_folder, progress=_bar(),
+                        **common)
     _say(loaded)
     return loaded
 
@@ -165,7 +181,8 @@ def cmd_prune(args) -> None:
     if out.exists() and not args.overwrite:
         raise MlpruneError(f"{out} already exists; choose another --out or pass --overwrite.")
     loaded, corpus = _load(args)
-    result = prune(loaded, corpus, spec, batch_size=args.batch_size, progress=_bar())
+    result = prune(loaded, corpus, spec, batch_size=args.batch_size,
+                   checkpoint_dir=args.checkpoint_dir, progress=_bar())
     metrics = {}
     if args.eval:
         from mlprune.evaluate import evaluate_translation
@@ -526,6 +543,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="hub id, model folder, .gguf file; default: embedded Gemma 3 270M")
         sp.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: as saved)")
         sp.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ...")
+        sp.add_argument("--device-map", default=None, metavar="MAP",
+                        help="place a model larger than one device with accelerate: auto, "
+                             "balanced, sequential, or a JSON {module: device}; weights that do "
+                             "not fit go to the CPU, then disk, and run one layer at a time")
+        sp.add_argument("--max-memory", default=None, metavar="CAPS",
+                        help="with --device-map: memory each device may take, e.g. "
+                             "0=20GiB,cpu=60GiB or cpu=200MB")
+        sp.add_argument("--offload-folder", default=None, metavar="DIR",
+                        help="with --device-map: where weights offloaded to disk go")
         sp.add_argument("--trust-remote-code", action="store_true",
                         help="run code shipped with a hub model (off unless you ask)")
         sp.add_argument("--allow-pickle", action="store_true",
@@ -563,6 +589,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "compressed-tensors: llm-compressor's sparse format (2:4 bitmask for "
                          "2:4), needs pip install 'mlprune[deploy]'")
     pr.add_argument("--overwrite", action="store_true")
+    pr.add_argument("--checkpoint-dir", default=None, metavar="DIR",
+                    help="sequential mode: save each finished layer's statistics and masks "
+                         "here, and resume from what is there (a run stopped at layer 40 of "
+                         "80 goes on at 41)")
     pr.set_defaults(func=cmd_prune)
 
     e = sub.add_parser(

@@ -21,7 +21,7 @@ from mlprune.capture import ActivationStats, Cancelled, capture
 from mlprune.corpus import ParallelCorpus
 from mlprune.evaluate import evaluate_translation, paired_translation_test
 from mlprune.features import detected_dims
-from mlprune.models import LoadedModel, cache_dir
+from mlprune.models import LoadedModel, cache_dir, onloaded
 from mlprune.mwanda import PARTS, MWanda
 from mlprune.prompts import (
     CALIBRATIONS,
@@ -237,11 +237,16 @@ class PruneResult:
 
 
 def model_fingerprint(loaded: LoadedModel) -> str:
-    """A short id of the model's current weights: name, shapes and a sample of values."""
+    """A short id of the model's current weights: name, shapes and a sample of values (an
+    offloaded model's read from its offloaded copy: the same id as loaded in memory)."""
     h = hashlib.sha256(loaded.name.encode())
-    for name, param in list(loaded.model.named_parameters())[:64]:
-        h.update(f"{name}{tuple(param.shape)}{param.dtype}".encode())
-        h.update(param.detach().flatten()[:256].float().cpu().numpy().tobytes())
+    for name, _ in list(loaded.model.named_parameters())[:64]:
+        owner, _, leaf = name.rpartition(".")
+        module = loaded.model.get_submodule(owner)
+        with onloaded(module, recurse=False):
+            param = getattr(module, leaf)
+            h.update(f"{name}{tuple(param.shape)}{param.dtype}".encode())
+            h.update(param.detach().flatten()[:256].float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
 
 
@@ -319,8 +324,10 @@ def calibrate(loaded: LoadedModel, corpus: ParallelCorpus, spec: PruneSpec, *,
 
 
 def rank(loaded: LoadedModel, spec: PruneSpec, calib: Calibration | None, *,
-         batch_size: int = 8, progress: Progress = no_progress) -> Ranking:
-    """Rank the selected modules by the spec's method (sequential mode re-captures per layer)."""
+         batch_size: int = 8, checkpoint_dir: str | Path | None = None,
+         progress: Progress = no_progress) -> Ranking:
+    """Rank the selected modules by the spec's method (sequential mode re-captures per layer,
+    saving each finished layer to ``checkpoint_dir`` when given, and resuming from it)."""
     modules = select_modules(loaded.model, spec.layers, spec.blocks)
     protect = None
     if spec.protect:
@@ -339,6 +346,7 @@ def rank(loaded: LoadedModel, spec: PruneSpec, calib: Calibration | None, *,
             sparsity=spec.sparsity, pattern=spec.pattern, other=other, invert=spec.invert,
             protect=protect, modules=modules, seed=spec.seed, batch_size=batch_size,
             pad_to=spec.pad_to, allocation=allocation, mwanda=spec.mwanda,
+            checkpoint_dir=checkpoint_dir,
             progress=lambda s, f: progress(f"sequential calibration, {s}", f))
     return rank_modules(loaded.model, stats, method=spec.method, other=other,
                         invert=spec.invert, protect=protect, modules=modules, seed=spec.seed,
@@ -347,14 +355,17 @@ def rank(loaded: LoadedModel, spec: PruneSpec, calib: Calibration | None, *,
 
 
 def prune(loaded: LoadedModel, corpus: ParallelCorpus, spec: PruneSpec, *, batch_size: int = 8,
+          checkpoint_dir: str | Path | None = None,
           progress: Progress = no_progress) -> PruneResult:
-    """Calibrate (when the method needs data), rank and build masks. The model stays dense."""
+    """Calibrate (when the method needs data), rank and build masks. The model stays dense.
+    ``checkpoint_dir``: where a sequential pass saves each finished layer, and resumes from."""
     spec.validate()
     t0 = time.perf_counter()
     calib = calibrate(loaded, corpus, spec, batch_size=batch_size, progress=progress) \
         if spec.needs_calibration else None
     t1 = time.perf_counter()
-    ranking = rank(loaded, spec, calib, batch_size=batch_size, progress=progress)
+    ranking = rank(loaded, spec, calib, batch_size=batch_size, checkpoint_dir=checkpoint_dir,
+                   progress=progress)
     t2 = time.perf_counter()
     masks = ranking.masks(spec.sparsity, spec.pattern)
     masks.meta.update(spec=asdict(spec))
