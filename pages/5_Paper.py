@@ -105,8 +105,8 @@ with shipped:
 with mine:
     out = cache_dir() / "reproduce" / ui.session_id()
     st.caption(f"Dense model, then each pruned variant, on the session's model and corpus; "
-               f"cells are kept in {out}, so a cancelled run resumes. Under 20 minutes on 2 "
-               "cores for the embedded model.")
+               f"cells are kept in {out}, so a cancelled run resumes. About 6 minutes on 2 "
+               "idle cores for the embedded model (measured 2026-11-26).")
     job = st.session_state.get(JOB)
     c1, c2 = st.columns(2)
     if c1.button("Start the quick grid", type="primary",
