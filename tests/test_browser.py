@@ -141,7 +141,7 @@ def compare_while_sweeping(page, server: str, running) -> None:
     cached: the shared model must generate it) while the first tab's sweep still runs."""
     from playwright.sync_api import expect
 
-    second = page.context.new_page()  # a new tab is a new Streamlit session
+    second = page.context.browser.new_page()  # a new tab is a new Streamlit session
     second.set_default_timeout(WORK_S * 1000)
     try:
         second.goto(server)
