@@ -37,7 +37,7 @@ from mlprune.corpus import read_corpus  # noqa: E402
 from mlprune.evaluate import evaluate_translation  # noqa: E402
 from mlprune.export import atomic_write_text  # noqa: E402
 from mlprune.models import cache_dir, load_model  # noqa: E402
-from mlprune.pipeline import SWEEP_METHODS, PruneSpec, paired_vs_dense, prune  # noqa: E402
+from mlprune.pipeline import SWEEP_METHODS, PruneSpec, cached_masks, paired_vs_dense  # noqa: E402
 from mlprune.prompts import parse_pair  # noqa: E402
 from mlprune.prune import MaskSet, pruned  # noqa: E402
 from mlprune.zeroshot.statistics import detectable_difference, paired_bootstrap  # noqa: E402
@@ -62,20 +62,11 @@ def spec_of(base: PruneSpec, method: str, sparsity: float) -> PruneSpec:
     return replace(base, sparsity=sparsity, **SWEEP_METHODS[method]).validate()
 
 
-def cached_masks(loaded, corpus, spec: PruneSpec, model_id: str) -> tuple[MaskSet, float]:
-    """The spec's masks, read back when an earlier run made them; (masks, seconds to make)."""
+def variant_masks(loaded, corpus, spec: PruneSpec, model_id: str) -> tuple[MaskSet, float]:
+    """The spec's masks, cached under a key of the model and the spec; (masks, seconds)."""
     key = hashlib.sha256(json.dumps([model_id, asdict(spec)], sort_keys=True).encode()).hexdigest()
-    path = cache_dir() / "beyond_wanda" / f"{key[:20]}.safetensors"
-    if path.is_file():
-        try:
-            return MaskSet.load(path), 0.0
-        except MlpruneError:
-            path.unlink(missing_ok=True)
     start = time.perf_counter()
-    masks = prune(loaded, corpus, spec).masks
-    path.parent.mkdir(parents=True, exist_ok=True)
-    masks.save(path.with_name(path.name + ".partial"))
-    path.with_name(path.name + ".partial").replace(path)
+    masks = cached_masks(loaded, corpus, spec, cache_dir() / "beyond_wanda" / f"{key[:20]}.safetensors")
     return masks, time.perf_counter() - start
 
 
@@ -112,7 +103,7 @@ def measure(args, loaded, corpus, results: dict, out: Path) -> None:
         if not todo and not todo_tasks:
             continue
         spec = spec_of(base, method, sparsity)
-        masks, seconds = cached_masks(loaded, corpus, spec, results["settings"]["model"])
+        masks, seconds = variant_masks(loaded, corpus, spec, results["settings"]["model"])
         print(f"{name}: masks ({masks.overall_sparsity():.1%} reached) in {seconds:.0f} s",
               file=sys.stderr, flush=True)
         with pruned(loaded.model, masks):

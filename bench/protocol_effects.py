@@ -32,7 +32,7 @@ from mlprune.evaluate import evaluate_translation, paired_translation_test
 from mlprune.export import atomic_write_text
 from mlprune.features import overlap_matrix, top_dims
 from mlprune.models import cache_dir, load_model
-from mlprune.pipeline import PruneSpec, prune
+from mlprune.pipeline import PruneSpec, cached_masks
 from mlprune.prompts import monolingual_prompts, translation_prompts
 from mlprune.prune import MaskSet, pruned
 
@@ -80,13 +80,7 @@ def main() -> None:
             continue
         t = time.perf_counter()
         masks_path = clean_path if i == 0 else folder / f"{i}.safetensors"
-        if given is not None:
-            masks = given
-        elif masks_path.is_file():  # pruned before: only the evaluation is missing
-            masks = MaskSet.load(masks_path)
-        else:
-            masks = prune(loaded, corpus, spec).masks
-            masks.save(masks_path)
+        masks = given if given is not None else cached_masks(loaded, corpus, spec, masks_path)
         with pruned(loaded.model, masks):
             ev = evaluate_translation(loaded.model, loaded.tokenizer, corpus, "fr", "en",
                                       limit=args.limit)

@@ -400,7 +400,7 @@ def activation_sources(model: nn.Module, names: list[str]) -> dict[str, nn.Modul
     return out
 
 
-def _base_model(model: nn.Module) -> nn.Module:
+def base_model(model: nn.Module) -> nn.Module:
     """The decoder without the LM head, so calibration never computes vocabulary logits."""
     base = getattr(model, "base_model", None)
     return base if isinstance(base, nn.Module) and base is not model else model
@@ -420,7 +420,7 @@ def _forward_batches(ids: list[list[int]], batch_size: int, tokenizer, device, p
     counts, as the authors ran it."""
     lengths = [min(len(s), pad_to) if pad_to else len(s) for s in ids]
     order = sorted(range(len(ids)), key=lambda i: lengths[i])  # as batches() orders them
-    chunks = batches([ids[i] for i in order], batch_size, _pad_id(tokenizer), pad_to)
+    chunks = batches([ids[i] for i in order], batch_size, pad_token_id(tokenizer), pad_to)
     for start, (input_ids, mask) in zip(range(0, len(ids), batch_size), chunks):
         rows = torch.tensor(order[start:start + batch_size])
         if pad_to is None:
@@ -452,7 +452,7 @@ def capture(model: nn.Module, tokenizer, prompts: PromptSet | list[str], *, batc
     device = input_device(model)
     n_batches = -(-len(ids) // batch_size)
     groups = PromptGroups.of(prompts, len(ids))
-    base = _base_model(model)
+    base = base_model(model)
     collector = _Collector(layers, selected, hidden_size(model), groups.count,
                            activation_sources(model, [i.name for i in selected]))
     with collector, torch.inference_mode():
@@ -525,7 +525,8 @@ class PromptGroups:
         return out
 
 
-def _pad_id(tokenizer) -> int:
+def pad_token_id(tokenizer) -> int:
+    """The id batches are padded with: the tokenizer's pad token, else its EOS (else 0)."""
     pad = tokenizer.pad_token_id
     return pad if pad is not None else (tokenizer.eos_token_id or 0)
 
@@ -570,7 +571,7 @@ def token_magnitudes(model: nn.Module, tokenizer, text: str) -> tuple[list[str],
     try:
         with torch.inference_mode():
             device = input_device(model)
-            _base_model(model)(input_ids=torch.tensor([ids], device=device), use_cache=False)
+            base_model(model)(input_ids=torch.tensor([ids], device=device), use_cache=False)
     finally:
         for h in handles:
             h.remove()
@@ -624,7 +625,7 @@ class LayerRunner:
                         ids, batch_size, tokenizer, device, pad_to):
                     self.masks.append(counted)
                     self.rows.append(self.groups.rows(rows))
-                    _base_model(model)(input_ids=input_ids, attention_mask=attention,
+                    base_model(model)(input_ids=input_ids, attention_mask=attention,
                                        use_cache=False)
         finally:
             for h in handles:

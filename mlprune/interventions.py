@@ -58,11 +58,11 @@ import torch
 from torch import nn
 
 from mlprune import MlpruneError, Progress, no_progress
-from mlprune.capture import (  # its private helpers too: the same padding and LM-head-free pass
-    _base_model,
-    _pad_id,
+from mlprune.capture import (  # the same padding and LM-head-free pass as capture
+    base_model,
     batches,
     context_length,
+    pad_token_id,
     prompt_ids,
 )
 from mlprune.corpus import ParallelCorpus
@@ -270,7 +270,7 @@ class _Hooks:
     def register(self) -> None:
         layers = decoder_layers(self.model)
         if self.iv.kind == "mean":
-            self.handles.append(_base_model(self.model).register_forward_pre_hook(
+            self.handles.append(base_model(self.model).register_forward_pre_hook(
                 self._track_first, with_kwargs=True))
         for site in self.iv.dims:
             layer = site_layer(site)
@@ -386,9 +386,9 @@ class _SiteMeans:
         n_batches = -(-len(ids) // batch_size)
         try:
             with torch.inference_mode():
-                for b, (input_ids, mask) in enumerate(batches(ids, batch_size, _pad_id(tokenizer))):
+                for b, (input_ids, mask) in enumerate(batches(ids, batch_size, pad_token_id(tokenizer))):
                     self.mask = mask.bool()
-                    _base_model(model)(input_ids=input_ids.to(device),
+                    base_model(model)(input_ids=input_ids.to(device),
                                        attention_mask=mask.to(device), use_cache=False)
                     n_real = int(mask.sum())
                     self.n_first += mask.shape[0]

@@ -307,6 +307,25 @@ def calibration_stats(loaded: LoadedModel, corpus: ParallelCorpus, calibration: 
     return prompts, stats
 
 
+def cached_masks(loaded: LoadedModel, corpus: ParallelCorpus, spec: PruneSpec, path: str | Path,
+                 *, batch_size: int = 8, progress: Progress = no_progress) -> MaskSet:
+    """The spec's masks, read back from ``path`` when an earlier run made them there, else
+    pruned and saved there (atomically), so a stopped grid or benchmark never prunes twice.
+    A damaged file is made again. The caller names the file after what the masks depend on."""
+    path = Path(path)
+    if path.is_file():
+        try:
+            return MaskSet.load(path)
+        except Exception:  # noqa: BLE001 - a damaged file is made again
+            path.unlink(missing_ok=True)
+    masks = prune(loaded, corpus, spec, batch_size=batch_size, progress=progress).masks
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    masks.save(tmp)
+    tmp.replace(path)
+    return masks
+
+
 def calibrate(loaded: LoadedModel, corpus: ParallelCorpus, spec: PruneSpec, *,
               batch_size: int = 8, progress: Progress = no_progress,
               should_stop: Callable[[], bool] | None = None) -> Calibration:

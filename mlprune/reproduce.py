@@ -39,10 +39,10 @@ from mlprune.evaluate import evaluate_translation, paired_translation_test
 from mlprune.export import atomic_write_text
 from mlprune.features import overlap_matrix, top_dims
 from mlprune.models import LoadedModel
-from mlprune.pipeline import SWEEP_METHODS, PruneSpec, cached_capture, prune
+from mlprune.pipeline import SWEEP_METHODS, PruneSpec, cached_capture, cached_masks
 from mlprune.prompts import monolingual_prompts, parse_pair, translation_prompts
 from mlprune.protocol import get_protocol
-from mlprune.prune import MaskSet, pruned
+from mlprune.prune import pruned
 
 # The grid's methods, as the sweep names them (spec fields of each); the paper's four are
 # the grid's default, the rest (BEYOND) are optional variants at 50% unstructured.
@@ -206,8 +206,9 @@ def run(loaded: LoadedModel, corpus: ParallelCorpus, out: str | Path, grid: Grid
             continue
         stop_check()
         here = _within(progress, f"{name}: ", v / len(variants), (v + 1) / len(variants))
-        masks = None if spec is None else _masks(loaded, corpus, spec, out / "masks", name,
-                                                 batch_size, here)
+        masks = None if spec is None else cached_masks(
+            loaded, corpus, spec, out / "masks" / f"{_slug(name)}.safetensors",
+            batch_size=batch_size, progress=here)
         with pruned(loaded.model, masks):
             if todo_tr:
                 here("translation", 0.5)
@@ -269,22 +270,6 @@ def analysis_sets(corpus: ParallelCorpus, grid: Grid) -> list:
     sets += [translation_prompts(corpus, "en", x, **kw) for x in grid.langs[:2]]
     sets += [monolingual_prompts(corpus, x, **kw) for x in ("en", *grid.langs)]
     return sets
-
-
-def _masks(loaded: LoadedModel, corpus: ParallelCorpus, spec: PruneSpec, folder: Path,
-           name: str, batch_size: int, progress: Progress) -> MaskSet:
-    """The variant's masks: read back when an earlier run made them, else pruned and saved."""
-    path = folder / f"{_slug(name)}.safetensors"
-    if path.is_file():
-        try:
-            return MaskSet.load(path)
-        except Exception:  # noqa: BLE001 - a damaged file is made again
-            path.unlink(missing_ok=True)
-    result = prune(loaded, corpus, spec, batch_size=batch_size, progress=progress)
-    tmp = path.with_name(path.name + ".partial")
-    result.masks.save(tmp)
-    tmp.replace(path)
-    return result.masks
 
 
 # --------------------------------------------------------------------------- the report

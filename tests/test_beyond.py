@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from conftest import EN, FR
 
-from mlprune import MlpruneError, plots, reproduce
+from mlprune import MlpruneError, pipeline, plots, reproduce
 from mlprune.cli import build_parser, spec_from_args
 from mlprune.corpus import ParallelCorpus
 from mlprune.pipeline import SWEEP_METHODS, PruneSpec, prune, sweep
@@ -32,8 +32,8 @@ def test_reproduce_adds_variants_beyond_the_paper_to_a_finished_folder(finished_
     loaded, grid, shared_out, first, _ = finished_report
     out = shutil.copytree(shared_out, tmp_path / "copy")
     made = []
-    real_prune = reproduce.prune
-    monkeypatch.setattr(reproduce, "prune",
+    real_prune = pipeline.prune  # what reproduce's cached masks call when a variant is new
+    monkeypatch.setattr(pipeline, "prune",
                         lambda *a, **k: made.append(a[2].label) or real_prune(*a, **k))
     report = reproduce.run(loaded, corpus, out, replace(grid, beyond=("wanda-owl",)))
     assert made == ["wanda-mt-owl"]  # only the new variant is measured

@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 from conftest import tiny_grid
 
-from mlprune import reproduce
+from mlprune import pipeline, reproduce
 from mlprune.capture import Cancelled
 
 
@@ -48,7 +48,7 @@ def test_a_finished_run_resumes_without_measuring_again(finished_report, corpus,
         raise AssertionError("a finished cell was measured again")
 
     monkeypatch.setattr(reproduce, "evaluate_translation", fail)
-    monkeypatch.setattr(reproduce, "prune", fail)
+    monkeypatch.setattr(pipeline, "prune", fail)  # reproduce prunes through cached_masks
     monkeypatch.setattr(reproduce.zs, "evaluate_task", fail)
     again = reproduce.run(loaded, corpus, out, grid)
     assert again["table1"] == first["table1"] and again["claims"] == first["claims"]
