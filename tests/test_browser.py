@@ -173,7 +173,7 @@ def test_features_prune_compare_on_the_embedded_model(page, server):
     # Features: one capture, then the figures and the detected set.
     go(page, "Features")
     page.get_by_role("button", name="Run capture").click()
-    page.get_by_text("Detected dimensions").wait_for()
+    page.get_by_text("Detected dimensions", exact=True).wait_for()
     page.locator(".js-plotly-plot").first.wait_for()
     clock("features (capture)")
     shoot(page, "features")
