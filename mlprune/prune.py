@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 from torch import nn
+from torch.utils.weak import WeakTensorKeyDictionary
 
 from mlprune import MlpruneError, Progress, no_progress
 from mlprune.allocation import Allocation
@@ -556,8 +557,8 @@ class _ModelEntry:
 
     lock: threading.RLock = field(default_factory=threading.RLock)
     applied: AppliedMasks | None = None
-    # (device, dtype) -> the value buffer the last restored set left, for the next apply
-    spare: dict[tuple, torch.Tensor] = field(default_factory=dict)
+    # (device, dtype) -> the value buffers the last restored set left, for the next apply
+    spare: dict[tuple, list[torch.Tensor]] = field(default_factory=dict)
 
 
 class MaskRegistry:
@@ -651,7 +652,7 @@ class AppliedMasks:
         self.masks = merged
 
     def _change(self, model: nn.Module, wanted: dict[str, torch.Tensor],
-                spare: dict[tuple, torch.Tensor] | None) -> None:
+                spare: dict[tuple, list[torch.Tensor]] | None) -> None:
         """Make the zeroed positions those of ``wanted``: put back what it no longer prunes,
         then zero (saving first) what it newly prunes; ``spare`` may lend a value buffer."""
         infos = linear_modules(model)
@@ -696,16 +697,13 @@ class AppliedMasks:
             zero.append((lambda w=weight, b=band: _zero_band(w, b), cols.numel()))
         _run_parallel(zero, on_cpu)
 
-    def _drop_unused_buffers(self, spare: dict[tuple, torch.Tensor] | None) -> None:
-        """Buffers no band uses any more are freed, but the largest of each device and dtype
-        goes to ``spare`` when there is one."""
+    def _drop_unused_buffers(self, spare: dict[tuple, list[torch.Tensor]] | None) -> None:
+        """Buffers no band uses any more go to ``spare`` for the next apply, or are freed."""
         used = {b.values.untyped_storage().data_ptr()
                 for _, bands in self._saved.values() for b in bands}
-        unused = sorted((b for b in self._buffers if b.untyped_storage().data_ptr() not in used),
-                        key=lambda b: b.numel())
-        if spare is not None:
-            for buffer in unused:  # largest last: it stays
-                spare[(buffer.device, buffer.dtype)] = buffer
+        for buffer in self._buffers:
+            if spare is not None and buffer.untyped_storage().data_ptr() not in used:
+                spare.setdefault((buffer.device, buffer.dtype), []).append(buffer)
         self._buffers = [b for b in self._buffers if b.untyped_storage().data_ptr() in used]
 
     def _put_back(self, model: nn.Module, names: list[str]) -> None:
@@ -777,36 +775,59 @@ def _same_rows(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def _check_columns(name: str, cols: torch.Tensor, weight: torch.Tensor) -> None:
+    """One sentence, before any weight changes, for columns that do not fit ``weight``: a
+    column out of range would name a weight of another row."""
     if cols.dim() != 2 or cols.shape[0] != weight.shape[0]:
         raise MlpruneError(f"The masks of {name} have shape {tuple(cols.shape)}, which does not "
                            f"fit its {weight.shape[0]} output rows.")
-    if cols.numel() and cols.is_floating_point():
+    if cols.is_floating_point() or cols.is_complex() or cols.dtype == torch.bool:
         raise MlpruneError(f"The masks of {name} hold {cols.dtype} values, not column numbers.")
+    lo, hi = _column_range(cols)
+    if (lo < 0 or hi >= weight.shape[1]) and cols._base is not None and cols.numel():
+        lo, hi = (int(x) for x in torch.aminmax(cols))  # the view itself may be in range
+    if lo < 0 or hi >= weight.shape[1]:
+        bad = lo if lo < 0 else hi
+        raise MlpruneError(f"The masks of {name} name column {bad}, but it has "
+                           f"{weight.shape[1]} inputs.")
 
 
-def _positions(weight: torch.Tensor, cols: torch.Tensor, start: int, buffer: torch.Tensor):
-    """Rows ``start``.. of ``cols`` in blocks: (first row, end row, the flat int64 positions
-    of those weights in the storage of ``weight``, row by row)."""
+# the lowest and highest column of a column tensor (or of the tensor it is a view of, such
+# as a ranking's row order), read once per content: (its version counter, lowest, highest)
+_COLUMN_RANGES = WeakTensorKeyDictionary()
+
+
+def _column_range(cols: torch.Tensor) -> tuple[int, int]:
+    """Lowest and highest column in ``cols`` or in the tensor it views (a bound of it)."""
+    root = cols if cols._base is None else cols._base
+    seen = _COLUMN_RANGES.get(root)
+    if seen is None or seen[0] != root._version:  # an in-place change bumps the version
+        lo, hi = (int(x) for x in torch.aminmax(root)) if root.numel() else (0, -1)
+        seen = _COLUMN_RANGES[root] = (root._version, lo, hi)
+    return seen[1], seen[2]
+
+
+def _column_blocks(cols: torch.Tensor, start: int, buffer: torch.Tensor):
+    """Rows ``start``.. of ``cols`` in blocks: (first row, end row, their columns as int64
+    [rows, k], in ``buffer``)."""
     out, k = cols.shape
     if k == 0:
         return
     step = max(1, buffer.numel() // k)
-    s0, s1 = weight.stride()
-    n_in = weight.shape[1]
     for r0 in range(start, out, step):
         r1 = min(out, r0 + step)
-        block = cols[r0:r1]
-        lo, hi = (int(x) for x in torch.aminmax(block))  # cheap in cache; a column out of
-        if lo < 0 or hi >= n_in:  # range would name a weight of another row
-            raise MlpruneError(f"A mask names column {lo if lo < 0 else hi} of a weight with "
-                               f"{n_in} inputs.")
-        idx = buffer[:(r1 - r0) * k].view(r1 - r0, k)
-        idx.copy_(block)  # to int64 first: a same-dtype add is far faster than a mixed one
-        if s1 != 1:
+        yield r0, r1, buffer[:(r1 - r0) * k].view(r1 - r0, k).copy_(cols[r0:r1])
+
+
+def _positions(weight: torch.Tensor, cols: torch.Tensor, start: int, buffer: torch.Tensor):
+    """:func:`_column_blocks` as flat int64 positions in the storage of ``weight``."""
+    s0, s1 = weight.stride()
+    first = weight.storage_offset()
+    rows = torch.arange(first, first + cols.shape[0] * s0, s0, dtype=torch.int64,
+                        device=buffer.device).unsqueeze(1)  # where each row starts
+    for r0, r1, idx in _column_blocks(cols, start, buffer):
+        if s1 != 1:  # int64 first (above): a same-dtype add is far faster than a mixed one
             idx.mul_(s1)
-        idx.add_(torch.arange(weight.storage_offset() + r0 * s0, weight.storage_offset() + r1 * s0,
-                              s0, dtype=torch.int64, device=idx.device).unsqueeze(1))
-        yield r0, r1, idx.view(-1)
+        yield r0, r1, idx.add_(rows[r0:r1]).view(-1)
 
 
 def _storage(weight: torch.Tensor) -> torch.Tensor:
@@ -814,30 +835,48 @@ def _storage(weight: torch.Tensor) -> torch.Tensor:
     return weight.as_strided((weight.untyped_storage().nbytes() // weight.element_size(),), (1,), 0)
 
 
+def _bits(t: torch.Tensor) -> np.ndarray:
+    """A CPU tensor's memory as a numpy array of same-sized integers: numpy's indexed write
+    is faster than torch's index_fill_, and bits zero any float type alike."""
+    return t.view({1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
+                  ).numpy()
+
+
 def _index_buffer(weight: torch.Tensor, k: int) -> torch.Tensor:
-    size = max(_BLOCK, k) if weight.device.type == "cpu" else max(weight.numel(), 1)
-    return torch.empty(size, dtype=torch.int64, device=weight.device)
+    """Room for one block's positions: on one thread, blocks 4x as large (fewer calls; no
+    OpenMP team to stall), a whole module on a GPU."""
+    if weight.device.type != "cpu":
+        return torch.empty(max(weight.numel(), 1), dtype=torch.int64, device=weight.device)
+    block = _BLOCK if torch.get_num_threads() > 1 else 4 * _BLOCK
+    return torch.empty(max(block, k), dtype=torch.int64)
 
 
 def _zero_band(weight: torch.Tensor, band: _Band) -> None:
     """Save the band's values (one index_select per block), then zero them."""
     flat, buffer = _storage(weight), _index_buffer(weight, band.cols.shape[1])
+    cpu = flat.device.type == "cpu"
+    flat_bits, index = (_bits(flat), buffer.numpy()) if cpu else (None, None)
+    values = band.values.view(-1)  # a new band's values are contiguous
+    k = band.cols.shape[1]
     with torch.no_grad():
         for r0, r1, idx in _positions(weight, band.cols, band.rows_done, buffer):
-            torch.index_select(flat, 0, idx, out=band.values[r0:r1].view(-1))
-            flat.index_fill_(0, idx, 0)
+            torch.index_select(flat, 0, idx, out=values[r0 * k:r1 * k])
+            if cpu:
+                flat_bits[index[:idx.numel()]] = 0
+            else:
+                flat.index_fill_(0, idx, 0)
             band.rows_done = r1
 
 
 def _put_back_band(weight: torch.Tensor, band: _Band, first: int) -> None:
-    """Write back the band's saved values from its column ``first`` on (rows done only)."""
+    """Write back the band's saved values from its column ``first`` on (rows done only),
+    one scatter_ per block of rows (faster here than any flat indexed write)."""
     if first >= band.cols.shape[1] or band.rows_done == 0:
         return
     cols, values = band.cols[:band.rows_done, first:], band.values[:band.rows_done, first:]
-    flat, buffer = _storage(weight), _index_buffer(weight, cols.shape[1])
     with torch.no_grad():
-        for r0, r1, idx in _positions(weight, cols, 0, buffer):
-            flat.index_copy_(0, idx, values[r0:r1].reshape(-1))
+        for r0, r1, idx in _column_blocks(cols, 0, _index_buffer(weight, cols.shape[1])):
+            weight[r0:r1].scatter_(1, idx, values[r0:r1])
 
 
 def _run_parallel(tasks: list[tuple[Callable[[], None], int]], on_cpu: bool = True) -> None:
@@ -871,26 +910,37 @@ def _run_parallel(tasks: list[tuple[Callable[[], None], int]], on_cpu: bool = Tr
 
 
 def _value_slots(weights: list[torch.Tensor], counts: list[int],
-                 spare: dict[tuple, torch.Tensor] | None = None
+                 spare: dict[tuple, list[torch.Tensor]] | None = None
                  ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Room for ``counts[i]`` pruned values of ``weights[i]``: slices of one buffer per device
-    and dtype (and those buffers). One allocation, freed whole: a tensor per module would leave
-    ~100 freed blocks between other allocations, which the C allocator keeps (+0.2 GB resident
-    memory on Gemma 3 270M). A large enough buffer in ``spare`` (the last restored set's) is
-    reused: a fresh 200 MB costs ~0.1 s in first-touch page faults, as much as the apply."""
+    """Room for ``counts[i]`` pruned values of ``weights[i]``: slices of a few buffers per
+    device and dtype (returned too). Few allocations, freed whole: a tensor per module would
+    leave ~100 freed blocks between other allocations, which the C allocator keeps (+0.2 GB
+    resident memory on Gemma 3 270M). Buffers in ``spare`` (those of the last restored set)
+    are filled first and one new buffer takes the rest: a fresh 200 MB costs ~0.1 s in
+    first-touch page faults, as much as the apply itself. Spares left unused are freed."""
     groups: dict[tuple, list[int]] = {}
     for i, w in enumerate(weights):
         groups.setdefault((w.device, w.dtype), []).append(i)
     slots: list[torch.Tensor] = [torch.empty(0)] * len(weights)
     buffers = []
     for (device, dtype), members in groups.items():
-        need = sum(counts[i] for i in members)
-        kept = spare.pop((device, dtype), None) if spare is not None else None
-        flat = kept if kept is not None and kept.numel() >= need else \
-            torch.empty(need, dtype=dtype, device=device)
-        buffers.append(flat)
-        for i, piece in zip(members, flat[:need].split([counts[i] for i in members])):
-            slots[i] = piece
+        pool = sorted(spare.pop((device, dtype), []) if spare is not None else [],
+                      key=lambda b: -b.numel())
+        used, rest = [0] * len(pool), []
+        for i in members:
+            room = next((b for b, buffer in enumerate(pool)
+                         if buffer.numel() - used[b] >= counts[i]), None)
+            if room is None:
+                rest.append(i)
+                continue
+            slots[i] = pool[room][used[room]:used[room] + counts[i]]
+            used[room] += counts[i]
+        buffers += [buffer for buffer, n in zip(pool, used) if n]
+        if rest:
+            fresh = torch.empty(sum(counts[i] for i in rest), dtype=dtype, device=device)
+            buffers.append(fresh)
+            for i, piece in zip(rest, fresh.split([counts[i] for i in rest])):
+                slots[i] = piece
     return slots, buffers
 
 

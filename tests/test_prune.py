@@ -363,7 +363,7 @@ def test_an_extension_that_fails_mid_way_is_undone(setup):
     second.pruned_cols[last] = second.pruned_cols[last] + 10_000  # out of range: fails there
     applied = apply_masks(model, first)
     before = _state(model)
-    with pytest.raises(MlpruneError, match="names column 100"):
+    with pytest.raises(MlpruneError, match="name column 100"):
         applied.extend(second)
     assert _same(before, _state(model)) and applied_masks(model) is first
     applied.restore()
@@ -482,7 +482,7 @@ def test_masks_from_elsewhere_replace_and_a_bad_set_leaves_the_model_dense(setup
     last = bad.modules[-1]
     bad.pruned_cols[last] = bad.pruned_cols[last].clone()
     bad.pruned_cols[last][-1, -1] = -1  # one column out of range, in the last row
-    with pytest.raises(MlpruneError, match="names column -1"):
+    with pytest.raises(MlpruneError, match="name column -1"):
         apply_masks(model, bad)
     assert applied_masks(model) is None and _same(dense, _state(model))
 
@@ -493,9 +493,16 @@ def test_a_restored_set_lends_its_buffer_to_the_next(setup):
     model, _, stats = setup
     ranking = rank_modules(model, stats)
     apply_masks(model, ranking.masks(0.6)).restore()
-    spare = next(iter(REGISTRY.entry(model).spare.values()))
-    applied = apply_masks(model, ranking.masks(0.5))
-    values = next(iter(applied._saved.values()))[1][0].values
-    assert values.untyped_storage().data_ptr() == spare.untyped_storage().data_ptr()
+    (spare,) = next(iter(REGISTRY.entry(model).spare.values()))
+    applied = apply_masks(model, ranking.masks(0.5))  # fits in it
+    storages = {b.values.untyped_storage().data_ptr()
+                for _, bands in applied._saved.values() for b in bands}
+    assert storages == {spare.untyped_storage().data_ptr()}
     assert not REGISTRY.entry(model).spare  # in use, not spare, while applied
     applied.restore()
+    bigger = apply_masks(model, ranking.masks(0.8))  # the spare, and one new buffer for the rest
+    storages = {b.values.untyped_storage().data_ptr()
+                for _, bands in bigger._saved.values() for b in bands}
+    assert len(storages) == 2 and spare.untyped_storage().data_ptr() in storages
+    bigger.restore()
+    assert len(next(iter(REGISTRY.entry(model).spare.values()))) == 2
