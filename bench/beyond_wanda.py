@@ -102,7 +102,8 @@ def compare_zeroshot(ref: dict, row: dict, resamples: int, seed: int) -> dict:
 def measure(args, loaded, corpus, results: dict, out: Path) -> None:
     """Every variant's translation and zero-shot rows not measured yet, saved as measured."""
     base = PruneSpec(pair=args.pair, samples=args.samples, mode=args.mode, seed=args.seed)
-    tasks = [zs.load_task(t).subset(args.task_limit or None, None) for t in TASKS]
+    tasks = [zs.load_task(t).subset(args.task_limit or None, None)
+             for t in args.tasks.split(",") if t]
     rows = results["rows"]
     for group, method, sparsity in VARIANTS:
         name = variant_name(method, sparsity)
@@ -221,6 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--task-limit", type=int, default=40,
                     help="zero-shot items per language per task (0: all)")
     ap.add_argument("--samples", type=int, default=16, help="calibration prompts per set")
+    ap.add_argument("--tasks", default=",".join(TASKS),
+                    help="zero-shot tasks, comma-separated ('' for none); rows already measured "
+                         "for other tasks are kept, so a later run can add a task")
     ap.add_argument("--mode", default="sequential", choices=("sequential", "one-shot"))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--resamples", type=int, default=2000, help="zero-shot bootstrap resamples")

@@ -37,7 +37,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mlprune import MlpruneError, Progress, no_progress
-from mlprune.models import LinearInfo, decoder_layers, hidden_size, linear_modules
+from mlprune.models import (
+    LinearInfo,
+    decoder_layers,
+    hidden_size,
+    input_device,
+    is_offloaded,
+    linear_modules,
+)
 from mlprune.prompts import PromptSet
 
 NUMBERINGS = ("sites", "hidden_states")
@@ -313,9 +320,13 @@ class _Collector:
     def _masked(self, x: torch.Tensor) -> bool:
         return self.mask is not None and x.dim() == 3 and x.shape[:2] == self.mask.shape
 
+    def _mask_on(self, x: torch.Tensor) -> torch.Tensor:
+        """The batch's mask on x's device (a model spread over GPUs runs layers on several)."""
+        return self.mask.to(x.device)
+
     def _tokens(self, x: torch.Tensor) -> torch.Tensor:
         """The rows of x at real (non-pad) token positions, as fp32 [n_tokens, features]."""
-        x = x[self.mask] if self._masked(x) else x.reshape(-1, x.shape[-1])
+        x = x[self._mask_on(x)] if self._masked(x) else x.reshape(-1, x.shape[-1])
         return x.float()
 
     def _column_sums(self, x: torch.Tensor) -> torch.Tensor:
@@ -325,7 +336,7 @@ class _Collector:
         if not self._masked(x):
             raise MlpruneError("A pooled calibration mix needs batched [batch, tokens, features] "
                                "activations, which this model's modules do not give.")
-        rows = (x.float() * self.mask.unsqueeze(-1)).sum(dim=1)  # [B, features]
+        rows = (x.float() * self._mask_on(x).unsqueeze(-1)).sum(dim=1)  # [B, features]
         out = torch.zeros(self.groups, x.shape[-1], dtype=torch.float32, device=rows.device)
         return out.index_add_(0, self.group.to(rows.device), rows).cpu()
 
@@ -334,7 +345,7 @@ class _Collector:
         tokens [groups, hidden]."""
         if not self._masked(h):
             return None
-        norms = (h.float().square() * self.mask.unsqueeze(-1)).sum(dim=1).sqrt()  # [B, hidden]
+        norms = (h.float().square() * self._mask_on(h).unsqueeze(-1)).sum(dim=1).sqrt()  # [B, hidden]
         if self.groups == 1 or self.group is None:
             return norms.sum(dim=0, keepdim=True).cpu()
         out = torch.zeros(self.groups, h.shape[-1], dtype=torch.float32, device=norms.device)
@@ -438,7 +449,7 @@ def capture(model: nn.Module, tokenizer, prompts: PromptSet | list[str], *, batc
     infos = linear_modules(model)
     selected = [infos[n] for n in (modules or infos)]
     ids = prompt_ids(tokenizer, prompts, context_length(model))
-    device = next(model.parameters()).device
+    device = input_device(model)
     n_batches = -(-len(ids) // batch_size)
     groups = PromptGroups.of(prompts, len(ids))
     base = _base_model(model)
@@ -558,7 +569,7 @@ def token_magnitudes(model: nn.Module, tokenizer, text: str) -> tuple[list[str],
     handles = [layer.register_forward_hook(hook) for layer in layers]
     try:
         with torch.inference_mode():
-            device = next(model.parameters()).device
+            device = input_device(model)
             _base_model(model)(input_ids=torch.tensor([ids], device=device), use_cache=False)
     finally:
         for h in handles:
@@ -580,10 +591,16 @@ class LayerRunner:
 
     A pooled mix prompt set is collected per part (``groups``), so that each part's
     statistics can be weighted as the mix says (:meth:`ActivationStats.combine`).
+
+    The cached hidden states live on ``cache_device``: by default where the embeddings put
+    them, or on the CPU for an offloaded model (streamed through a GPU one layer at a time, the
+    cache of every prompt would crowd out the layer); each batch goes to the model's input
+    device as it runs, and accelerate's hook on a layer moves it on to that layer's device.
     """
 
     def __init__(self, model: nn.Module, tokenizer, prompts: PromptSet | list[str],
-                 batch_size: int = 8, pad_to: int | None = None):
+                 batch_size: int = 8, pad_to: int | None = None,
+                 cache_device: str | torch.device | None = None):
         self.model, self.layers = model, decoder_layers(model)
         self.infos = linear_modules(model)
         _check_pad_to(pad_to, model)
@@ -591,7 +608,9 @@ class LayerRunner:
         self.n_tokens = len(ids) * pad_to if pad_to else sum(len(s) for s in ids)
         self.groups = PromptGroups.of(prompts, len(ids))
         self.group_tokens = self.groups.tokens(ids, pad_to)
-        device = next(model.parameters()).device
+        self.device = device = input_device(model)
+        self.cache_device = torch.device(cache_device) if cache_device is not None else \
+            torch.device("cpu") if is_offloaded(model) else None
         self.masks: list[torch.Tensor] = []
         self.rows: list[torch.Tensor | None] = []  # each batch's rows' groups
         self.hidden: list[torch.Tensor] = []
@@ -619,15 +638,18 @@ class LayerRunner:
                 kwargs = dict(kwargs)
                 hidden, rest = kwargs.pop("hidden_states"), ()
             if i == 0:
-                self.hidden.append(hidden.detach())
+                self.hidden.append(self._cached(hidden.detach()))
             self.calls[i].append((rest, {k: v for k, v in kwargs.items() if k != "hidden_states"}))
         return hook
+
+    def _cached(self, h: torch.Tensor) -> torch.Tensor:
+        return h if self.cache_device is None else h.to(self.cache_device)
 
     def _run(self, i: int) -> list[torch.Tensor]:
         outs = []
         for h, (rest, kwargs) in zip(self.hidden, self.calls[i]):
-            o = self.layers[i](h, *rest, **kwargs)
-            outs.append(o[0] if isinstance(o, tuple) else o)
+            o = self.layers[i](h.to(self.device), *rest, **kwargs)
+            outs.append(self._cached(o[0] if isinstance(o, tuple) else o))
         return outs
 
     def collect(self, i: int, names: list[str]) -> tuple[dict[str, torch.Tensor],
@@ -640,7 +662,7 @@ class LayerRunner:
         with collector, torch.inference_mode():
             for b, mask in enumerate(self.masks):
                 collector.start_batch(mask, self.rows[b])
-                h = self.hidden[b]
+                h = self.hidden[b].to(self.device)
                 rest, kwargs = self.calls[i][b]
                 self.layers[i](h, *rest, **kwargs)
         return collector.sqnorms, collector.active

@@ -51,13 +51,29 @@ def _say(loaded) -> None:
 
 def _load_model(args, spec: str | None):
     """The model ``spec`` (a --model or --pruned value) as the command's --dtype, --device,
-    --trust-remote-code and --allow-pickle say, with a progress bar; summarised on stderr."""
-    from mlprune.models import load_model
+    --device-map, --max-memory, --offload-folder, --trust-remote-code and --allow-pickle say,
+    with a progress bar; summarised on stderr. With a device map, the memory plan is printed
+    first (one line), and a model that cannot fit even streamed is refused before loading."""
+    from mlprune.models import load_model, parse_device_map, parse_max_memory, plan_load
 
-    loaded = load_model(spec, dtype=getattr(args, "dtype", None),
-                        device=getattr(args, "device", None),
-                        trust_remote_code=getattr(args, "trust_remote_code", False),
-                        allow_pickle=getattr(args, "allow_pickle", False), progress=_bar())
+    device_map = parse_device_map(getattr(args, "device_map", None))
+    max_memory = parse_max_memory(getattr(args, "max_memory", None))
+    offload_folder = getattr(args, "offload_folder", None)
+    if device_map is None and (max_memory or offload_folder):
+        raise MlpruneError("--max-memory and --offload-folder place a model with a device "
+                           "map: add --device-map auto.")
+    common = dict(dtype=getattr(args, "dtype", None),
+                  trust_remote_code=getattr(args, "trust_remote_code", False),
+                  allow_pickle=getattr(args, "allow_pickle", False))
+    if device_map is not None:
+        plan = plan_load(spec, max_memory=max_memory, offload_folder=offload_folder,
+                         samples=getattr(args, "samples", None) or 0,
+                         batch_size=getattr(args, "batch_size", 8), **common)
+        print(plan, file=sys.stderr)
+        plan.check()
+    loaded = load_model(spec, device=getattr(args, "device", None), device_map=device_map,
+                        max_memory=max_memory, offload_folder=offload_folder, progress=_bar(),
+                        **common)
     _say(loaded)
     return loaded
 
@@ -165,7 +181,8 @@ def cmd_prune(args) -> None:
     if out.exists() and not args.overwrite:
         raise MlpruneError(f"{out} already exists; choose another --out or pass --overwrite.")
     loaded, corpus = _load(args)
-    result = prune(loaded, corpus, spec, batch_size=args.batch_size, progress=_bar())
+    result = prune(loaded, corpus, spec, batch_size=args.batch_size,
+                   checkpoint_dir=args.checkpoint_dir, progress=_bar())
     metrics = {}
     if args.eval:
         from mlprune.evaluate import evaluate_translation
@@ -337,25 +354,62 @@ def cmd_compare(args) -> None:
         print()
 
 
+def _sweep_outputs(args) -> tuple[str | None, str | None]:
+    """(store, csv) of a sweep: without --store, the local runner appends to the CSV
+    (default sweep.csv) as before, and the other runners commit to a store beside it (the
+    CSV then an export); with --store, the CSV is an export only when --csv is given."""
+    if args.store:
+        from mlprune.store import is_store
+
+        if not is_store(args.store):
+            raise MlpruneError(f"--store takes a .sqlite or .db file; got {args.store}.")
+        return args.store, args.csv
+    csv = args.csv or "sweep.csv"
+    if args.runner == "local":
+        return None, csv
+    return str(Path(csv).with_suffix(".sqlite")), csv
+
+
 def cmd_sweep(args) -> None:
     import pandas as pd
 
-    from mlprune.pipeline import sweep
     from mlprune.plots import sweep_figure
 
+    store, csv = _sweep_outputs(args)
     extra = None
     if args.task:
         from mlprune.zeroshot import sweep_eval
 
         extra = sweep_eval(args.task, limit=args.task_limit, norm=args.norm,
                            batch_size=args.batch_size, seed=args.seed)
-        extra.check_resume(args.csv)
-    loaded, corpus = _load(args)
+        if store is None:  # a store records its columns itself and refuses others
+            extra.check_resume(csv)
     sparsities = [float(s) for s in args.sparsities.split(",")]
-    rows = sweep(loaded, corpus, methods=args.methods.split(","), sparsities=sparsities,
-                 pairs=args.pair or ["fr-en"], limit=args.limit, out_csv=args.csv,
-                 base=args.spec,
-                 batch_size=args.batch_size, progress=_bar(), extra_eval=extra)
+    methods, pairs = args.methods.split(","), args.pair or ["fr-en"]
+    if args.runner == "local":
+        from mlprune.pipeline import sweep
+
+        loaded, corpus = _load(args)
+        rows = sweep(loaded, corpus, methods=methods, sparsities=sparsities, pairs=pairs,
+                     limit=args.limit, out_csv=csv, store=store, base=args.spec,
+                     batch_size=args.batch_size, progress=_bar(), extra_eval=extra)
+        dequantized_from = loaded.dequantized_from
+    else:
+        from mlprune.corpus import read_corpus
+        from mlprune.runners import ModelSource, SweepJob, get_runner
+        from mlprune.store import ResultStore
+
+        source = ModelSource(args.model, args.dtype, args.device, args.trust_remote_code,
+                             args.allow_pickle)
+        job = SweepJob(source, read_corpus(args.corpus), store, tuple(methods),
+                       tuple(sparsities), tuple(pairs), args.spec, args.limit,
+                       args.batch_size, tasks=tuple(args.task), task_limit=args.task_limit,
+                       task_norm=args.norm, task_seed=args.seed)
+        rows = get_runner(args.runner).run(job, progress=_bar())
+        results = ResultStore(store)
+        if csv:
+            results.export_csv(csv)
+        dequantized_from = (results.settings() or {}).get("dequantized_from")
     table = pd.DataFrame(rows)
     if extra is not None:  # the CSV has every column; the terminal gets the summary ones
         summary = ("_acc_en", "_acc_non_en", "_rankc_mean", "_diff_non_en", "_p_non_en")
@@ -363,9 +417,11 @@ def cmd_sweep(args) -> None:
     print(table.to_string(index=False, float_format=lambda x: f"{x:.3f}", na_rep="-"))
     print("chrf_p_vs_dense, bleu_p_vs_dense: sacrebleu's paired bootstrap p-value of the "
           "difference from the dense row of the same pair (1000 resamples; - on dense rows)")
-    print(f"wrote {args.csv}", file=sys.stderr)
+    for path in (store, csv):
+        if path:
+            print(f"wrote {path}", file=sys.stderr)
     if args.figure:
-        _write_figure(sweep_figure(table, "chrf", dequantized_from=loaded.dequantized_from), args.figure)
+        _write_figure(sweep_figure(table, "chrf", dequantized_from=dequantized_from), args.figure)
 
 
 # --------------------------------------------------------------------------- reproduce
@@ -487,6 +543,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="hub id, model folder, .gguf file; default: embedded Gemma 3 270M")
         sp.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: as saved)")
         sp.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ...")
+        sp.add_argument("--device-map", default=None, metavar="MAP",
+                        help="place a model larger than one device with accelerate: auto, "
+                             "balanced, sequential, or a JSON {module: device}; weights that do "
+                             "not fit go to the CPU, then disk, and run one layer at a time")
+        sp.add_argument("--max-memory", default=None, metavar="CAPS",
+                        help="with --device-map: memory each device may take, e.g. "
+                             "0=20GiB,cpu=60GiB or cpu=200MB")
+        sp.add_argument("--offload-folder", default=None, metavar="DIR",
+                        help="with --device-map: where weights offloaded to disk go")
         sp.add_argument("--trust-remote-code", action="store_true",
                         help="run code shipped with a hub model (off unless you ask)")
         sp.add_argument("--allow-pickle", action="store_true",
@@ -524,6 +589,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "compressed-tensors: llm-compressor's sparse format (2:4 bitmask for "
                          "2:4), needs pip install 'mlprune[deploy]'")
     pr.add_argument("--overwrite", action="store_true")
+    pr.add_argument("--checkpoint-dir", default=None, metavar="DIR",
+                    help="sequential mode: save each finished layer's statistics and masks "
+                         "here, and resume from what is there (a run stopped at layer 40 of "
+                         "80 goes on at 41)")
     pr.set_defaults(func=cmd_prune)
 
     e = sub.add_parser(
@@ -600,7 +669,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sparsities", default="0,0.1,0.2,0.3,0.4,0.5")
     s.add_argument("--pair", action="append", default=[])
     s.add_argument("--limit", type=int, default=16, help="held-out sentences per point")
-    s.add_argument("--csv", default="sweep.csv", help="results, appended row by row (resumable)")
+    s.add_argument("--csv", default=None,
+                   help="results CSV, appended row by row (resumable; default sweep.csv); "
+                        "with --store, a CSV export written at the end")
+    s.add_argument("--store", default=None, metavar="PATH",
+                   help="results store (.sqlite or .db): one transaction per measured row, "
+                        "resumable, safe for many workers at once; the dashboard's Sweep page "
+                        "opens it")
+    s.add_argument("--runner", default="local", choices=("local", "process", "ray"),
+                   help="where the cells run: local (this process, the default), process (a "
+                        "worker process with its own copy of the model) or ray (one Ray task "
+                        "per method and pair, a GPU each where the cluster has GPUs; "
+                        "RAY_ADDRESS names a cluster, else Ray starts here; pip install "
+                        "'mlprune[ray]'). Without --store, the non-local runners commit to "
+                        "sweep.sqlite beside the CSV")
     s.add_argument("--figure", default=None, help="chrF against sparsity (.html or .png)")
     s.add_argument("--task", action="append", default=[],
                    help="also score a zero-shot task per row: nli, sentiment or a JSONL file "

@@ -30,6 +30,7 @@ from transformers.generation import BaseStreamer
 from mlprune import MlpruneError, Progress, no_progress
 from mlprune.capture import batches, context_length, encode
 from mlprune.corpus import ParallelCorpus
+from mlprune.models import input_device
 from mlprune.prompts import eval_items, split_rows
 from mlprune.prune import MaskSet, pruned
 
@@ -85,7 +86,7 @@ def generate(model: nn.Module, tokenizer, prompts: list[str], *, max_new_tokens:
         raise MlpruneError("A streamed generation takes one prompt.")
     ids = encode(tokenizer, prompts, _room(model, max_new_tokens))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    device = next(model.parameters()).device
+    device = input_device(model)
     results: dict[int, Generation] = {}
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     done = 0
@@ -265,7 +266,7 @@ def target_language_rate(outputs: list[str], lang: str, candidates: tuple[str, .
 def perplexity(model: nn.Module, tokenizer, texts: list[str], *, batch_size: int = 8) -> float:
     """exp(mean token negative log-likelihood) over texts, padding excluded."""
     ids = encode(tokenizer, texts, context_length(model))
-    device = next(model.parameters()).device
+    device = input_device(model)
     total_nll, total_tokens = 0.0, 0
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     with torch.inference_mode():

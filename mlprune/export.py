@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from mlprune import MlpruneError, __version__
-from mlprune.models import LoadedModel, linear_modules
+from mlprune.models import LoadedModel, is_offloaded, linear_modules
 from mlprune.prune import MaskSet, pruned
 
 REPORT = "mlprune_report.json"
@@ -68,13 +68,20 @@ def export_pruned(loaded: LoadedModel, masks: MaskSet, out_dir: str | Path, repo
     out = Path(out_dir).expanduser()
     if out.exists() and not overwrite:
         raise MlpruneError(f"{out} already exists; choose another folder or allow overwriting.")
+    offloaded = is_offloaded(loaded.model)
+    if offloaded and format != "hf":
+        raise MlpruneError("This model is offloaded (loaded with a device map), which only the hf "
+                           "export format reads weight by weight: export it with --format hf.")
     compressor = _sparse_compressor(loaded, masks) if format == "compressed-tensors" else None
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         with pruned(loaded.model, masks):
             if compressor is None:
-                loaded.model.save_pretrained(tmp)
+                # an offloaded model is written a shard at a time, each shard held in memory:
+                # small shards, so that writing never needs the memory the model did not fit in
+                loaded.model.save_pretrained(tmp, **({"max_shard_size": "2GB"} if offloaded
+                                                     else {}))
             else:
                 loaded.model.save_pretrained(tmp, state_dict=compressor.compress(loaded.model))
         if compressor is not None:

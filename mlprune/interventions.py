@@ -66,7 +66,7 @@ from mlprune.capture import (  # its private helpers too: the same padding and L
     prompt_ids,
 )
 from mlprune.corpus import ParallelCorpus
-from mlprune.models import decoder_layers, hidden_size
+from mlprune.models import decoder_layers, hidden_size, input_device
 from mlprune.prompts import PromptSet, split_rows
 
 KINDS = ("zero", "mean", "scale", "add")
@@ -382,7 +382,7 @@ class _SiteMeans:
 
         handles = [self.layers[0].register_forward_pre_hook(embed_hook, with_kwargs=True)]
         handles += [layer.register_forward_hook(layer_hook(i)) for i, layer in enumerate(self.layers)]
-        device = next(model.parameters()).device
+        device = input_device(model)
         n_batches = -(-len(ids) // batch_size)
         try:
             with torch.inference_mode():

@@ -9,6 +9,12 @@ Weights load from safetensors only: a folder or hub model with nothing but pickl
 (``.bin``/``.pt``/``.pth``/``.ckpt``, which can run code when read) is refused unless the caller
 passes ``allow_pickle=True`` (the CLI's ``--allow-pickle``).
 
+Larger than one device: ``device_map`` (with ``max_memory`` and ``offload_folder``) loads a
+model through accelerate, spread over GPUs, the CPU and disk. Offloaded weights are meta tensors
+that accelerate's hooks fill for each forward; whatever reads weights directly does it inside
+:func:`onloaded`. :func:`memory_plan` says, from the config alone, whether a model fits, streams
+one decoder layer at a time, or cannot run here.
+
 Linear modules get stable readable names, ``layers.3.attn.q`` or ``layers.3.mlp.up``, whatever
 the architecture calls them (Llama/Gemma/Qwen ``q_proj``, GPT-2 ``c_attn`` Conv1D, BLOOM
 ``query_key_value``, XGLM ``fc1``...).
@@ -16,11 +22,13 @@ the architecture calls them (Llama/Gemma/Qwen ``q_proj``, GPT-2 ``c_attn`` Conv1
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,7 +70,8 @@ class LinearInfo:
 
     @property
     def weight(self) -> torch.Tensor:
-        """The weight as (out_features, in_features); a view, so writes reach the model."""
+        """The weight as (out_features, in_features); a view, so writes reach the model.
+        An offloaded module holds a meta tensor here except inside :func:`onloaded`."""
         w = self.module.weight.data
         return w.t() if self.transposed else w
 
@@ -84,6 +93,7 @@ class LoadedModel:
     name: str
     source: str  # "embedded" | "gguf" | "local" | "hub"
     dequantized_from: str | None = None  # e.g. "Q4_K_M": figures must say so
+    plan: MemoryPlan | None = None  # loaded with a device_map: the plan it was checked against
 
     @property
     def layers(self) -> list[nn.Module]:
@@ -103,7 +113,7 @@ class LoadedModel:
             "layers": len(self.layers),
             "hidden_size": hidden_size(self.model),
             "linear_modules": len(self.linears),
-            "device": str(p.device),
+            "device": placement(self.model) or str(p.device),
             "dtype": str(p.dtype).replace("torch.", ""),
             "dequantized_from": self.dequantized_from,
         }
@@ -199,6 +209,87 @@ def _block_of(parts: list[str]) -> str:
     return "mlp" if joined.startswith("fc") else "other"
 
 
+# --------------------------------------------------------------------------- offloaded weights
+
+
+def offload_hook(module: nn.Module, paused: bool = False):
+    """accelerate's hook that keeps this module's own weights offloaded (on meta, filled from
+    its ``weights_map`` for each forward), or None when its weights are real tensors.
+    ``paused=True`` also finds the hook of a module held by :func:`onloaded`."""
+    hook = getattr(module, "_hf_hook", None)
+    for h in getattr(hook, "hooks", None) or [hook]:  # a SequentialHook chains several
+        if type(h).__name__ == "AlignDevicesHook" and (
+                getattr(h, "offload", False) or paused and getattr(h, _PAUSED, False)):
+            return h
+    return None
+
+
+_PAUSED = "mlprune_onloaded"  # marks an offload hook that onloaded() holds paused
+
+
+def is_offloaded(model: nn.Module) -> bool:
+    """Whether any of the model's weights are offloaded (to the CPU or disk) by accelerate."""
+    return any(offload_hook(m) is not None for m in model.modules())
+
+
+@contextlib.contextmanager
+def onloaded(module: nn.Module, recurse: bool = True) -> Iterator[nn.Module]:
+    """Inside, every offloaded weight of ``module`` (and of its submodules unless ``recurse``
+    is False) is a real tensor on its execution device, and stays put through forwards; on
+    leaving, the weights go back to meta and any change made to them inside is dropped (the
+    offloaded copy is never written).
+
+    accelerate's own ``align_module_device`` fills the weights too, but leaves the hook on, so
+    the next forward would load the offloaded copy again over anything written meanwhile (the
+    masks of a sequential pass): here the hook is paused while the weights are held, as
+    llm-compressor's sequential pipeline does. A module with nothing offloaded is left as is.
+    """
+    held = []
+    try:
+        for sub in module.modules() if recurse else [module]:
+            hook = offload_hook(sub)
+            if hook is not None:
+                hook.pre_forward(sub)  # fills the weights from the offloaded copy
+                hook.offload = False  # forwards now use them as they are
+                setattr(hook, _PAUSED, True)
+                held.append((sub, hook))
+        yield module
+    finally:
+        for sub, hook in reversed(held):
+            hook.offload = True
+            delattr(hook, _PAUSED)
+            hook.post_forward(sub, None)  # back to meta: the filled copy is freed
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """Where a model's input ids go: its first parameter's device, or for a model placed by a
+    device map, the execution device of its input embeddings (offloaded weights are meta)."""
+    first = next(model.parameters()).device
+    if getattr(model, "hf_device_map", None) is None and first.type != "meta":
+        return first
+    embeddings = model.get_input_embeddings()
+    for hook in (offload_hook(embeddings), getattr(embeddings, "_hf_hook", None)):
+        device = getattr(hook, "execution_device", None)
+        if device is not None:
+            return torch.device(device)
+    weight = embeddings.weight
+    return weight.device if weight.device.type != "meta" else torch.device("cpu")
+
+
+def placement(model: nn.Module) -> str | None:
+    """Where a device-mapped model's modules are, e.g. "cuda:0 + cpu + disk" (None when the
+    model was not placed by a device map)."""
+    device_map = getattr(model, "hf_device_map", None)
+    if not device_map or len(set(device_map.values())) < 2 and not is_offloaded(model):
+        return None
+    seen = []
+    for where in device_map.values():
+        name = f"cuda:{where}" if isinstance(where, int) else str(where)
+        if name not in seen:
+            seen.append(name)
+    return " + ".join(seen)
+
+
 # --------------------------------------------------------------------------- loading
 
 
@@ -207,6 +298,9 @@ def load_model(
     *,
     dtype: torch.dtype | str | None = None,
     device: str | None = None,
+    device_map: str | dict | None = None,
+    max_memory: dict | None = None,
+    offload_folder: str | Path | None = None,
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
     progress: Progress = no_progress,
@@ -215,10 +309,40 @@ def load_model(
 
     Weights are read from safetensors only; ``allow_pickle=True`` also accepts pickle weights
     (``.bin``, ``.pt``...), which can run code when read: only for files you trust.
+    ``device_map`` ("auto", "sequential", a device, or accelerate's {module: device} dict),
+    with ``max_memory`` ({0: "20GiB", "cpu": "60GiB"}) and ``offload_folder``, spreads the
+    model over GPUs, the CPU and disk; it is checked first against :func:`memory_plan`
+    (kept as ``.plan``), and refused in one sentence when it cannot fit even so.
     ``progress(stage, fraction)`` is told each step, the stage a sentence saying what is
     happening. Raises MlpruneError with one sentence naming what was tried when the model
     cannot be found or read.
     """
+    if device_map is not None and device:
+        raise MlpruneError("Give a device or a device map, not both: the device map places "
+                           "every module itself.")
+    spec = (spec or DEFAULT_MODEL).strip()
+    dtype = parse_dtype(dtype, device)
+    folder, source, name, dequantized_from = _resolve(spec, allow_pickle, progress,
+                                                      check_memory=device_map is None)
+    plan = None
+    if device_map is not None:
+        plan = memory_plan(_config(folder, trust_remote_code), dtype,
+                           free=free_memory(offload_folder), caps=max_memory, name=name).check()
+    progress(f"Loading weights from {folder}", 0.8)
+    model, tokenizer = _from_pretrained(folder, spec, dtype, device,
+                                        trust_remote_code, allow_pickle, device_map=device_map,
+                                        max_memory=max_memory, offload_folder=offload_folder)
+    if dequantized_from is None and source == "local":
+        dequantized_from = _read_marker(Path(folder))
+    progress("Model ready", 1.0)
+    return LoadedModel(model, tokenizer, name, source, dequantized_from, plan)
+
+
+def _resolve(spec: str | None, allow_pickle: bool, progress: Progress = no_progress,
+             check_memory: bool = True) -> tuple[str | Path, str, str, str | None]:
+    """(folder or hub id, source, display name, quantization it was de-quantized from) of a
+    model spec; refuses clearly what cannot be a model (``check_memory``: also a folder
+    whose weights exceed the memory available)."""
     spec = (spec or DEFAULT_MODEL).strip()
     dequantized_from = None
     if spec in (DEFAULT_MODEL, "embedded", "default"):
@@ -232,7 +356,7 @@ def load_model(
         source, name, dequantized_from = "gguf", path.name, _gguf_quant_type(path)
     elif Path(spec).expanduser().is_dir():
         folder = Path(spec).expanduser()
-        _check_folder(folder, allow_pickle)
+        _check_folder(folder, allow_pickle, check_memory)
         source, name = "local", str(folder)
     elif Path(spec).expanduser().exists():
         raise MlpruneError(
@@ -243,31 +367,66 @@ def load_model(
     else:
         folder, source, name = spec, "hub", spec
         _check_hub(spec)
-    progress(f"Loading weights from {folder}", 0.8)
-    model, tokenizer = _from_pretrained(folder, spec, dtype, device, trust_remote_code, allow_pickle)
-    if dequantized_from is None and source == "local":
-        dequantized_from = _read_marker(Path(folder))
-    progress("Model ready", 1.0)
-    return LoadedModel(model, tokenizer, name, source, dequantized_from)
+    return folder, source, name, dequantized_from
 
 
-def _from_pretrained(folder, spec, dtype, device, trust_remote_code, allow_pickle=False):
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def parse_dtype(dtype: torch.dtype | str | None, device: str | None = None) -> torch.dtype | None:
+    """The torch dtype of a --dtype value (None: as the model was saved). bfloat16 is refused
+    on a GPU without it (float16 is the half precision such GPUs have); statistics are summed
+    in float32 whatever the model's dtype."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        chosen = dtype
+    else:
+        name = str(dtype).strip().lower().replace("torch.", "")
+        name = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32",
+                "float": "float32", "auto": ""}.get(name, name)
+        if name and name not in DTYPES:
+            raise MlpruneError(f"Unknown dtype '{dtype}': use {', '.join(DTYPES)} (or leave it "
+                               "out to load as saved).")
+        chosen = getattr(torch, name) if name else None
+    if chosen == torch.bfloat16 and str(device or "").startswith("cuda") \
+            and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        raise MlpruneError("This GPU has no bfloat16; load in float16 (or float32) instead.")
+    return chosen
+
+
+def _config(folder: str | Path, trust_remote_code: bool = False):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except Exception as e:  # the hub and config parsing raise their own types
+        raise MlpruneError(f"Could not read the config of {folder}: "
+                           f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+
+
+def _from_pretrained(folder, spec, dtype, device, trust_remote_code, allow_pickle=False, *,
+                     device_map=None, max_memory=None, offload_folder=None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
+    dtype = parse_dtype(dtype)
+    placement_kwargs = {}  # only when asked: a plain load stays exactly as before
+    if device_map is not None:
+        placement_kwargs = {"device_map": device_map, "max_memory": max_memory,
+                            "offload_folder": str(offload_folder) if offload_folder else None}
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
             folder, dtype=dtype or "auto", trust_remote_code=trust_remote_code,
             # None lets transformers fall back to pickle weights; True never reads them
-            use_safetensors=None if allow_pickle else True,
+            use_safetensors=None if allow_pickle else True, **placement_kwargs,
         )
     except MlpruneError:
         raise
     except Exception as e:  # safetensors, tokenizers and the hub each raise their own types
         if not allow_pickle and "cannot be loaded with `safetensors`" in str(e):
             raise MlpruneError(pickle_refusal(f"The hub model '{spec}'")) from e
+        if device_map is not None and "offload" in str(e).lower():
+            raise MlpruneError(f"Some of {spec} must go to disk under this device map and "
+                               "memory caps: give an --offload-folder (offload_folder=).") from e
         raise MlpruneError(_explain_load_failure(spec, e)) from e
     if device:
         model.to(device)
@@ -336,9 +495,10 @@ def pickle_refusal(what: str) -> str:
             "(allow_pickle=True) if you trust the files.")
 
 
-def _check_folder(folder: Path, allow_pickle: bool = False) -> None:
+def _check_folder(folder: Path, allow_pickle: bool = False, check_memory: bool = True) -> None:
     """Refuse, before anything is read, a folder that is not a model or has only pickle weights
-    (their names are listed, never opened)."""
+    (their names are listed, never opened), or (``check_memory``) whose weights cannot fit in
+    memory."""
     if not (folder / "config.json").is_file():
         raise MlpruneError(f"{folder} has no config.json, so it is not a Hugging Face model folder.")
     safe = [p for p in folder.iterdir() if p.suffix == ".safetensors"]
@@ -347,7 +507,9 @@ def _check_folder(folder: Path, allow_pickle: bool = False) -> None:
         raise MlpruneError(f"{folder} has a config.json but no weight files (*.safetensors, *.bin).")
     if not safe and not allow_pickle:
         raise MlpruneError(pickle_refusal(str(folder)))
-    check_fits(sum(p.stat().st_size for p in (safe or pickles)), str(folder))
+    if check_memory:
+        check_fits(sum(p.stat().st_size for p in (safe or pickles)), str(folder),
+                   advice=STREAM_ADVICE)
 
 
 def available_memory() -> int:
@@ -361,14 +523,258 @@ def available_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def check_fits(weight_bytes: int, what: str, headroom: float = 1.2) -> None:
+STREAM_ADVICE = ("load it with --device-map auto and an --offload-folder to stream it one "
+                 "layer at a time, or pick a smaller model")
+
+
+def check_fits(weight_bytes: int, what: str, headroom: float = 1.2,
+               advice: str = "pick a smaller model or a machine with more memory") -> None:
     """Refuse, before loading, a model whose weights cannot fit in the memory available."""
     need, have = int(weight_bytes * headroom), available_memory()
     if need > have:
         raise MlpruneError(
             f"{what} needs about {need / 2**30:.1f} GiB to load but only {have / 2**30:.1f} GiB "
-            "of memory is available; pick a smaller model or a machine with more memory."
+            f"of memory is available; {advice}."
         )
+
+
+# --------------------------------------------------------------------------- memory plan
+
+FITS, STREAMS, CANNOT_FIT = "fits", "streams", "cannot fit"
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """How a model would run here, from its config and the memory free (bytes throughout).
+
+    ``fits``: every weight stays on the devices that run it (the GPUs, or the CPU without
+    one). ``streams``: weights wait on the CPU and/or disk and one decoder layer at a time comes
+    to ``device``, with the cached inputs of sequential calibration (what llm-compressor's
+    sequential pipeline does). ``cannot fit``: not even that; :meth:`check` says why.
+
+    ``free`` is what each device has; ``caps`` (accelerate's ``max_memory``) bound only
+    where weights may wait, as in accelerate: cached inputs and activations use what is free.
+    """
+
+    name: str
+    parameters: int
+    dtype: str
+    n_layers: int
+    layer_bytes: int  # the largest decoder layer
+    outside_bytes: int  # embeddings, LM head, final norm: everything outside the layers
+    largest_outside: int  # the largest single module outside the layers (the embeddings)
+    cache_bytes: int  # sequential calibration's cached layer inputs and outputs
+    work_bytes: int  # one batch's activations through one layer, in float32
+    free: dict[str, int]  # device ("cuda:0", "cpu", "disk") -> bytes free
+    device: str  # where layers run: the first GPU, else the CPU
+    caps: dict[str, int] = field(default_factory=dict)  # device -> most bytes of weights
+
+    @property
+    def weight_bytes(self) -> int:
+        return self.n_layers * self.layer_bytes + self.outside_bytes
+
+    @property
+    def stream_bytes(self) -> int:
+        """What streaming holds on ``device`` at once: the largest module, inputs, a batch."""
+        return max(self.layer_bytes, self.largest_outside) + self.cache_bytes + self.work_bytes
+
+    def room(self, devices: list[str] | None = None) -> int:
+        """Bytes of weights these devices (default: all) may hold: free, or capped."""
+        return sum(min(self.free[d], self.caps.get(d, self.free[d]))
+                   for d in (self.free if devices is None else devices) if d in self.free)
+
+    @property
+    def runners(self) -> list[str]:
+        """The devices that run layers: every GPU, or the CPU without one."""
+        return [d for d in self.free if d.startswith("cuda")] or ["cpu"]
+
+    @property
+    def verdict(self) -> str:
+        everything = self.weight_bytes + self.cache_bytes + self.work_bytes
+        if self.weight_bytes <= self.room(self.runners) and \
+                everything <= sum(self.free.get(d, 0) for d in self.runners):
+            return FITS
+        if self.stream_bytes <= self.free.get(self.device, 0) and \
+                self.weight_bytes <= self.room():
+            return STREAMS
+        return CANNOT_FIT
+
+    def __str__(self) -> str:
+        free = ", ".join(f"{k} {_size(v)}" + (f" (weights capped at {_size(self.caps[k])})"
+                                               if k in self.caps else "")
+                         for k, v in self.free.items())
+        outcome = {FITS: f"fits in memory on {' + '.join(self.runners)}",
+                   STREAMS: f"streams one layer at a time through {self.device} (needs "
+                            f"{_size(self.stream_bytes)} there)",
+                   CANNOT_FIT: "cannot fit"}[self.verdict]
+        return (f"memory plan: {_count(self.parameters)} parameters in {self.dtype} = "
+                f"{_size(self.weight_bytes)} ({self.n_layers} layers of up to "
+                f"{_size(self.layer_bytes)}, {_size(self.outside_bytes)} outside them); cached "
+                f"layer inputs {_size(self.cache_bytes)}; free: {free} -> {outcome}")
+
+    def check(self) -> MemoryPlan:
+        """The plan itself, or MlpruneError saying in one sentence why the model cannot run."""
+        if self.verdict != CANNOT_FIT:
+            return self
+        have = self.free.get(self.device, 0)
+        if self.stream_bytes > have:
+            raise MlpruneError(
+                f"{self.name} cannot run here even one layer at a time: its largest module "
+                f"({_size(max(self.layer_bytes, self.largest_outside))}) with the cached layer "
+                f"inputs ({_size(self.cache_bytes)}) and one batch's activations "
+                f"({_size(self.work_bytes)}) needs {_size(self.stream_bytes)} on {self.device}, "
+                f"which has {_size(have)}; use fewer samples, a smaller dtype or a larger device.")
+        raise MlpruneError(
+            f"{self.name} does not fit: its weights ({_size(self.weight_bytes)}) need more than "
+            f"the {_size(self.room())} that {', '.join(self.free)} can hold; give an "
+            "--offload-folder on a disk with room, raise --max-memory, or load a smaller dtype.")
+
+
+def _count(n: int) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.{2 if unit == 'B' else 1}f}{unit}"
+    return str(n)
+
+
+def _size(n: float) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+def memory_plan(config, dtype: torch.dtype | str | None = None, *, free: dict[str, int],
+                caps: dict | None = None, samples: int = 0, tokens_per_sample: int = 512,
+                batch_size: int = 8, name: str = "This model") -> MemoryPlan:
+    """The :class:`MemoryPlan` of a model with this config (a transformers config) in this
+    dtype (default: the config's, else float32), given what each device has free (``free``,
+    as :func:`free_memory` gives it; keys "cuda:0", "cpu", "disk"), the caps on where weights
+    may wait (``caps``: accelerate's ``max_memory``, {0: "20GiB", "cpu": "60GiB"}), and the
+    sequential calibration it will run (``samples`` prompts of up to ``tokens_per_sample``
+    tokens, ``batch_size`` at a time).
+
+    Parameter bytes come from the architecture itself, built on the meta device (no memory,
+    a fraction of a second): per decoder layer, and the rest. The cached inputs are the hidden
+    states entering a layer and leaving it, in the model's dtype; one batch's activations are
+    counted in float32 (the statistics are summed in float32), four copies of the widest
+    activation (the MLP's inner width).
+    """
+    from transformers import AutoModelForCausalLM
+
+    dtype = parse_dtype(dtype) or parse_dtype(str(getattr(config, "dtype", None) or
+                                                  getattr(config, "torch_dtype", None) or
+                                                  "float32"))
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except Exception as e:  # an architecture transformers cannot build from its config alone
+        raise MlpruneError(f"Could not lay out {name} from its config to plan its memory: "
+                           f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+    size = torch.empty((), dtype=dtype).element_size()
+    layers = decoder_layers(model)
+    in_layers = {id(p) for layer in layers for p in layer.parameters()}
+    layer_bytes = max(sum(p.numel() for p in layer.parameters()) for layer in layers) * size
+    params = list(model.parameters())  # each shared (tied) parameter once
+    outside = [p for p in params if id(p) not in in_layers]
+    largest_outside = max((sum(p.numel() for p in m.parameters(recurse=False)
+                               if id(p) not in in_layers)
+                           for m in model.modules()), default=0) * size
+    hidden = hidden_size(model)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    inner = max(hidden, int(getattr(text, "intermediate_size", 0) or
+                            getattr(text, "ffn_dim", 0) or 4 * hidden))
+    gpus = [k for k in free if k.startswith("cuda")]
+    return MemoryPlan(
+        name=name, parameters=sum(p.numel() for p in params),
+        dtype=str(dtype).replace("torch.", ""), n_layers=len(layers), layer_bytes=layer_bytes,
+        outside_bytes=sum(p.numel() for p in outside) * size, largest_outside=largest_outside,
+        cache_bytes=2 * samples * tokens_per_sample * hidden * size,
+        work_bytes=4 * min(samples, batch_size) * tokens_per_sample * inner * 4,
+        free=dict(free), device=gpus[0] if gpus else "cpu",
+        caps={_device_name(k): _bytes(v) for k, v in (caps or {}).items()})
+
+
+def free_memory(offload_folder: str | Path | None = None) -> dict[str, int]:
+    """Bytes each device has free now: every GPU's free memory, the CPU's available memory,
+    and the free disk space where ``offload_folder`` is (when there is one)."""
+    free: dict[str, int] = {}
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            free[f"cuda:{i}"] = torch.cuda.mem_get_info(i)[0]
+    free["cpu"] = available_memory()
+    if offload_folder is not None:
+        folder = Path(offload_folder).expanduser()
+        existing = next((p for p in (folder, *folder.parents) if p.exists()), Path("."))
+        free["disk"] = shutil.disk_usage(existing).free
+    return free
+
+
+def parse_max_memory(text: str | None) -> dict[int | str, int] | None:
+    """accelerate's ``max_memory`` from "0=20GiB,cpu=60GiB" (GPU index or cuda:N, cpu, disk;
+    sizes in GiB/MiB/GB/MB or bytes)."""
+    if not text:
+        return None
+    out: dict[int | str, int] = {}
+    for part in text.split(","):
+        key, sep, value = part.strip().partition("=")
+        key = key.strip().lower()
+        if not sep or not key or not value.strip():
+            raise MlpruneError(f"'{part.strip()}' is not a memory cap: write DEVICE=SIZE, e.g. "
+                               "0=20GiB,cpu=60GiB.")
+        if key.startswith("cuda"):
+            key = key.partition(":")[2] or "0"
+        if not (key.isdigit() or key in ("cpu", "disk", "mps")):
+            raise MlpruneError(f"'{key}' is not a device: use a GPU number (0, 1...), cpu or disk.")
+        out[int(key) if key.isdigit() else key] = _bytes(value.strip())
+    return out
+
+
+def parse_device_map(text: str | None) -> str | dict | None:
+    """A --device-map value: auto, balanced, sequential, one device (cpu, cuda:0, disk), or a
+    JSON object {module: device}."""
+    if not text:
+        return None
+    text = text.strip()
+    if text.startswith("{"):
+        try:
+            value = json.loads(text)
+        except ValueError as e:
+            raise MlpruneError(f"--device-map is not valid JSON: {e}.") from e
+        if not isinstance(value, dict):
+            raise MlpruneError("--device-map must be a JSON object {module: device}.")
+        return value
+    return text
+
+
+def _device_name(key: int | str) -> str:
+    return f"cuda:{key}" if isinstance(key, int) or str(key).isdigit() else str(key)
+
+
+def _bytes(size: int | str) -> int:
+    from accelerate.utils import convert_file_size_to_int
+
+    try:
+        value = convert_file_size_to_int(size if isinstance(size, int) or not str(size).isdigit()
+                                          else int(size))
+    except ValueError as e:
+        raise MlpruneError(f"'{size}' is not a size: write it as 20GiB, 500MB or bytes.") from e
+    if value < 0:
+        raise MlpruneError(f"'{size}' is not a size: write it as 20GiB, 500MB or bytes.")
+    return value
+
+
+def plan_load(spec: str | None = None, *, dtype: torch.dtype | str | None = None,
+              max_memory: dict | None = None, offload_folder: str | Path | None = None,
+              samples: int = 0, tokens_per_sample: int = 512, batch_size: int = 8,
+              trust_remote_code: bool = False, allow_pickle: bool = False,
+              progress: Progress = no_progress) -> MemoryPlan:
+    """The :func:`memory_plan` of a model spec (hub id, folder, .gguf or the embedded default)
+    on this machine, from its config alone: nothing is loaded."""
+    folder, _, name, _ = _resolve(spec, allow_pickle, progress, check_memory=False)
+    return memory_plan(_config(folder, trust_remote_code), parse_dtype(dtype),
+                       free=free_memory(offload_folder), caps=max_memory, samples=samples,
+                       tokens_per_sample=tokens_per_sample, batch_size=batch_size, name=name)
 
 
 MARKER = "mlprune_source.json"

@@ -21,7 +21,7 @@ from mlprune.capture import ActivationStats, Cancelled, capture
 from mlprune.corpus import ParallelCorpus
 from mlprune.evaluate import evaluate_translation, paired_translation_test
 from mlprune.features import detected_dims
-from mlprune.models import LoadedModel, cache_dir
+from mlprune.models import LoadedModel, cache_dir, onloaded
 from mlprune.mwanda import PARTS, MWanda
 from mlprune.prompts import (
     CALIBRATIONS,
@@ -47,6 +47,7 @@ from mlprune.prune import (
     select_modules,
     sequential_stats,
 )
+from mlprune.store import ResultStore, is_store
 
 
 def _setting(default, help: str, **cli):
@@ -236,11 +237,16 @@ class PruneResult:
 
 
 def model_fingerprint(loaded: LoadedModel) -> str:
-    """A short id of the model's current weights: name, shapes and a sample of values."""
+    """A short id of the model's current weights: name, shapes and a sample of values (an
+    offloaded model's read from its offloaded copy: the same id as loaded in memory)."""
     h = hashlib.sha256(loaded.name.encode())
-    for name, param in list(loaded.model.named_parameters())[:64]:
-        h.update(f"{name}{tuple(param.shape)}{param.dtype}".encode())
-        h.update(param.detach().flatten()[:256].float().cpu().numpy().tobytes())
+    for name, _ in list(loaded.model.named_parameters())[:64]:
+        owner, _, leaf = name.rpartition(".")
+        module = loaded.model.get_submodule(owner)
+        with onloaded(module, recurse=False):
+            param = getattr(module, leaf)
+            h.update(f"{name}{tuple(param.shape)}{param.dtype}".encode())
+            h.update(param.detach().flatten()[:256].float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
 
 
@@ -318,8 +324,10 @@ def calibrate(loaded: LoadedModel, corpus: ParallelCorpus, spec: PruneSpec, *,
 
 
 def rank(loaded: LoadedModel, spec: PruneSpec, calib: Calibration | None, *,
-         batch_size: int = 8, progress: Progress = no_progress) -> Ranking:
-    """Rank the selected modules by the spec's method (sequential mode re-captures per layer)."""
+         batch_size: int = 8, checkpoint_dir: str | Path | None = None,
+         progress: Progress = no_progress) -> Ranking:
+    """Rank the selected modules by the spec's method (sequential mode re-captures per layer,
+    saving each finished layer to ``checkpoint_dir`` when given, and resuming from it)."""
     modules = select_modules(loaded.model, spec.layers, spec.blocks)
     protect = None
     if spec.protect:
@@ -338,6 +346,7 @@ def rank(loaded: LoadedModel, spec: PruneSpec, calib: Calibration | None, *,
             sparsity=spec.sparsity, pattern=spec.pattern, other=other, invert=spec.invert,
             protect=protect, modules=modules, seed=spec.seed, batch_size=batch_size,
             pad_to=spec.pad_to, allocation=allocation, mwanda=spec.mwanda,
+            checkpoint_dir=checkpoint_dir,
             progress=lambda s, f: progress(f"sequential calibration, {s}", f))
     return rank_modules(loaded.model, stats, method=spec.method, other=other,
                         invert=spec.invert, protect=protect, modules=modules, seed=spec.seed,
@@ -346,14 +355,17 @@ def rank(loaded: LoadedModel, spec: PruneSpec, calib: Calibration | None, *,
 
 
 def prune(loaded: LoadedModel, corpus: ParallelCorpus, spec: PruneSpec, *, batch_size: int = 8,
+          checkpoint_dir: str | Path | None = None,
           progress: Progress = no_progress) -> PruneResult:
-    """Calibrate (when the method needs data), rank and build masks. The model stays dense."""
+    """Calibrate (when the method needs data), rank and build masks. The model stays dense.
+    ``checkpoint_dir``: where a sequential pass saves each finished layer, and resumes from."""
     spec.validate()
     t0 = time.perf_counter()
     calib = calibrate(loaded, corpus, spec, batch_size=batch_size, progress=progress) \
         if spec.needs_calibration else None
     t1 = time.perf_counter()
-    ranking = rank(loaded, spec, calib, batch_size=batch_size, progress=progress)
+    ranking = rank(loaded, spec, calib, batch_size=batch_size, checkpoint_dir=checkpoint_dir,
+                   progress=progress)
     t2 = time.perf_counter()
     masks = ranking.masks(spec.sparsity, spec.pattern)
     masks.meta.update(spec=asdict(spec))
@@ -405,12 +417,17 @@ def sweep(loaded: LoadedModel, corpus: ParallelCorpus, *, methods: list[str], sp
           pairs: list[str], base: PruneSpec | None = None,
           limit: int | None = 16, out_csv: str | Path | None = None, batch_size: int = 8,
           progress: Progress = no_progress, should_stop: Callable[[], bool] | None = None,
-          extra_eval: Callable[[LoadedModel, str, float], dict] | None = None) -> list[dict]:
+          extra_eval: Callable[[LoadedModel, str, float], dict] | None = None,
+          store: str | Path | ResultStore | None = None) -> list[dict]:
     """Evaluate every method x sparsity x pair (unstructured, one-shot; one ranking per
-    method and pair).
+    method and pair: each (pair, method) is a cell a runner can run on its own).
 
-    Each row is appended to ``out_csv`` as soon as it is measured, and rows already there are
-    not measured again, so an interrupted sweep resumes where it stopped. Every pruned row
+    Each row is written as soon as it is measured, and rows already there are not measured
+    again, so an interrupted sweep resumes where it stopped: to ``store`` (a
+    :class:`~mlprune.store.ResultStore` or its path: one transaction per row, safe for
+    concurrent workers; ``out_csv`` is then an export written at the end), else appended to
+    ``out_csv``. A store records the settings its rows were measured with (model, limit,
+    spec, extra columns) and refuses rows of other settings. Every pruned row
     carries the p-values of its chrF and BLEU difference from the dense model on the same
     sentences (:data:`SIGNIFICANCE_COLUMNS`, :func:`paired_vs_dense`). The dense outputs come
     from this run's dense row of the pair; when the sweep has none in memory (resumed past it,
@@ -424,9 +441,14 @@ def sweep(loaded: LoadedModel, corpus: ParallelCorpus, *, methods: list[str], sp
         check_sparsity(s)
     base = base or PruneSpec()
     pattern = "unstructured"
-    done = read_sweep_rows(out_csv) if out_csv else []  # (first: it drops a torn last line)
-    if out_csv:
-        _check_header(out_csv, SWEEP_COLUMNS)
+    if store is not None:
+        store = ResultStore.open(store)
+        store.claim(sweep_settings(loaded, base, limit, extra_eval))
+        done = store.rows()
+    else:
+        done = read_sweep_rows(out_csv) if out_csv else []  # (first: it drops a torn last line)
+        if out_csv:
+            _check_header(out_csv, SWEEP_COLUMNS)
     seen = {(r["pair"], r["method"], float(r["sparsity"]), r["pattern"]) for r in done}
     rows = list(done)
     total = len(methods) * len(sparsities) * len(pairs)
@@ -477,19 +499,37 @@ def sweep(loaded: LoadedModel, corpus: ParallelCorpus, *, methods: list[str], sp
                        "sparsity_reached": masks.overall_sparsity() if masks else 0.0, **p_values,
                        **extra}
                 rows.append(row)
-                if out_csv:
+                if store is not None:
+                    store.add(row)
+                elif out_csv:
                     _append_row(out_csv, row)
                 count += 1
                 progress(f"{pair} {method} {s:.2f}", count / total)
+    if store is not None and out_csv:
+        store.export_csv(out_csv)
     return rows
 
 
+def sweep_settings(loaded: LoadedModel, base: PruneSpec, limit: int | None,
+                   extra_eval: Callable | None = None) -> dict:
+    """What a sweep row's numbers depend on besides its cell: the model, the held-out
+    limit, the base spec's fields a cell does not set, and the extra columns."""
+    per_cell = {"pair", "sparsity", "pattern", "mode", *(k for fields in SWEEP_METHODS.values()
+                                                         for k in fields)}
+    return {"model": loaded.name, "dequantized_from": loaded.dequantized_from, "limit": limit,
+            "spec": {k: v for k, v in asdict(base).items() if k not in per_cell},
+            "extra": list(getattr(extra_eval, "columns", []))}
+
+
 def read_sweep_rows(path: str | Path) -> list[dict]:
-    """The complete rows of a sweep CSV. A last line cut short by a crash mid-write (no final
-    newline) is cut off the file, so it is measured again rather than read as a result."""
+    """The complete rows of a sweep CSV or results store (by its suffix: .sqlite, .db). A
+    CSV's last line cut short by a crash mid-write (no final newline) is cut off the file, so
+    it is measured again rather than read as a result."""
     path = Path(path)
     if not path.is_file():
         return []
+    if is_store(path):
+        return ResultStore(path).rows()
     data = path.read_bytes()
     if data and not data.endswith(b"\n"):
         data = data[: data.rfind(b"\n") + 1]

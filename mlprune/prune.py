@@ -19,16 +19,24 @@ Each row's column order is kept as small integers, so a new sparsity is a slice 
 new N:M pattern one small sort, with no pass over data. Applying masks keeps only the pruned values
 (to put them back): no second copy of the model. What each model has applied now is kept in one
 registry (``REGISTRY``, read with ``applied_masks(model)``), beside the lock that guards it.
+
+Offloaded models (loaded with a device map; weights on the CPU or disk, filled by accelerate's
+hooks for each forward) work the same: scores read each module's weights inside
+:func:`~mlprune.models.onloaded`, and masks on an offloaded module zero its pruned columns as
+the hook reads them (the offloaded copy stays dense, so restoring is dropping the mask).
+Sequential calibration holds one decoder layer on the device at a time, and can save each
+finished layer to a folder and resume from it (:class:`LayerCheckpoint`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import threading
 import weakref
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -36,14 +44,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.weak import WeakTensorKeyDictionary
 
 from mlprune import MlpruneError, Progress, no_progress
 from mlprune.allocation import Allocation
 from mlprune.capture import ActivationStats, LayerRunner
-from mlprune.models import LinearInfo, linear_modules
+from mlprune.models import LinearInfo, decoder_layers, linear_modules, offload_hook, onloaded
 from mlprune.mwanda import MWanda, cwl_importance
 from mlprune.mwanda import scores as mwanda_scores
 from mlprune.prompts import PromptSet
@@ -146,7 +154,14 @@ def scores(info: LinearInfo, method: str, stats: ActivationStats | None = None,
            other: ActivationStats | None = None, seed: int = 0,
            mwanda: MWanda | None = None) -> torch.Tensor:
     """Score of every weight of one module, fp32 [out, in]; low scores are pruned first
-    (``mwanda``: the parts of M-Wanda to use, all by default)."""
+    (``mwanda``: the parts of M-Wanda to use, all by default). An offloaded module's weights
+    are read inside :func:`~mlprune.models.onloaded`, one module at a time."""
+    with onloaded(info.module):
+        return _scores(info, method, stats, other, seed, mwanda)
+
+
+def _scores(info: LinearInfo, method: str, stats: ActivationStats | None,
+            other: ActivationStats | None, seed: int, mwanda: MWanda | None) -> torch.Tensor:
     if method == "m-wanda":
         return mwanda_scores(info, stats, mwanda or MWanda())
     w = info.weight.detach().float().abs()
@@ -169,7 +184,9 @@ def scores(info: LinearInfo, method: str, stats: ActivationStats | None = None,
 
 
 def row_order(score: torch.Tensor, protected: torch.Tensor | None = None) -> torch.Tensor:
-    """Input columns of each row in ascending score order (protected columns last), int16/32.
+    """Input columns of each row in ascending score order (protected columns last), int16/32,
+    on the CPU whatever the score's device (a model's rankings are as large as its weights:
+    streamed through a GPU layer by layer, they must not pile up there).
 
     Ties keep column order: the result is ``score.argsort(dim=1, stable=True)``.
     """
@@ -178,7 +195,7 @@ def row_order(score: torch.Tensor, protected: torch.Tensor | None = None) -> tor
     n_in = score.shape[1]
     dtype = torch.int16 if n_in <= torch.iinfo(torch.int16).max else torch.int32
     if score.device.type != "cpu" or score.dtype != torch.float32:
-        return score.argsort(dim=1, stable=True).to(dtype)
+        return score.argsort(dim=1, stable=True).to(dtype).cpu()
     order = _stable_argsort_rows(score)
     return torch.from_numpy(order.astype(np.int16 if dtype == torch.int16 else np.int32))
 
@@ -613,6 +630,10 @@ class AppliedMasks:
     stacked), touching only what differs: a module whose new columns are the old ones plus
     more (or fewer) of the same ranked rows, as a slider move gives, zeroes (or puts back)
     only those. :meth:`extend` grows the applied set by more modules instead.
+
+    An offloaded module keeps nothing: its hook reads the weights through :class:`PrunedWeights`
+    (and a copy held now by :func:`~mlprune.models.onloaded` is zeroed too), so restoring it is
+    putting the hook's own weights map back.
     """
 
     def __init__(self, model: nn.Module, masks: MaskSet):
@@ -621,12 +642,15 @@ class AppliedMasks:
         # module -> (the set's pruned columns [out, k], bands of them with the values they held)
         self._saved: dict[str, tuple[torch.Tensor, list[_Band]]] = {}
         self._buffers: list[torch.Tensor] = []  # whole value buffers, handed on when restored
+        # offloaded module -> (its hook, the weights map the hook had before, the columns)
+        self._offloaded: dict[str, tuple[object, Mapping, torch.Tensor]] = {}
         entry = REGISTRY.entry(model)
         previous, entry.applied = entry.applied, self
         try:
             if previous is not None:  # what it holds becomes ours: one set, never stacked
                 self._saved, previous._saved = previous._saved, {}
                 self._buffers, previous._buffers = previous._buffers, []
+                self._offloaded, previous._offloaded = previous._offloaded, {}
             self._change(model, masks.pruned_cols, entry.spare)
         except BaseException:
             self.restore()
@@ -647,17 +671,27 @@ class AppliedMasks:
         try:
             self._change(model, merged.pruned_cols, spare=None)
         except BaseException:
-            self._put_back(model, [n for n in more.pruned_cols if n in self._saved])
+            self._put_back(model, [n for n in more.pruned_cols
+                                   if n in self._saved or n in self._offloaded])
             raise
         self.masks = merged
 
     def _change(self, model: nn.Module, wanted: dict[str, torch.Tensor],
                 spare: dict[tuple, list[torch.Tensor]] | None) -> None:
         """Make the zeroed positions those of ``wanted``: put back what it no longer prunes,
-        then zero (saving first) what it newly prunes; ``spare`` may lend a value buffer."""
+        then zero (saving first) what it newly prunes; ``spare`` may lend value buffers."""
         infos = linear_modules(model)
         for name, cols in wanted.items():
             _check_columns(name, cols, infos[name].weight)
+        hooks = {n: offload_hook(infos[n].module, paused=True) for n in wanted}
+        offloaded = {n: c for n, c in wanted.items() if hooks[n] is not None}
+        wanted = {n: c for n, c in wanted.items() if hooks[n] is None}
+        self._put_back(model, [n for n, (_, _, had) in self._offloaded.items()
+                               if offloaded.get(n) is not had])
+        with torch.no_grad():
+            for name, cols in offloaded.items():
+                if name not in self._offloaded:
+                    self._offload(infos[name], hooks[name], cols)
         put_back, new = [], []  # (weight, band, first column to put back) / (name, cols, j0)
         gone = [n for n in self._saved if n not in wanted]
         for name in gone:
@@ -697,6 +731,14 @@ class AppliedMasks:
             zero.append((lambda w=weight, b=band: _zero_band(w, b), cols.numel()))
         _run_parallel(zero, on_cpu)
 
+    def _offload(self, info: LinearInfo, hook, cols: torch.Tensor) -> None:
+        """Masks on an offloaded module: its hook reads the weights through PrunedWeights."""
+        self._offloaded[info.name] = (hook, hook.weights_map, cols)
+        hook.weights_map = PrunedWeights(hook.weights_map, cols, info.transposed)
+        w = info.weight
+        if w.device.type != "meta":  # held by onloaded() now: zero that copy too
+            w.scatter_(1, cols.to(w.device, torch.long), 0.0)
+
     def _drop_unused_buffers(self, spare: dict[tuple, list[torch.Tensor]] | None) -> None:
         """Buffers no band uses any more go to ``spare`` for the next apply, or are freed."""
         used = {b.values.untyped_storage().data_ptr()
@@ -708,6 +750,14 @@ class AppliedMasks:
 
     def _put_back(self, model: nn.Module, names: list[str]) -> None:
         infos = linear_modules(model)
+        with torch.no_grad():
+            for name in [n for n in names if n in self._offloaded]:
+                hook, weights_map, _ = self._offloaded.pop(name)
+                hook.weights_map = weights_map
+                held = infos[name].module.weight
+                if held.device.type != "meta":  # held by onloaded() now: refill that copy
+                    held.data.copy_(weights_map["weight"])
+        names = [n for n in names if n in self._saved]
         tasks = []
         for name in names:
             for band in self._saved[name][1]:
@@ -721,12 +771,13 @@ class AppliedMasks:
         """Put every pruned value back: the dense weights, bit for bit."""
         model = self._model()
         if model is not None:
-            self._put_back(model, list(self._saved))
+            self._put_back(model, list(self._saved) + list(self._offloaded))
             entry = REGISTRY.entry(model)
             if entry.applied is self:
                 entry.applied = None
-            self._drop_unused_buffers(entry.spare)  # the next apply reuses the buffer
+            self._drop_unused_buffers(entry.spare)  # the next apply reuses the buffers
         self._saved.clear()
+        self._offloaded.clear()
         self._buffers = []
 
     def nbytes(self) -> int:
@@ -944,6 +995,33 @@ def _value_slots(weights: list[torch.Tensor], counts: list[int],
     return slots, buffers
 
 
+class PrunedWeights(Mapping):
+    """An offloaded module's weights map as its accelerate hook reads it, with the pruned
+    columns of ``weight`` read as zeros: masks on a module whose dense copy lives on the CPU or
+    disk and is never written. Reads of a save (``save_pretrained``) go through it too."""
+
+    def __init__(self, weights: Mapping, pruned_cols: torch.Tensor, transposed: bool):
+        self.weights, self.pruned_cols, self.transposed = weights, pruned_cols, transposed
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        value = self.weights[key]
+        if key != "weight":
+            return value
+        value = value.clone()  # the offloaded copy (maybe a read-only memory map) stays dense
+        rows = value.t() if self.transposed else value
+        rows.scatter_(1, self.pruned_cols.to(value.device, torch.long), 0.0)
+        return value
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.weights
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.weights)
+
+    def __len__(self) -> int:
+        return len(self.weights)
+
+
 def apply_masks(model: nn.Module, masks: MaskSet) -> AppliedMasks:
     """Zero the pruned weights in place; call ``.restore()`` on the result to undo."""
     return AppliedMasks(model, masks)
@@ -996,6 +1074,7 @@ def sequential_stats(model: nn.Module, tokenizer, texts: PromptSet | list[str],
                      protect: dict[str, list[int]] | None = None, modules: list[str] | None = None,
                      seed: int = 0, batch_size: int = 8, pad_to: int | None = None,
                      allocation: Allocation | None = None, mwanda: MWanda | None = None,
+                     checkpoint_dir: str | Path | None = None,
                      progress: Progress = no_progress) -> ActivationStats:
     """Statistics as Wanda takes them: layer l's inputs with layers < l already pruned.
 
@@ -1007,7 +1086,7 @@ def sequential_stats(model: nn.Module, tokenizer, texts: PromptSet | list[str],
         model, tokenizer, texts, dense, method=method, sparsity=sparsity, pattern=pattern,
         other=other, invert=invert, protect=protect, modules=modules, seed=seed,
         batch_size=batch_size, pad_to=pad_to, allocation=allocation, mwanda=mwanda,
-        progress=progress)[0]
+        checkpoint_dir=checkpoint_dir, progress=progress)[0]
 
 
 def sequential_stats_and_masks(
@@ -1017,6 +1096,7 @@ def sequential_stats_and_masks(
         protect: dict[str, list[int]] | None = None, modules: list[str] | None = None,
         seed: int = 0, batch_size: int = 8, pad_to: int | None = None,
         allocation: Allocation | None = None, mwanda: MWanda | None = None,
+        checkpoint_dir: str | Path | None = None,
         progress: Progress = no_progress) -> tuple[ActivationStats, MaskSet]:
     """:func:`sequential_stats`, and the one mask set it grew layer by layer (every selected
     module, each pruned at ``sparsity``/``pattern`` from the statistics it saw, or at its
@@ -1027,14 +1107,33 @@ def sequential_stats_and_masks(
     The run starts from the dense model (masks applied before are restored first) and applies
     one :class:`AppliedMasks` that each layer extends with its own masks, so only that layer's
     weights are touched; at the end, or on any error or Ctrl-C, the model is dense again.
+
+    Each layer runs held by :func:`~mlprune.models.onloaded`: for an offloaded model, one
+    decoder layer's weights are on the device at a time (filled once for its statistics, its
+    ranking and pushing the cached inputs through it pruned), as llm-compressor's sequential
+    pipeline runs. With ``checkpoint_dir``, each finished layer's statistics and masks are
+    saved there (:class:`LayerCheckpoint`), and a run given the same folder skips the layers
+    it finds: their saved masks are applied and the cached inputs pushed through them, so it
+    goes on from the first layer missing with the statistics an uninterrupted run has.
     """
     infos = linear_modules(model)
     names = modules or list(infos)
     n_layers = dense.n_layers
+    layers = decoder_layers(model)
     # a mix is collected per part and combined with its weights after every layer
     parts = dense.parts or [(dense.meta.get("prompts", "calibration"), 1.0, dense)]
     sqnorms = [dict(p.input_sqnorms) for _, _, p in parts]
     active = [dict(p.active_counts) for _, _, p in parts]
+    checkpoint = None
+    if checkpoint_dir is not None:
+        settings = {"method": method, "sparsity": sparsity, "pattern": str(Pattern.parse(pattern)),
+                    "invert": invert, "protect": protect, "modules": names, "seed": seed,
+                    "batch_size": batch_size, "pad_to": pad_to,
+                    "allocation": allocation.to_dict() if allocation is not None else None,
+                    "mwanda": (sorted(mwanda.parts), mwanda.variance_weight, mwanda.prob_weight)
+                    if mwanda is not None else None}
+        checkpoint = LayerCheckpoint(checkpoint_dir, run_key(dense, other, texts, settings),
+                                     n_layers)
     applied: AppliedMasks | None = None
     with model_lock(model):
         restore(model)
@@ -1045,21 +1144,33 @@ def sequential_stats_and_masks(
         try:
             for layer in range(n_layers):
                 here = [n for n in names if infos[n].layer == layer]
-                if here:
-                    sq, act = runner.collect(layer, here)
+                saved = checkpoint.read(layer) if checkpoint is not None else None
+                with onloaded(layers[layer]):
+                    masks = None
+                    if saved is not None:
+                        sq, act, masks = saved
+                    elif here:
+                        sq, act = runner.collect(layer, here)
+                    else:
+                        sq, act = {}, {}
                     for g in range(len(parts)):
                         sqnorms[g].update({n: v[g] for n, v in sq.items()})
                         active[g].update({n: v[g] for n, v in act.items()})
-                    partial = _with_inputs(dense, sqnorms, active, runner.group_tokens)
-                    ranking = rank_modules(model, partial, method=method, other=other,
-                                           invert=invert, protect=protect, modules=here, seed=seed,
-                                           allocation=allocation, mwanda=mwanda)
-                    masks = ranking.masks(sparsity, pattern)
-                    if applied is None:
-                        applied = apply_masks(model, masks)
-                    else:
-                        applied.extend(masks)
-                runner.advance(layer)
+                    if saved is None and here:
+                        partial = _with_inputs(dense, sqnorms, active, runner.group_tokens)
+                        ranking = rank_modules(model, partial, method=method, other=other,
+                                               invert=invert, protect=protect, modules=here,
+                                               seed=seed, allocation=allocation, mwanda=mwanda)
+                        masks = ranking.masks(sparsity, pattern)
+                    if checkpoint is not None and saved is None:
+                        checkpoint.write(layer, sq, act, masks)
+                    if masks is not None:
+                        if applied is None:
+                            applied = apply_masks(model, masks)
+                        else:
+                            applied.extend(masks)
+                    if layer < n_layers - 1:  # the last layer's output feeds no statistic
+                        runner.advance(layer)
                 progress(f"layer {layer + 1}/{n_layers}", (layer + 1) / n_layers)
         finally:
             if applied is not None:
@@ -1071,3 +1182,106 @@ def sequential_stats_and_masks(
         pat = Pattern.parse(pattern)
         return stats, MaskSet({}, {}, pat.n / pat.m if pat.structured else sparsity, str(pat))
     return stats, applied.masks
+
+
+def run_key(dense: ActivationStats, other: ActivationStats | None,
+            texts: PromptSet | list[str], settings: dict) -> str:
+    """What decides a sequential run's layers, as a digest: its settings, its prompts and the
+    dense statistics it starts from (which the model's weights and the prompts decide)."""
+    h = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
+    h.update("\x00".join(texts.texts if isinstance(texts, PromptSet) else texts).encode())
+    for stats in (dense, other):
+        if stats is None:
+            continue
+        h.update(f"{stats.n_tokens}/{stats.n_prompts}".encode())
+        h.update(stats.hidden_norms.float().contiguous().numpy().tobytes())
+        for name in sorted(stats.input_sqnorms):
+            h.update(name.encode())
+            h.update(stats.input_sqnorms[name].float().contiguous().numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+class LayerCheckpoint:
+    """A folder holding a sequential run layer by layer, so a run that stops resumes there.
+
+    ``run.json`` says which run it is (:func:`run_key`); ``layer-007.safetensors`` holds layer
+    7's module statistics (per part of a calibration mix) and masks, written atomically when
+    the layer is done. A folder of another run is refused rather than mixed in.
+    """
+
+    MANIFEST = "run.json"
+
+    def __init__(self, folder: str | Path, key: str, n_layers: int):
+        self.folder = Path(folder).expanduser()
+        manifest = self.folder / self.MANIFEST
+        if manifest.is_file():
+            try:
+                found = json.loads(manifest.read_text(encoding="utf-8")).get("run")
+            except (OSError, ValueError, AttributeError):
+                found = None
+            if found != key:
+                raise MlpruneError(
+                    f"{self.folder} holds the layers of another sequential run (another model, "
+                    "calibration or setting); give an empty folder, or delete it to start over.")
+        elif self.folder.is_dir() and any(self.folder.iterdir()):
+            raise MlpruneError(f"{self.folder} is not empty and holds no sequential run; give an "
+                               "empty or new folder for the per-layer checkpoints.")
+        else:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            _atomic_write(manifest, json.dumps({"run": key, "layers": n_layers}).encode())
+
+    def path(self, layer: int) -> Path:
+        return self.folder / f"layer-{layer:03d}.safetensors"
+
+    def write(self, layer: int, sqnorms: dict[str, torch.Tensor],
+              active: dict[str, torch.Tensor], masks: MaskSet | None) -> Path:
+        """Save one finished layer: its modules' [groups, in] statistics and its masks."""
+        tensors = {f"sq/{n}": v.contiguous() for n, v in sqnorms.items()}
+        tensors.update({f"act/{n}": v.contiguous() for n, v in active.items()})
+        header: dict = {"layer": layer, "masks": None}
+        if masks is not None:
+            tensors.update({f"cols/{n}": c.contiguous() for n, c in masks.pruned_cols.items()})
+            tensors.update({f"{_PROTECTED}{n}": p.contiguous() for n, p in masks.protected.items()
+                            if n in masks.pruned_cols})
+            header["masks"] = {"modules": masks.modules, "in_features": masks.in_features,
+                               "target": masks.target, "pattern": masks.pattern,
+                               "meta": masks.meta}
+        path = self.path(layer)
+        tmp = path.with_name(f".{path.name}.partial")
+        save_file(tensors, str(tmp), metadata={"mlprune_layer": json.dumps(header)})
+        os.replace(tmp, path)
+        return path
+
+    def read(self, layer: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor],
+                                        MaskSet | None] | None:
+        """A saved layer's statistics and masks, or None when it is not done (or its file is
+        unreadable: it is then computed and written again)."""
+        path = self.path(layer)
+        if not path.is_file():
+            return None
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(path), "pt") as f:
+                header = json.loads(f.metadata()["mlprune_layer"])
+            tensors = load_file(str(path))
+        except Exception:  # safetensors raises its own types for damaged files
+            return None
+        sq = {k[3:]: v for k, v in tensors.items() if k.startswith("sq/")}
+        act = {k[4:]: v for k, v in tensors.items() if k.startswith("act/")}
+        saved = header["masks"]
+        if saved is None:
+            return sq, act, None
+        names = saved["modules"]
+        masks = MaskSet({n: tensors[f"cols/{n}"] for n in names},
+                        {n: saved["in_features"][n] for n in names}, float(saved["target"]),
+                        saved["pattern"], saved["meta"],
+                        {n: tensors[f"{_PROTECTED}{n}"] for n in names
+                         if f"{_PROTECTED}{n}" in tensors})
+        return sq, act, masks
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)

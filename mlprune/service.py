@@ -15,6 +15,9 @@ tables themselves are private: callers ask the methods, never the LRU maps.
 What is shared and what is not:
 
 - Everything in a :class:`Shared` is read-only once made and the same for every session.
+- Long work (a sweep, a reproduce run) does not touch the shared model at all: it runs in a
+  worker process with its own copy (:func:`start_sweep`, :func:`start_reproduce`), so the
+  model's lock is only ever held for short generations and every page stays live.
 - A session's masks live in that session's :class:`SessionPruning` only. They touch the
   shared model's weights only inside ``prune.pruned(model, masks)`` (:func:`masked`), which
   holds the model's lock and restores the dense weights before releasing it. Every other use
@@ -40,7 +43,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from mlprune import MlpruneError, Progress, no_progress, pipeline
+from mlprune import MlpruneError, Progress, no_progress, pipeline, runners
 from mlprune.capture import ActivationStats, token_magnitudes
 from mlprune.corpus import ParallelCorpus, builtin_corpus, read_corpus
 from mlprune.evaluate import Generation, evaluate_translation, generate, stream_generate
@@ -58,6 +61,7 @@ from mlprune.pipeline import PruneSpec
 from mlprune.prompts import PromptSet, parse_pair
 from mlprune.protocol import get_protocol
 from mlprune.prune import MaskSet, Ranking, pruned
+from mlprune.store import STORE_SUFFIXES, ResultStore, is_store
 
 MODEL_ENV = "MLPRUNE_MODEL"  # default model spec (tests point it at a tiny folder)
 CORPUS_ENV = "MLPRUNE_CORPUS"  # default corpus file instead of the built-in one
@@ -533,14 +537,55 @@ def run_sweep(loaded: LoadedModel, corpus: ParallelCorpus, *, methods: list[str]
               out_csv: Path, progress: Progress = no_progress,
               should_stop: Callable[[], bool] | None = None,
               extra_eval: Callable[[LoadedModel, str, float], dict] | None = None) -> pd.DataFrame:
-    """``pipeline.sweep`` under the model's lock (it prunes the shared model cell by cell)."""
+    """``pipeline.sweep`` in this process, under the model's lock for its whole length (it
+    prunes the shared model cell by cell); ``out_csv`` a CSV or a results store. The
+    dashboard uses :func:`start_sweep` instead, which leaves the shared model free."""
     if not methods or not sparsities or not pairs:
         raise MlpruneError("Pick at least one method, one sparsity and one direction.")
+    store = out_csv if is_store(out_csv) else None
     with dense(loaded):
         rows = pipeline.sweep(loaded, corpus, methods=methods, sparsities=sparsities, pairs=pairs,
-                              base=base, limit=limit, out_csv=out_csv, batch_size=CAPTURE_BATCH,
-                              progress=progress, should_stop=should_stop, extra_eval=extra_eval)
+                              base=base, limit=limit, out_csv=None if store else out_csv,
+                              store=store, batch_size=CAPTURE_BATCH, progress=progress,
+                              should_stop=should_stop, extra_eval=extra_eval)
     return sweep_table(rows, methods, sparsities, pairs)
+
+
+def sweep_tasks(names: list[str]) -> tuple[str, ...]:
+    """The zero-shot tasks behind these registered extra evaluations: what a worker process
+    rebuilds them from (an evaluation registered as a bare function cannot travel)."""
+    tasks = []
+    for name in names:
+        found = SWEEP_EXTRA_EVALS.get(name)
+        if not isinstance(found, _ZeroShot):
+            raise MlpruneError(f"The extra evaluation '{name}' cannot run in a worker process; "
+                               "only zero-shot tasks can.")
+        tasks.append(found.task)
+    return tuple(tasks)
+
+
+def start_sweep(model_spec: str, corpus: ParallelCorpus, *, methods: list[str],
+                sparsities: list[float], pairs: list[str], base: PruneSpec, limit: int,
+                store: Path, extra: list[str]) -> runners.Job:
+    """The sweep in a worker process with its own copy of the model ``model_spec`` (loaded
+    as this process loaded it; the embedded model's conversion is cached), its rows
+    committed to ``store`` as they are measured. Returns at once; the shared model and its
+    lock are never touched, so every other page stays live while it runs."""
+    job = runners.SweepJob(
+        runners.ModelSource(model_spec), corpus, str(store), tuple(methods),
+        tuple(float(s) for s in sparsities), tuple(pairs), base, limit, CAPTURE_BATCH,
+        tasks=sweep_tasks(extra), task_limit=ZERO_SHOT_ITEMS)
+    return runners.ProcessRunner().start(job)
+
+
+def start_reproduce(model_spec: str, corpus: ParallelCorpus, out: Path, grid) -> runners.Job:
+    """``reproduce.run`` of ``grid`` into ``out``, in a worker process with its own copy of
+    the model (as :func:`start_sweep`). Returns at once; the job's result is the report."""
+    from mlprune import reproduce
+
+    work = runners.Call(runners.ModelSource(model_spec), reproduce.run, (corpus, out, grid),
+                        {"batch_size": CAPTURE_BATCH})
+    return runners.ProcessRunner().start(work)
 
 
 def sweep_table(rows: list[dict], methods: list[str], sparsities: list[float],
@@ -555,17 +600,48 @@ def sweep_table(rows: list[dict], methods: list[str], sparsities: list[float],
     return table[keep].sort_values(["pair", "method", "sparsity"]).reset_index(drop=True)
 
 
-def read_sweep_csv(path: Path) -> list[dict]:
-    """Rows already measured in a sweep CSV (empty when there is none)."""
+def read_results(path: Path) -> list[dict]:
+    """Rows already measured in a results store or sweep CSV (empty when there is none)."""
     return pipeline.read_sweep_rows(path)
 
 
-def sweep_csv(session_id: str, loaded: LoadedModel, corpus: ParallelCorpus, *, limit: int,
-              samples: int, shots: int, extra: list[str]) -> Path:
-    """One resumable CSV per session and per setting that changes what a row means."""
+def sweep_store(session_id: str, loaded: LoadedModel, corpus: ParallelCorpus, *, limit: int,
+                samples: int, shots: int, extra: list[str]) -> Path:
+    """One resumable results store per session and per setting that changes what a row
+    means."""
     what = json.dumps([model_key(loaded), corpus_key(corpus), limit, samples, shots, extra])
     name = hashlib.sha256(what.encode()).hexdigest()[:16]
-    return Path(tempfile.gettempdir()) / "mlprune-sweeps" / session_id / f"{name}.csv"
+    return Path(tempfile.gettempdir()) / "mlprune-sweeps" / session_id / f"{name}.sqlite"
+
+
+def results_files(path: str | Path) -> list[Path]:
+    """The results a path names: the file itself, or a folder's results stores and CSV
+    files, newest first (raises MlpruneError when there are none)."""
+    path = Path(path).expanduser()
+    kinds = (*STORE_SUFFIXES, ".csv")
+    if path.is_dir():
+        found = sorted((p for p in path.iterdir() if p.suffix.lower() in kinds and p.is_file()),
+                       key=lambda p: p.stat().st_mtime, reverse=True)
+        if not found:
+            raise MlpruneError(f"{path} holds no results file (.sqlite, .db or .csv).")
+        return found
+    if not path.is_file():
+        raise MlpruneError(f"No results file or folder at {path}.")
+    if path.suffix.lower() not in kinds:
+        raise MlpruneError(f"{path.name} is not a results file: open a .sqlite, .db or .csv "
+                           "file, or a folder of them.")
+    return [path]
+
+
+def open_results(path: str | Path) -> tuple[pd.DataFrame, dict | None]:
+    """A results file as it is, measured elsewhere (another run, a worker, a Ray cluster):
+    every row as a table, and the settings a store recorded (None for a CSV)."""
+    path = results_files(path)[0]
+    rows = read_results(path)
+    table = pd.DataFrame(rows, columns=None if rows else pipeline.SWEEP_COLUMNS)
+    if not table.empty:
+        table = table.sort_values(["pair", "method", "sparsity"]).reset_index(drop=True)
+    return table, ResultStore(path).settings() if is_store(path) else None
 
 
 def sweep_extra_eval(names: list[str]) -> Callable[[LoadedModel, str, float], dict] | None:

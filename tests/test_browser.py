@@ -3,7 +3,8 @@
 Starts ``streamlit run app.py`` on a free loopback port, drives Debian's /usr/bin/chromium
 with Playwright, checks the side-by-side outputs are on the page, measures how long a move
 of the sparsity slider takes to show the first token of the new pruned output (it streams)
-and the whole of it, and saves a screenshot of every page to artifacts/screenshots/
+and the whole of it, checks that a second tab's Compare answers while the first tab's sweep
+runs (in its worker process), and saves a screenshot of every page to artifacts/screenshots/
 (MLPRUNE_SCREENSHOTS moves it; MLPRUNE_ASSETS=1 also copies them to assets/ for the README).
 """
 
@@ -135,7 +136,32 @@ class Clock:
         self.last = time.perf_counter()
 
 
-def test_features_prune_compare_on_the_embedded_model(page):
+def compare_while_sweeping(page, server: str, running) -> None:
+    """In a second tab, Compare continues a free text no one asked for before (so nothing is
+    cached: the shared model must generate it) while the first tab's sweep still runs."""
+    from playwright.sync_api import expect
+
+    second = page.context.new_page()  # a new tab is a new Streamlit session
+    second.set_default_timeout(WORK_S * 1000)
+    try:
+        second.goto(server)
+        second.get_by_text("Hidden size").wait_for(timeout=LOAD_S * 1000)
+        go(second, "Compare")
+        dense = second.locator('.mlp-out[data-kind="dense"]').first
+        dense.wait_for()
+        before = dense.inner_text()
+        second.get_by_text("Free text", exact=True).click()
+        box = second.get_by_label("Free text (the model continues it to the end of the line)")
+        box.fill("English: Another tab is sweeping right now.\nFrench:")
+        box.press("Control+Enter")  # a text area sends its value on Ctrl+Enter
+        expect(dense).not_to_have_text(before, timeout=WORK_S * 1000)
+        assert dense.inner_text().strip()
+        assert running.count() > 0, "the sweep ended before the second tab's Compare answered"
+    finally:
+        second.close()
+
+
+def test_features_prune_compare_on_the_embedded_model(page, server):
     clock = Clock()
     # Home: the embedded model loads (converted once, then cached) and shows its facts.
     page.get_by_text("Hidden size").wait_for(timeout=LOAD_S * 1000)
@@ -202,8 +228,18 @@ def test_features_prune_compare_on_the_embedded_model(page):
     cells.press("Enter")
     page.wait_for_timeout(1500)
     page.get_by_role("button", name="Run").first.click()
+    running = page.get_by_text("Sweeping in a worker process")
+    running.first.wait_for()
+    clock("sweep started")
+
+    # Issue 14: the sweep runs in a worker process with its own model, so the shared model is
+    # free: a second tab (another session) gets a new dense output while the sweep runs.
+    compare_while_sweeping(page, server, running)
+    clock("a second tab's Compare, during the sweep")
+
     # generous: a hang, not a speed limit (a loaded 2-core machine needs 8+ min for 6 cells)
-    page.locator(".js-plotly-plot").first.wait_for(timeout=4 * WORK_S * 1000)
+    running.first.wait_for(state="detached", timeout=4 * WORK_S * 1000)
+    page.locator(".js-plotly-plot").first.wait_for()
     clock("sweep (6 cells)")
     shoot(page, "sweep")
     clock.skip()

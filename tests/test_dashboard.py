@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from conftest import EN
 from streamlit.testing.v1 import AppTest
 
 from mlprune import MlpruneError, plots, prune, service, ui
-from mlprune.capture import capture, token_magnitudes
+from mlprune.capture import Cancelled, capture, token_magnitudes
 from mlprune.evaluate import Generation, generate
 from mlprune.features import detect, overlap_matrix
 from mlprune.models import load_model
@@ -116,6 +117,15 @@ def tokens_of(box: str) -> list[tuple[str, str]]:
     import re
 
     return re.findall(r'title="p = ([0-9.]+)">(.*?)</span>', box)
+
+
+def finish(at: AppTest, job_key: str = "sweep_job", timeout: float = 300) -> AppTest:
+    """Rerun the page until the work it started in a worker process has ended (the browser
+    gets those reruns from the page's polling fragment)."""
+    job = at.session_state[job_key]
+    job = getattr(job, "job", job)  # the Sweep page keeps its job in a SweepRun
+    assert job.wait(timeout), f"still running after {timeout} s: {job.stage}"
+    return run(at)
 
 
 def pruned_app(sparsity: int = 70) -> AppTest:
@@ -620,6 +630,8 @@ def test_sweep_runs_draws_and_cancels(app_env):
     at.number_input(key="w.sw_limit").set_value(2)
     run(at)
     click(at, "Run 4 cells")
+    assert at.button[0].disabled  # while it runs in the worker
+    finish(at)
     assert chart_titles(at) == ["chrf against sparsity", "perplexity against sparsity"]
     table = at.dataframe[0].value
     assert len(table) == 4 and set(table["method"]) == {"magnitude", "random"}
@@ -648,12 +660,72 @@ def test_sweep_with_zero_shot_tasks_adds_accuracy_consistency_and_significance(a
     at.multiselect(key="w.sw_extra").set_value(["zero-shot nli"])
     run(at)
     click(at, "Run 2 cells")
+    finish(at)
     assert not errors(at)
     assert "nli_acc_non_en against sparsity" in chart_titles(at)
     table = at.dataframe[0].value.set_index("sparsity")
     assert {"nli_acc_en", "nli_acc_fr", "nli_rankc_fr", "nli_p_non_en"} <= set(table.columns)
     assert table.loc[0.0, "nli_diff_non_en"] == 0  # dense against itself
     assert 0 <= table.loc[0.5, "nli_p_non_en"] <= 1 and 0 <= table.loc[0.5, "nli_acc_fr"] <= 1
+
+
+def test_while_a_sweep_runs_in_its_worker_another_sessions_compare_answers(app_env):
+    """Issue 14: a sweep never holds the shared model's lock; another session's Compare
+    generates while it runs, and Cancel stops the worker keeping its finished rows."""
+    from mlprune.prune import model_lock
+
+    a = goto(run(new_app()), "4_Sweep")
+    a.multiselect(key="w.sw_methods").set_value(["magnitude", "random", "wanda-mt"])
+    a.multiselect(key="w.sw_sparsities").set_value([s / 10 for s in range(10)])
+    a.number_input(key="w.sw_limit").set_value(4)
+    run(a)
+    click(a, "Run 30 cells")
+    sweep = a.session_state["sweep_job"]
+    store = sweep.store
+    deadline = time.monotonic() + 240
+    while not service.read_results(store) and time.monotonic() < deadline:
+        assert not sweep.job.done(), sweep.job.error
+        time.sleep(0.1)
+    assert service.read_results(store), "the worker measured nothing in 240 s"
+    shared_model = ui.shared().model(str(app_env))
+    lock = model_lock(shared_model.model)
+    assert lock.acquire(blocking=False)  # the sweep's cells do not hold it ...
+    lock.release()
+    b = goto(run(new_app()), "3_Compare")  # ... so another session's Compare answers,
+    b.radio(key="w.cmp_kind").set_value("free")  # on a text no cache holds: it generates
+    run(b)
+    b.text_area(key="w.cmp_text").set_value("English: A sweep runs in another tab.\nFrench:")
+    run(b)
+    assert set(outputs(b)) == {"dense"} and tokens_of(outputs(b)["dense"])
+    measured = len(service.read_results(store))
+    assert not sweep.job.done() and measured < 30, "the sweep ended before Compare answered"
+    run(a)  # the sweep's page shows its progress and the rows so far
+    assert any(p.proto.text.startswith("Sweeping in a worker process") for p in a.get("progress"))
+    click(a, "Cancel")
+    assert sweep.job.wait(30) and isinstance(sweep.job.error, Cancelled)
+    kept = len(service.read_results(store))
+    assert measured <= kept < 30
+    assert any(f"Sweep cancelled; {kept} finished rows are kept" in w.value for w in a.warning)
+
+
+def test_the_sweep_page_opens_results_made_elsewhere(app_env, loaded, corpus, tmp_path):
+    from mlprune.pipeline import sweep
+
+    sweep(loaded, corpus, methods=["magnitude"], sparsities=[0.0, 0.5], pairs=["fr-en"],
+          limit=1, base=PruneSpec(samples=2), store=tmp_path / "made.sqlite")
+    at = goto(run(new_app()), "4_Sweep")
+    at.radio(key="w.sw_source").set_value("open")
+    run(at)
+    assert any("Type the path of a results store" in i.value for i in at.info)
+    at.text_input(key="w.sw_open").set_value(str(tmp_path))  # a folder of results
+    run(at)
+    assert not errors(at)
+    assert chart_titles(at) == ["chrf against sparsity", "perplexity against sparsity"]
+    assert len(at.dataframe[0].value) == 2
+    assert any(c.value.startswith("tiny-llama · 1 held-out sentences") for c in at.caption)
+    at.text_input(key="w.sw_open").set_value(str(tmp_path / "nothing.sqlite"))
+    run(at)
+    assert errors(at) == [f"No results file or folder at {tmp_path / 'nothing.sqlite'}."]
 
 
 # --------------------------------------------------------------------------- shared state

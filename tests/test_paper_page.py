@@ -6,7 +6,15 @@ from dataclasses import replace
 
 import pytest
 from conftest import tiny_grid
-from test_dashboard import app_env, charts, click, goto, new_app, run  # noqa: F401 (a fixture)
+from test_dashboard import (  # noqa: F401 (app_env: a fixture)
+    app_env,
+    charts,
+    click,
+    finish,
+    goto,
+    new_app,
+    run,
+)
 
 from mlprune import plots, reproduce
 from mlprune.models import cache_dir
@@ -36,7 +44,7 @@ def test_paper_page_runs_the_quick_grid(tmp_path, monkeypatch):
                                                     invert=False))
     monkeypatch.setenv(reproduce.REPORT_ENV, str(tmp_path / "none"))
     at = goto(run(new_app()), "5_Paper")
-    at = click(at, "Start the quick grid")
+    at = finish(click(at, "Start the quick grid"), "paper_job")  # in a worker process
     assert any("Done" in s.value for s in at.success)
     mine = list((cache_dir() / "reproduce").glob("*/report.json"))
     assert len(mine) == 1

@@ -229,7 +229,7 @@ def test_a_cancelled_sweep_keeps_its_rows(tmp_path, loaded, corpus):
         service.run_sweep(loaded, corpus, methods=["magnitude"], sparsities=[0.0, 0.3, 0.6],
                           pairs=["fr-en"], base=PruneSpec(samples=2), limit=1, out_csv=out,
                           should_stop=stop_after_two)
-    assert len(service.read_sweep_csv(out)) == 2
+    assert len(service.read_results(out)) == 2
     with pytest.raises(MlpruneError, match="at least one method"):
         service.run_sweep(loaded, corpus, methods=[], sparsities=[0.5], pairs=["fr-en"],
                           base=PruneSpec(), limit=1, out_csv=out)
@@ -237,10 +237,10 @@ def test_a_cancelled_sweep_keeps_its_rows(tmp_path, loaded, corpus):
 
 def test_sweep_files_and_extra_columns(loaded, corpus, monkeypatch):
     where = dict(limit=4, samples=8, shots=4, extra=[])
-    path = service.sweep_csv("s1", loaded, corpus, **where)
-    assert path == service.sweep_csv("s1", loaded, corpus, **where)
-    assert path != service.sweep_csv("s2", loaded, corpus, **where)  # another session
-    assert path != service.sweep_csv("s1", loaded, corpus, **{**where, "limit": 5})
+    path = service.sweep_store("s1", loaded, corpus, **where)
+    assert path == service.sweep_store("s1", loaded, corpus, **where) and path.suffix == ".sqlite"
+    assert path != service.sweep_store("s2", loaded, corpus, **where)  # another session
+    assert path != service.sweep_store("s1", loaded, corpus, **{**where, "limit": 5})
     assert service.sweep_extra_eval([]) is None
     monkeypatch.setitem(service.SWEEP_EXTRA_EVALS, "a", lambda m, meth, s: {"a": s})
     monkeypatch.setitem(service.SWEEP_EXTRA_EVALS, "b", lambda m, meth, s: {"b": meth})
@@ -250,6 +250,32 @@ def test_sweep_files_and_extra_columns(loaded, corpus, monkeypatch):
             for s in (0.5, 0.0, 0.3)]
     table = service.sweep_table(rows, ["magnitude"], [0.0, 0.5], ["fr-en"])
     assert list(table["sparsity"]) == [0.0, 0.5] and set(table["method"]) == {"magnitude"}
+
+
+def test_results_made_elsewhere_open_as_they_are(tmp_path):
+    from mlprune.store import ResultStore
+
+    store = ResultStore(tmp_path / "a.sqlite")
+    store.claim({"model": "m", "limit": 2})
+    for s in (0.5, 0.0):
+        store.add({"pair": "fr-en", "method": "magnitude", "sparsity": s,
+                   "pattern": "unstructured", "chrf": 10 * s})
+    table, settings = service.open_results(tmp_path)  # a folder: its newest results file
+    assert list(table["sparsity"]) == [0.0, 0.5] and settings == {"model": "m", "limit": 2}
+    store.export_csv(tmp_path / "b.csv")
+    assert service.results_files(tmp_path)[0].name == "b.csv"
+    table, settings = service.open_results(tmp_path / "b.csv")
+    assert list(table["chrf"]) == [0.0, 5.0] and settings is None
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "notes.txt").write_text("not results")
+    for path, message in ((tmp_path / "empty", "holds no results file"),
+                          (tmp_path / "x.sqlite", "No results file or folder"),
+                          (tmp_path / "notes.txt", "is not a results file")):
+        with pytest.raises(MlpruneError, match=message):
+            service.results_files(path)
+    assert service.sweep_tasks(["zero-shot nli"]) == ("nli",)
+    with pytest.raises(MlpruneError, match="cannot run in a worker process"):
+        service.sweep_tasks(["nope"])
 
 
 # --------------------------------------------------------------------------- text helpers

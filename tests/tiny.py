@@ -53,8 +53,9 @@ def tiny_model(arch: str = "llama", seed: int = 0, **kw):
     return model.eval()
 
 
-def save_tiny(folder: Path, arch: str = "llama", seed: int = 0) -> Path:
-    """Write a tiny model and its tokenizer as a Hugging Face folder."""
-    tiny_model(arch, seed).save_pretrained(folder)
+def save_tiny(folder: Path, arch: str = "llama", seed: int = 0, **kw) -> Path:
+    """Write a tiny model (``kw``: its hidden size, layers...) and its tokenizer as a Hugging
+    Face folder."""
+    tiny_model(arch, seed, **kw).save_pretrained(folder)
     byte_tokenizer().save_pretrained(folder)
     return folder

@@ -33,6 +33,7 @@ from torch import nn
 
 from mlprune import MlpruneError, Progress, no_progress
 from mlprune.capture import context_length, encode
+from mlprune.models import input_device
 from mlprune.zeroshot.tasks import TaskItem
 
 NORMS = ("token", "byte", "none")
@@ -189,7 +190,7 @@ def score_items(model: nn.Module, tokenizer, items: Sequence[TaskItem], *, batch
         else:
             groups.append([key])
     with_pos, with_keep = _forward_options(model)
-    device = next(model.parameters()).device
+    device = input_device(model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     with torch.inference_mode():
         for b, group in enumerate(groups):
