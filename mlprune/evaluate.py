@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import math
 import os
+import queue
+import threading
+from collections.abc import Callable, Generator
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -21,6 +25,7 @@ from transformers import (
     StoppingCriteria,
     StoppingCriteriaList,
 )
+from transformers.generation import BaseStreamer
 
 from mlprune import MlpruneError, Progress, no_progress
 from mlprune.capture import batches, context_length, encode
@@ -61,10 +66,24 @@ class _RecordProbs(LogitsProcessor):
         return scores
 
 
+class _Asked(StoppingCriteria):
+    """Stops every row once ``should_stop()`` says so (a stream's reader has gone)."""
+
+    def __init__(self, should_stop: Callable[[], bool]):
+        self.should_stop = should_stop
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return torch.full((input_ids.shape[0],), self.should_stop(), device=input_ids.device)
+
+
 def generate(model: nn.Module, tokenizer, prompts: list[str], *, max_new_tokens: int = 48,
-             batch_size: int = 8, progress: Progress = no_progress) -> list[Generation]:
+             batch_size: int = 8, progress: Progress = no_progress, streamer=None,
+             should_stop: Callable[[], bool] | None = None) -> list[Generation]:
     """Greedy continuations of each prompt up to the end of the line (or EOS); ``progress``
-    is told "prompt i/n" after each batch."""
+    is told "prompt i/n" after each batch. ``streamer`` (one prompt only) is handed each new
+    token as ``model.generate`` makes it; ``should_stop()`` ends generation early."""
+    if streamer is not None and len(prompts) != 1:
+        raise MlpruneError("A streamed generation takes one prompt.")
     ids = encode(tokenizer, prompts, _room(model, max_new_tokens))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = input_device(model)
@@ -86,8 +105,9 @@ def generate(model: nn.Module, tokenizer, prompts: list[str], *, max_new_tokens:
                 input_ids=input_ids.to(device), attention_mask=mask.to(device),
                 max_new_tokens=max_new_tokens, do_sample=False, top_k=None, top_p=None,
                 temperature=None, pad_token_id=pad,
-                stopping_criteria=StoppingCriteriaList([_EndOfLine(tokenizer, width)]),
-                logits_processor=LogitsProcessorList([recorder]),
+                stopping_criteria=StoppingCriteriaList(
+                    [_EndOfLine(tokenizer, width)] + ([_Asked(should_stop)] if should_stop else [])),
+                logits_processor=LogitsProcessorList([recorder]), streamer=streamer,
             )
         new = out[:, width:].cpu()
         for row, i in enumerate(chunk):
@@ -95,6 +115,73 @@ def generate(model: nn.Module, tokenizer, prompts: list[str], *, max_new_tokens:
         done += len(chunk)
         progress(f"prompt {done}/{len(ids)}", done / len(ids))
     return [results[i] for i in range(len(ids))]
+
+
+class _TokenQueue(BaseStreamer):
+    """What ``model.generate`` streams, as items of a queue: each new token id, then None
+    (the prompt it is handed first is skipped)."""
+
+    def __init__(self):
+        self.items: queue.Queue = queue.Queue()
+        self._prompt_seen = False
+
+    def put(self, value) -> None:
+        if not self._prompt_seen:
+            self._prompt_seen = True
+            return
+        self.items.put(int(value.reshape(-1)[0]))
+
+    def end(self) -> None:
+        self.items.put(None)
+
+
+def stream_generate(model: nn.Module, tokenizer, prompt: str, *, max_new_tokens: int = 48,
+                    hold: Callable[[], AbstractContextManager] = nullcontext
+                    ) -> Generator[str, None, Generation]:
+    """The greedy continuation of one prompt as text pieces, each yielded as soon as its
+    token is made; returns the :class:`Generation` that :func:`generate` gives (it runs
+    :func:`generate` itself, so the two always agree).
+
+    Generation runs in a helper thread inside ``hold()`` (e.g. the model's lock with masks
+    applied), entered and left by that thread: the caller must not hold that lock. Closing
+    the generator early stops generation at the next token and waits until ``hold()`` has
+    exited (the masks restored), so nothing runs on after it is closed.
+    """
+    tokens, stop = _TokenQueue(), threading.Event()
+    done: dict = {}
+
+    def run() -> None:
+        try:
+            with hold():
+                done["result"] = generate(model, tokenizer, [prompt], max_new_tokens=max_new_tokens,
+                                          streamer=tokens, should_stop=stop.is_set)[0]
+        except BaseException as e:  # handed to the reader, raised there
+            done["error"] = e
+        finally:
+            tokens.end()  # a second None when generate ended normally: harmless
+
+    worker = threading.Thread(target=run, daemon=True, name="mlprune-stream")
+    worker.start()
+    eos = {tokenizer.eos_token_id, tokenizer.pad_token_id} - {None}
+    try:
+        cut = False  # the answer ended (EOS or newline): later tokens are not shown, as _trim
+        while (token := tokens.items.get()) is not None:
+            if cut or token in eos:
+                cut = True
+                stop.set()  # what follows is cut off the result too: no need to make it
+                continue
+            piece = tokenizer.decode([token])
+            if "\n" in piece:
+                piece, cut = piece.split("\n")[0], True
+                stop.set()
+            if piece:
+                yield piece
+    finally:
+        stop.set()
+        worker.join()
+    if "error" in done:
+        raise done["error"]
+    return done["result"]
 
 
 def _room(model: nn.Module, max_new_tokens: int) -> int | None:

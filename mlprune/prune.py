@@ -36,7 +36,8 @@ import os
 import threading
 import weakref
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +46,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.utils.weak import WeakTensorKeyDictionary
 
 from mlprune import MlpruneError, Progress, no_progress
 from mlprune.allocation import Allocation
@@ -328,28 +330,40 @@ def _lowest_in_groups(order: torch.Tensor, n: int, m: int) -> torch.Tensor:
     Equal to ``ranks.view(out, groups, m).argsort(-1)[..., :n]`` (plus group offsets), ~2.5x
     faster: an argsort over millions of 4- or 8-element groups is slow, while a partial
     selection sort across m contiguous planes (plane j = the j-th column of every group) is a
-    few vectorised min/max passes.
+    few vectorised min/max passes. Rows go in blocks of ~0.5 M weights, so every pass stays
+    in cache and the int64 index the scatter needs is one block's, not the module's.
     """
     out, n_in = order.shape
     groups = n_in // m
-    ranks = torch.empty_like(order)  # rank of each column in its row
-    ranks.scatter_(1, order.long(), torch.arange(n_in, dtype=order.dtype).expand_as(order))
     # key = rank, then the column's place j in its group in the low bits: keys compare like
-    # ranks (they are unique in a row) and carry j along through the min/max passes
+    # ranks (they are unique in a row) and carry j along through the min/max passes; int16
+    # when they fit (half the bytes per pass)
     shift = (m - 1).bit_length()
-    keys = torch.empty(m, out, groups, dtype=torch.int32)
-    keys.copy_(ranks.view(out, groups, m).permute(2, 0, 1))
-    keys.bitwise_left_shift_(shift).bitwise_or_(torch.arange(m, dtype=torch.int32).view(m, 1, 1))
-    planes, spare = list(keys.unbind(0)), torch.empty(out, groups, dtype=torch.int32)
-    for r in range(n):  # after pass r, plane r holds the r-th lowest key of each group
-        for j in range(r + 1, m):
-            torch.minimum(planes[r], planes[j], out=spare)
-            torch.maximum(planes[r], planes[j], out=planes[j])
-            planes[r], spare = spare, planes[r]
+    key_type = torch.int16 if n_in << shift <= 1 << 15 else torch.int32
+    rows = max(1, min(out, (1 << 19) // max(n_in, 1)))
+    index = torch.empty(rows, n_in, dtype=torch.int64)
+    ranks = torch.empty(rows, n_in, dtype=order.dtype)
+    count = torch.arange(n_in, dtype=order.dtype).expand(rows, n_in)
+    keys = torch.empty(m, rows, groups, dtype=key_type)
+    spare = torch.empty(rows, groups, dtype=key_type)
+    place = torch.arange(m, dtype=key_type).view(m, 1, 1)
+    offsets = torch.arange(0, n_in, m, dtype=key_type)
     cols = torch.empty(out, groups, n, dtype=order.dtype)
-    offsets = torch.arange(0, n_in, m, dtype=torch.int32)
-    for r in range(n):
-        cols[..., r] = planes[r].bitwise_and_((1 << shift) - 1).add_(offsets)
+    for r0 in range(0, out, rows):
+        b = min(out, r0 + rows) - r0
+        index[:b].copy_(order[r0:r0 + b])
+        ranks[:b].scatter_(1, index[:b], count[:b])  # rank of each column in its row
+        block = keys[:, :b]
+        block.copy_(ranks[:b].view(b, groups, m).permute(2, 0, 1))
+        block.bitwise_left_shift_(shift).bitwise_or_(place)
+        planes, free = list(block.unbind(0)), spare[:b]
+        for r in range(n):  # after pass r, plane r holds the r-th lowest key of each group
+            for j in range(r + 1, m):
+                torch.minimum(planes[r], planes[j], out=free)
+                torch.maximum(planes[r], planes[j], out=planes[j])
+                planes[r], free = free, planes[r]
+        for r in range(n):
+            cols[r0:r0 + b, :, r] = planes[r].bitwise_and_((1 << shift) - 1).add_(offsets)
     return cols.view(out, -1)
 
 
@@ -555,10 +569,13 @@ def _read_safetensors(path: str | Path, what: str) -> tuple[dict[str, torch.Tens
 
 @dataclass
 class _ModelEntry:
-    """What the registry knows of one model: its lock and the masks applied to it now."""
+    """What the registry knows of one model: its lock, the masks applied to it now, and a
+    value buffer kept for the next apply."""
 
     lock: threading.RLock = field(default_factory=threading.RLock)
     applied: AppliedMasks | None = None
+    # (device, dtype) -> the value buffers the last restored set left, for the next apply
+    spare: dict[tuple, list[torch.Tensor]] = field(default_factory=dict)
 
 
 class MaskRegistry:
@@ -609,8 +626,10 @@ def applied_masks(model: nn.Module) -> MaskSet | None:
 class AppliedMasks:
     """Masks applied in place; keeps only the pruned values, so restore is exact and cheap.
 
-    Applying to a model that already has masks restores those first (one set at a time, never
-    stacked); :meth:`extend` grows the applied set by more modules instead.
+    Applying to a model that already has masks replaces them (one set at a time, never
+    stacked), touching only what differs: a module whose new columns are the old ones plus
+    more (or fewer) of the same ranked rows, as a slider move gives, zeroes (or puts back)
+    only those. :meth:`extend` grows the applied set by more modules instead.
 
     An offloaded module keeps nothing: its hook reads the weights through :class:`PrunedWeights`
     (and a copy held now by :func:`~mlprune.models.onloaded` is zeroed too), so restoring it is
@@ -620,16 +639,19 @@ class AppliedMasks:
     def __init__(self, model: nn.Module, masks: MaskSet):
         self._model = weakref.ref(model)  # the registry holds this object; it must not pin the model
         self.masks = masks
-        # module -> (its pruned columns, the values they held): what restore writes back
-        self._saved: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        # offloaded module -> (its hook, the weights map the hook had before)
-        self._offloaded: dict[str, tuple[object, Mapping]] = {}
+        # module -> (the set's pruned columns [out, k], bands of them with the values they held)
+        self._saved: dict[str, tuple[torch.Tensor, list[_Band]]] = {}
+        self._buffers: list[torch.Tensor] = []  # whole value buffers, handed on when restored
+        # offloaded module -> (its hook, the weights map the hook had before, the columns)
+        self._offloaded: dict[str, tuple[object, Mapping, torch.Tensor]] = {}
         entry = REGISTRY.entry(model)
-        if entry.applied is not None:  # applying again replaces, never stacks
-            entry.applied.restore()
-        entry.applied = self
+        previous, entry.applied = entry.applied, self
         try:
-            self._zero(model, masks)
+            if previous is not None:  # what it holds becomes ours: one set, never stacked
+                self._saved, previous._saved = previous._saved, {}
+                self._buffers, previous._buffers = previous._buffers, []
+                self._offloaded, previous._offloaded = previous._offloaded, {}
+            self._change(model, masks.pruned_cols, entry.spare)
         except BaseException:
             self.restore()
             raise
@@ -647,50 +669,103 @@ class AppliedMasks:
             raise MlpruneError("These masks are no longer applied; apply a new set instead.")
         merged = self.masks.merge(more)  # an overlap fails here, before any weight changes
         try:
-            self._zero(model, more)
+            self._change(model, merged.pruned_cols, spare=None)
         except BaseException:
             self._put_back(model, [n for n in more.pruned_cols
                                    if n in self._saved or n in self._offloaded])
             raise
         self.masks = merged
 
-    def _zero(self, model: nn.Module, masks: MaskSet) -> None:
+    def _change(self, model: nn.Module, wanted: dict[str, torch.Tensor],
+                spare: dict[tuple, list[torch.Tensor]] | None) -> None:
+        """Make the zeroed positions those of ``wanted``: put back what it no longer prunes,
+        then zero (saving first) what it newly prunes; ``spare`` may lend value buffers."""
         infos = linear_modules(model)
+        for name, cols in wanted.items():
+            _check_columns(name, cols, infos[name].weight)
+        hooks = {n: offload_hook(infos[n].module, paused=True) for n in wanted}
+        offloaded = {n: c for n, c in wanted.items() if hooks[n] is not None}
+        wanted = {n: c for n, c in wanted.items() if hooks[n] is None}
+        self._put_back(model, [n for n, (_, _, had) in self._offloaded.items()
+                               if offloaded.get(n) is not had])
         with torch.no_grad():
-            items = []
-            for name, cols in masks.pruned_cols.items():
-                hook = offload_hook(infos[name].module, paused=True)
-                if hook is None:
-                    items.append((name, cols))
-                    continue
-                self._offloaded[name] = (hook, hook.weights_map)
-                hook.weights_map = PrunedWeights(hook.weights_map, cols, infos[name].transposed)
-                w = infos[name].weight
-                if w.device.type != "meta":  # held by onloaded() now: zero that copy too
-                    w.scatter_(1, cols.to(w.device, torch.long), 0.0)
-            slots = _value_slots([infos[n].weight for n, _ in items], [c.numel() for _, c in items])
-            for (name, cols), slot in zip(items, slots):
-                w = infos[name].weight
-                idx = cols.to(w.device, torch.long)
-                values = slot.view(cols.shape)
-                torch.gather(w, 1, idx, out=values)
-                self._saved[name] = (cols, values)  # recorded before zeroing: restore is exact
-                w.scatter_(1, idx, torch.zeros_like(values))
+            for name, cols in offloaded.items():
+                if name not in self._offloaded:
+                    self._offload(infos[name], hooks[name], cols)
+        put_back, new = [], []  # (weight, band, first column to put back) / (name, cols, j0)
+        gone = [n for n in self._saved if n not in wanted]
+        for name in gone:
+            put_back += [(infos[name].weight, band, 0) for band in self._saved[name][1]]
+        for name, cols in wanted.items():
+            had, bands = self._saved.get(name, (None, []))
+            if had is not None and _same_rows(had, cols):  # the same ranked rows, more or fewer
+                kept = cols.shape[1]
+                for band in bands:
+                    if band.j1 > kept:
+                        put_back.append((infos[name].weight, band, max(kept - band.j0, 0)))
+                if kept > had.shape[1]:
+                    new.append((name, cols[:, had.shape[1]:], had.shape[1]))
+            else:
+                put_back += [(infos[name].weight, band, 0) for band in bands]
+                new.append((name, cols, 0))
+        on_cpu = all(infos[n].weight.device.type == "cpu" for n in [*wanted, *gone])
+        _run_parallel([(lambda w=w, b=b, f=f: _put_back_band(w, b, f), b.rows_done * b.cols.shape[1])
+                       for w, b, f in put_back], on_cpu)
+        for name in gone:  # forgotten only once put back: an interrupted put-back is redone
+            del self._saved[name]
+        for name, cols in wanted.items():  # bands now hold only what the wanted set keeps
+            had, bands = self._saved.get(name, (None, []))
+            if had is not None and _same_rows(had, cols):
+                self._saved[name] = (cols, [b.narrowed(cols.shape[1]) for b in bands
+                                            if b.j0 < cols.shape[1]])
+            else:
+                self._saved[name] = (cols, [])
+        self._drop_unused_buffers(spare)
+        weights = [infos[name].weight for name, _, _ in new]
+        slots, buffers = _value_slots(weights, [c.numel() for _, c, _ in new], spare)
+        self._buffers += buffers
+        zero = []
+        for (name, cols, j0), weight, slot in zip(new, weights, slots):
+            band = _Band(cols, slot.view(cols.shape), j0)
+            self._saved[name][1].append(band)  # recorded before zeroing: restore is exact
+            zero.append((lambda w=weight, b=band: _zero_band(w, b), cols.numel()))
+        _run_parallel(zero, on_cpu)
+
+    def _offload(self, info: LinearInfo, hook, cols: torch.Tensor) -> None:
+        """Masks on an offloaded module: its hook reads the weights through PrunedWeights."""
+        self._offloaded[info.name] = (hook, hook.weights_map, cols)
+        hook.weights_map = PrunedWeights(hook.weights_map, cols, info.transposed)
+        w = info.weight
+        if w.device.type != "meta":  # held by onloaded() now: zero that copy too
+            w.scatter_(1, cols.to(w.device, torch.long), 0.0)
+
+    def _drop_unused_buffers(self, spare: dict[tuple, list[torch.Tensor]] | None) -> None:
+        """Buffers no band uses any more go to ``spare`` for the next apply, or are freed."""
+        used = {b.values.untyped_storage().data_ptr()
+                for _, bands in self._saved.values() for b in bands}
+        for buffer in self._buffers:
+            if spare is not None and buffer.untyped_storage().data_ptr() not in used:
+                spare.setdefault((buffer.device, buffer.dtype), []).append(buffer)
+        self._buffers = [b for b in self._buffers if b.untyped_storage().data_ptr() in used]
 
     def _put_back(self, model: nn.Module, names: list[str]) -> None:
         infos = linear_modules(model)
         with torch.no_grad():
-            for name in names:
-                if name in self._offloaded:
-                    hook, weights_map = self._offloaded.pop(name)
-                    hook.weights_map = weights_map
-                    held = infos[name].module.weight
-                    if held.device.type != "meta":  # held by onloaded() now: refill that copy
-                        held.data.copy_(weights_map["weight"])
-                    continue
-                cols, values = self._saved.pop(name)
-                w = infos[name].weight
-                w.scatter_(1, cols.to(w.device, torch.long), values)
+            for name in [n for n in names if n in self._offloaded]:
+                hook, weights_map, _ = self._offloaded.pop(name)
+                hook.weights_map = weights_map
+                held = infos[name].module.weight
+                if held.device.type != "meta":  # held by onloaded() now: refill that copy
+                    held.data.copy_(weights_map["weight"])
+        names = [n for n in names if n in self._saved]
+        tasks = []
+        for name in names:
+            for band in self._saved[name][1]:
+                tasks.append((lambda w=infos[name].weight, b=band: _put_back_band(w, b, 0),
+                              band.rows_done * band.cols.shape[1]))
+        _run_parallel(tasks, all(infos[n].weight.device.type == "cpu" for n in names))
+        for name in names:  # forgotten only once put back: an interrupted put-back is redone
+            del self._saved[name]
 
     def restore(self) -> None:
         """Put every pruned value back: the dense weights, bit for bit."""
@@ -700,12 +775,224 @@ class AppliedMasks:
             entry = REGISTRY.entry(model)
             if entry.applied is self:
                 entry.applied = None
+            self._drop_unused_buffers(entry.spare)  # the next apply reuses the buffers
         self._saved.clear()
         self._offloaded.clear()
+        self._buffers = []
 
     def nbytes(self) -> int:
         """Memory held to restore: the pruned values only."""
-        return sum(v.numel() * v.element_size() for _, v in self._saved.values())
+        return sum(b.values.numel() * b.values.element_size()
+                   for _, bands in self._saved.values() for b in bands)
+
+
+@dataclass
+class _Band:
+    """Some pruned columns of one module, ``cols`` [out, w] (columns j0 to j0 + w of its set's
+    columns), and the values they held [out, w]. Rows below ``rows_done`` are zeroed: a
+    failure half-way puts back exactly what was taken, never values not yet read."""
+
+    cols: torch.Tensor
+    values: torch.Tensor
+    j0: int = 0
+    rows_done: int = 0
+
+    @property
+    def j1(self) -> int:
+        return self.j0 + self.cols.shape[1]
+
+    def narrowed(self, width: int) -> _Band:
+        """This band less its columns from ``width`` (in set columns) on."""
+        w = min(self.cols.shape[1], width - self.j0)
+        return _Band(self.cols[:, :w], self.values[:, :w], self.j0, self.rows_done)
+
+
+# Pruned positions go through torch's index ops in blocks of at most this many: under torch's
+# grain size (32768), so each op runs on the thread that calls it (the work is spread over
+# threads here; OpenMP, on a machine busy with other work, stalls at every op), and a block's
+# int64 positions (256 KiB) stay in cache instead of a 400 MB index for a 50% mask.
+_BLOCK = 1 << 15
+_POOL: ThreadPoolExecutor | None = None  # helper threads, made on first use
+_POOL_SIZE = 0
+_POOL_GUARD = threading.Lock()
+
+
+def _same_rows(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` and ``b`` are leading columns of the same rows in memory (two sparsities
+    of one ranking's row order), so one is the other plus or minus some columns."""
+    return (a.shape[0] == b.shape[0] and a.dtype == b.dtype and a.device == b.device
+            and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+            and a.storage_offset() == b.storage_offset() and a.stride() == b.stride())
+
+
+def _check_columns(name: str, cols: torch.Tensor, weight: torch.Tensor) -> None:
+    """One sentence, before any weight changes, for columns that do not fit ``weight``: a
+    column out of range would name a weight of another row."""
+    if cols.dim() != 2 or cols.shape[0] != weight.shape[0]:
+        raise MlpruneError(f"The masks of {name} have shape {tuple(cols.shape)}, which does not "
+                           f"fit its {weight.shape[0]} output rows.")
+    if cols.is_floating_point() or cols.is_complex() or cols.dtype == torch.bool:
+        raise MlpruneError(f"The masks of {name} hold {cols.dtype} values, not column numbers.")
+    lo, hi = _column_range(cols)
+    if (lo < 0 or hi >= weight.shape[1]) and cols._base is not None and cols.numel():
+        lo, hi = (int(x) for x in torch.aminmax(cols))  # the view itself may be in range
+    if lo < 0 or hi >= weight.shape[1]:
+        bad = lo if lo < 0 else hi
+        raise MlpruneError(f"The masks of {name} name column {bad}, but it has "
+                           f"{weight.shape[1]} inputs.")
+
+
+# the lowest and highest column of a column tensor (or of the tensor it is a view of, such
+# as a ranking's row order), read once per content: (its version counter, lowest, highest)
+_COLUMN_RANGES = WeakTensorKeyDictionary()
+
+
+def _column_range(cols: torch.Tensor) -> tuple[int, int]:
+    """Lowest and highest column in ``cols`` or in the tensor it views (a bound of it)."""
+    root = cols if cols._base is None else cols._base
+    seen = _COLUMN_RANGES.get(root)
+    if seen is None or seen[0] != root._version:  # an in-place change bumps the version
+        lo, hi = (int(x) for x in torch.aminmax(root)) if root.numel() else (0, -1)
+        seen = _COLUMN_RANGES[root] = (root._version, lo, hi)
+    return seen[1], seen[2]
+
+
+def _column_blocks(cols: torch.Tensor, start: int, buffer: torch.Tensor):
+    """Rows ``start``.. of ``cols`` in blocks: (first row, end row, their columns as int64
+    [rows, k], in ``buffer``)."""
+    out, k = cols.shape
+    if k == 0:
+        return
+    step = max(1, buffer.numel() // k)
+    for r0 in range(start, out, step):
+        r1 = min(out, r0 + step)
+        yield r0, r1, buffer[:(r1 - r0) * k].view(r1 - r0, k).copy_(cols[r0:r1])
+
+
+def _positions(weight: torch.Tensor, cols: torch.Tensor, start: int, buffer: torch.Tensor):
+    """:func:`_column_blocks` as flat int64 positions in the storage of ``weight``."""
+    s0, s1 = weight.stride()
+    first = weight.storage_offset()
+    rows = torch.arange(first, first + cols.shape[0] * s0, s0, dtype=torch.int64,
+                        device=buffer.device).unsqueeze(1)  # where each row starts
+    for r0, r1, idx in _column_blocks(cols, start, buffer):
+        if s1 != 1:  # int64 first (above): a same-dtype add is far faster than a mixed one
+            idx.mul_(s1)
+        yield r0, r1, idx.add_(rows[r0:r1]).view(-1)
+
+
+def _storage(weight: torch.Tensor) -> torch.Tensor:
+    """The whole storage under ``weight`` as one flat tensor (what positions index)."""
+    return weight.as_strided((weight.untyped_storage().nbytes() // weight.element_size(),), (1,), 0)
+
+
+def _bits(t: torch.Tensor) -> np.ndarray:
+    """A CPU tensor's memory as a numpy array of same-sized integers: numpy's indexed write
+    is faster than torch's index_fill_, and bits zero any float type alike."""
+    return t.view({1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
+                  ).numpy()
+
+
+def _index_buffer(weight: torch.Tensor, k: int) -> torch.Tensor:
+    """Room for one block's positions: on one thread, blocks 4x as large (fewer calls; no
+    OpenMP team to stall), a whole module on a GPU."""
+    if weight.device.type != "cpu":
+        return torch.empty(max(weight.numel(), 1), dtype=torch.int64, device=weight.device)
+    block = _BLOCK if torch.get_num_threads() > 1 else 4 * _BLOCK
+    return torch.empty(max(block, k), dtype=torch.int64)
+
+
+def _zero_band(weight: torch.Tensor, band: _Band) -> None:
+    """Save the band's values (one index_select per block), then zero them."""
+    flat, buffer = _storage(weight), _index_buffer(weight, band.cols.shape[1])
+    cpu = flat.device.type == "cpu"
+    flat_bits, index = (_bits(flat), buffer.numpy()) if cpu else (None, None)
+    values = band.values.view(-1)  # a new band's values are contiguous
+    k = band.cols.shape[1]
+    with torch.no_grad():
+        for r0, r1, idx in _positions(weight, band.cols, band.rows_done, buffer):
+            torch.index_select(flat, 0, idx, out=values[r0 * k:r1 * k])
+            if cpu:
+                flat_bits[index[:idx.numel()]] = 0
+            else:
+                flat.index_fill_(0, idx, 0)
+            band.rows_done = r1
+
+
+def _put_back_band(weight: torch.Tensor, band: _Band, first: int) -> None:
+    """Write back the band's saved values from its column ``first`` on (rows done only),
+    one scatter_ per block of rows (faster here than any flat indexed write)."""
+    if first >= band.cols.shape[1] or band.rows_done == 0:
+        return
+    cols, values = band.cols[:band.rows_done, first:], band.values[:band.rows_done, first:]
+    with torch.no_grad():
+        for r0, r1, idx in _column_blocks(cols, 0, _index_buffer(weight, cols.shape[1])):
+            weight[r0:r1].scatter_(1, idx, values[r0:r1])
+
+
+def _run_parallel(tasks: list[tuple[Callable[[], None], int]], on_cpu: bool = True) -> None:
+    """Run (work, size) tasks on torch's number of threads, split by size (one thread for
+    GPU work, whose ops are launched, not run). Waits for every task even when one fails or
+    the caller is interrupted: no weight changes after this returns."""
+    threads = min(torch.get_num_threads(), len(tasks)) if on_cpu else 1
+    if threads <= 1 or sum(size for _, size in tasks) < 4 * _BLOCK:
+        for work, _ in tasks:
+            work()
+        return
+    parts: list[list[Callable[[], None]]] = [[] for _ in range(threads)]
+    loads = [0] * threads
+    for work, size in sorted(tasks, key=lambda t: -t[1]):
+        i = loads.index(min(loads))
+        parts[i].append(work)
+        loads[i] += size
+    global _POOL, _POOL_SIZE
+    with _POOL_GUARD:
+        if _POOL is None or _POOL_SIZE < threads - 1:
+            _POOL, _POOL_SIZE = ThreadPoolExecutor(threads - 1, "mlprune-masks"), threads - 1
+        pool = _POOL
+    futures = [pool.submit(lambda p=p: [w() for w in p]) for p in parts[1:]]
+    try:
+        for work in parts[0]:
+            work()
+    finally:
+        wait(futures)
+    for f in futures:
+        f.result()  # a worker's error, raised here
+
+
+def _value_slots(weights: list[torch.Tensor], counts: list[int],
+                 spare: dict[tuple, list[torch.Tensor]] | None = None
+                 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Room for ``counts[i]`` pruned values of ``weights[i]``: slices of a few buffers per
+    device and dtype (returned too). Few allocations, freed whole: a tensor per module would
+    leave ~100 freed blocks between other allocations, which the C allocator keeps (+0.2 GB
+    resident memory on Gemma 3 270M). Buffers in ``spare`` (those of the last restored set)
+    are filled first and one new buffer takes the rest: a fresh 200 MB costs ~0.1 s in
+    first-touch page faults, as much as the apply itself. Spares left unused are freed."""
+    groups: dict[tuple, list[int]] = {}
+    for i, w in enumerate(weights):
+        groups.setdefault((w.device, w.dtype), []).append(i)
+    slots: list[torch.Tensor] = [torch.empty(0)] * len(weights)
+    buffers = []
+    for (device, dtype), members in groups.items():
+        pool = sorted(spare.pop((device, dtype), []) if spare is not None else [],
+                      key=lambda b: -b.numel())
+        used, rest = [0] * len(pool), []
+        for i in members:
+            room = next((b for b, buffer in enumerate(pool)
+                         if buffer.numel() - used[b] >= counts[i]), None)
+            if room is None:
+                rest.append(i)
+                continue
+            slots[i] = pool[room][used[room]:used[room] + counts[i]]
+            used[room] += counts[i]
+        buffers += [buffer for buffer, n in zip(pool, used) if n]
+        if rest:
+            fresh = torch.empty(sum(counts[i] for i in rest), dtype=dtype, device=device)
+            buffers.append(fresh)
+            for i, piece in zip(rest, fresh.split([counts[i] for i in rest])):
+                slots[i] = piece
+    return slots, buffers
 
 
 class PrunedWeights(Mapping):
@@ -733,22 +1020,6 @@ class PrunedWeights(Mapping):
 
     def __len__(self) -> int:
         return len(self.weights)
-
-
-def _value_slots(weights: list[torch.Tensor], counts: list[int]) -> list[torch.Tensor]:
-    """Room for ``counts[i]`` pruned values of ``weights[i]``: slices of one buffer per device
-    and dtype. One allocation, freed whole on restore: a tensor per module would leave ~100
-    freed blocks between other allocations, which the C allocator keeps (+0.2 GB resident
-    memory on Gemma 3 270M)."""
-    groups: dict[tuple, list[int]] = {}
-    for i, w in enumerate(weights):
-        groups.setdefault((w.device, w.dtype), []).append(i)
-    slots: list[torch.Tensor] = [torch.empty(0)] * len(weights)
-    for (device, dtype), members in groups.items():
-        flat = torch.empty(sum(counts[i] for i in members), dtype=dtype, device=device)
-        for i, piece in zip(members, flat.split([counts[i] for i in members])):
-            slots[i] = piece
-    return slots
 
 
 def apply_masks(model: nn.Module, masks: MaskSet) -> AppliedMasks:

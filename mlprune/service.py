@@ -36,7 +36,7 @@ import tempfile
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -46,7 +46,7 @@ import pandas as pd
 from mlprune import MlpruneError, Progress, no_progress, pipeline, runners
 from mlprune.capture import ActivationStats, token_magnitudes
 from mlprune.corpus import ParallelCorpus, builtin_corpus, read_corpus
-from mlprune.evaluate import Generation, evaluate_translation, generate
+from mlprune.evaluate import Generation, evaluate_translation, generate, stream_generate
 from mlprune.experiments import (
     BuiltInterventions,
     Cells,
@@ -485,6 +485,27 @@ class SessionPruning:
     version: int
     ranking: CalibratedRanking
     outputs: dict[tuple[str, int], Generation] = field(default_factory=dict, repr=False)
+
+    def generated(self, prompt: str, max_new_tokens: int = 48) -> Generation | None:
+        """The pruned continuation of ``prompt`` if these masks made it already."""
+        return self.outputs.get((prompt, max_new_tokens))
+
+    def stream(self, loaded: LoadedModel, prompt: str,
+               max_new_tokens: int = 48) -> Generator[str, None, Generation]:
+        """The pruned continuation of one prompt as text pieces, each as soon as its token is
+        made (``evaluate.stream_generate``): the masks are applied, under the model's lock,
+        only while it generates. Returns the Generation and keeps it (:meth:`generated`,
+        :meth:`generations`) once complete. Close it to stop early (a page rerun): the
+        model is dense and unlocked again when ``close()`` returns."""
+        done = self.generated(prompt, max_new_tokens)
+        if done is None:
+            done = yield from stream_generate(loaded.model, loaded.tokenizer, prompt,
+                                              max_new_tokens=max_new_tokens,
+                                              hold=lambda: masked(loaded, self.masks))
+            self.outputs[(prompt, max_new_tokens)] = done
+        else:
+            yield from done.tokens
+        return done
 
     def generations(self, loaded: LoadedModel, prompts: list[str],
                     max_new_tokens: int = 48) -> tuple[list[Generation], float]:

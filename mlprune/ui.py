@@ -14,10 +14,12 @@ from :data:`SPEC_PRESET` (:func:`spec_defaults`), never from a value typed in a 
 
 from __future__ import annotations
 
+import html
 import logging
+import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from typing import Any
 
 import streamlit as st
@@ -309,16 +311,40 @@ def add_clicked_dims(chart_key: str) -> Callable[[], None]:
 
 
 def output_box(gen: Generation, differs: list[bool] | None, kind: str, *,
-               compact: bool = False) -> None:
+               compact: bool = False, label: str = "", done: bool = True) -> None:
     """One generated output as a bordered box of tokens (``kind``: "dense" or "pruned"):
     differing tokens highlighted, each token's probability on hover. ``compact`` is the Prune
-    page's live preview, a little smaller than Compare's boxes."""
+    page's live preview, a little smaller than Compare's boxes. ``label`` (which masks) and
+    ``done`` (False while tokens still arrive) are data attributes a browser test waits on."""
     pad, font, line, least = ((".5em .8em", "1.05em", "1.8", "2.6em") if compact
                               else (".6em .9em", "1.1em", "1.9", "3em"))
-    st.markdown(f'<div class="mlp-out" data-kind="{kind}" style="border:1px solid #d8dde6;'
+    st.markdown(f'<div class="mlp-out" data-kind="{kind}" data-label="{html.escape(label)}" '
+                f'data-state="{"done" if done else "streaming"}" style="border:1px solid #d8dde6;'
                 f'border-radius:6px;padding:{pad};font-size:{font};line-height:{line};'
                 f'min-height:{least}">{service.generation_html(gen, differs)}</div>',
                 unsafe_allow_html=True)
+
+
+def streamed_output(box, loaded: LoadedModel, state: service.SessionPruning, prompt: str,
+                    max_new_tokens: int, *, label: str = "",
+                    compact: bool = False) -> tuple[Generation, float]:
+    """The session's pruned continuation of ``prompt``, drawn into ``box`` (an ``st.empty``)
+    token by token while it is generated: made once per masks, read back on later reruns.
+    Returns it and the seconds spent generating (0 when it was made before). The caller
+    draws the finished box (with its differences highlighted) into ``box``."""
+    found = state.generated(prompt, max_new_tokens)
+    if found is not None:
+        return found, 0.0
+    start, pieces = time.perf_counter(), []
+    # closing(): a rerun that stops this page mid-answer stops generation at once, and the
+    # model is dense and unlocked again before the next run starts
+    with closing(state.stream(loaded, prompt, max_new_tokens)) as stream:
+        for piece in stream:
+            pieces.append(piece)
+            with box:
+                output_box(Generation("".join(pieces).strip(), list(pieces), [1.0] * len(pieces)),
+                           None, "pruned", compact=compact, label=label, done=False)
+    return state.generated(prompt, max_new_tokens), time.perf_counter() - start
 
 
 def sidebar_status() -> None:

@@ -190,23 +190,33 @@ def ranking(loaded, corpus, spec: PruneSpec) -> service.CalibratedRanking | None
 
 
 def preview(loaded, corpus, state: service.SessionPruning) -> None:
-    """Dense and pruned output of one held-out sentence, updated with every slider move."""
+    """Dense and pruned output of one held-out sentence, updated with every slider move: the
+    pruned one streams in token by token, then both show where they differ."""
     src, tgt = parse_pair(state.spec.pair)
     item = eval_items(corpus, src, tgt, shots=state.spec.shots, limit=1)[0]
     dense = ui.shared().dense_generations(loaded, [item.prompt], service.PREVIEW_TOKENS)[0]
-    out, seconds = state.generations(loaded, [item.prompt], service.PREVIEW_TOKENS)
-    fa, fb = service.diff_flags(dense.tokens, out[0].tokens)
     st.markdown(f"**Live preview**: {service.pair_label(state.spec.pair)}, a held-out "
                 f"sentence: *{item.source}*")
+    label = f"{state.masks.pattern} {state.masks.target:.0%}"
     c1, c2 = st.columns(2)
     with c1:
         st.markdown("Dense")
-        ui.output_box(dense, fa, "dense", compact=True)
+        dense_box = st.empty()
     with c2:
         st.markdown(f"Pruned · {state.masks.pattern} · {state.masks.target:.0%}")
-        ui.output_box(out[0], fb, "pruned", compact=True)
+        pruned_box = st.empty()
+        if state.generated(item.prompt, service.PREVIEW_TOKENS) is None:
+            with dense_box:  # shown while the pruned answer streams; highlighted after
+                ui.output_box(dense, None, "dense", compact=True)
+        out, seconds = ui.streamed_output(pruned_box, loaded, state, item.prompt,
+                                          service.PREVIEW_TOKENS, label=label, compact=True)
+        fa, fb = service.diff_flags(dense.tokens, out.tokens)
+        with pruned_box:
+            ui.output_box(out, fb, "pruned", compact=True, label=label)
         st.caption(f"generated in {seconds:.2f} s" if seconds > 0.01
                    else "from this session's cache")
+    with dense_box:
+        ui.output_box(dense, fa, "dense", compact=True)
 
 
 def export_section(loaded, state: service.SessionPruning) -> None:

@@ -67,25 +67,33 @@ def dense_and_pruned_outputs(loaded, corpus, state: service.SessionPruning | Non
     ui.default("w.cmp_max_new", service.PREVIEW_TOKENS)  # the Prune preview's outputs reused
     max_new = st.slider("Max new tokens", 8, 128, step=8, key="w.cmp_max_new")
     dense = ui.shared().dense_generations(loaded, [prompt], max_new)[0]
-    out = state.generations(loaded, [prompt], max_new)[0][0] if state is not None else None
-    fa, fb = service.diff_flags(dense.tokens, out.tokens if out else dense.tokens)
     candidates = tuple(corpus.languages)
+    out = None
     c1, c2 = st.columns(2)
     with c1:
         st.markdown("#### Dense")
-        ui.output_box(dense, fa if out else None, "dense")
+        dense_box = st.empty()
+        with dense_box:  # highlighted once the pruned output is there
+            ui.output_box(dense, None, "dense")
         st.markdown(f"Output language: {language_line(dense.text, target, candidates)}")
         if reference:
             st.caption(f"chrF vs reference: {chrf([dense.text], [reference]):.1f}")
     with c2:
-        if out is None:
+        if state is None:
             st.markdown("#### Pruned")
             st.info("No pruned model in this session yet: choose settings on the Prune page.")
             st.page_link("pages/2_Prune.py", label="Go to Prune", icon=":material/content_cut:")
         else:
             st.markdown(f"#### Pruned · {state.spec.label} · {state.masks.pattern} · "
                         f"{state.masks.target:.0%}")
-            ui.output_box(out, fb, "pruned")
+            label = f"{state.masks.pattern} {state.masks.target:.0%}"
+            pruned_box = st.empty()
+            out, _ = ui.streamed_output(pruned_box, loaded, state, prompt, max_new, label=label)
+            fa, fb = service.diff_flags(dense.tokens, out.tokens)
+            with pruned_box:
+                ui.output_box(out, fb, "pruned", label=label)
+            with dense_box:
+                ui.output_box(dense, fa, "dense")
             st.markdown(f"Output language: {language_line(out.text, target, candidates)}")
             if reference:
                 st.caption(f"chrF vs reference: {chrf([out.text], [reference]):.1f}")

@@ -2,10 +2,10 @@
 
 Starts ``streamlit run app.py`` on a free loopback port, drives Debian's /usr/bin/chromium
 with Playwright, checks the side-by-side outputs are on the page, measures how long a move
-of the sparsity slider takes to show a new pruned output, checks that a second tab's Compare
-answers while the first tab's sweep runs (in its worker process), and saves a screenshot of every
-page to artifacts/screenshots/ (MLPRUNE_SCREENSHOTS moves it; MLPRUNE_ASSETS=1 also copies
-them to assets/ for the README).
+of the sparsity slider takes to show the first token of the new pruned output (it streams)
+and the whole of it, checks that a second tab's Compare answers while the first tab's sweep
+runs (in its worker process), and saves a screenshot of every page to artifacts/screenshots/
+(MLPRUNE_SCREENSHOTS moves it; MLPRUNE_ASSETS=1 also copies them to assets/ for the README).
 """
 
 from __future__ import annotations
@@ -188,19 +188,26 @@ def test_features_prune_compare_on_the_embedded_model(page, server):
     shoot(page, "prune")
     clock.skip()
     slider = page.locator('[data-testid="stSlider"]', has_text="Sparsity").get_by_role("slider")
-    latencies = []
+    first_token, latencies = [], []
     for target in (55, 60, 65, 70):
+        # the pruned box of these masks: it streams (data-state="streaming") then is done
+        box = f'.mlp-out[data-kind="pruned"][data-label="unstructured {target}%"]'
         slider.focus()
         start = time.perf_counter()
         page.keyboard.press("ArrowRight")
-        page.get_by_text(f"Pruned · unstructured · {target}%").wait_for()
+        page.locator(f'{box}:is([data-state="done"], :has(.mlp-tok))').first.wait_for()
+        first_token.append(time.perf_counter() - start)
+        page.locator(f'{box}[data-state="done"]').wait_for()
         latencies.append(time.perf_counter() - start)
     clock("four slider moves")
-    print(f"slider -> new pruned output, seconds: {[round(x, 2) for x in latencies]} "
+    print(f"slider -> first pruned token visible, seconds: {[round(x, 2) for x in first_token]} "
+          f"(median {statistics.median(first_token):.2f}; target < 1.0, not asserted)")
+    print(f"slider -> full pruned answer, seconds: {[round(x, 2) for x in latencies]} "
           f"(median {statistics.median(latencies):.2f})")
     SHOTS.mkdir(parents=True, exist_ok=True)
-    (SHOTS / "slider_latency.json").write_text(json.dumps({"seconds": latencies}))
-    assert max(latencies) < 60  # a hang, not a speed limit: the number is reported above
+    (SHOTS / "slider_latency.json").write_text(json.dumps({"seconds": latencies,
+                                                           "first_token_seconds": first_token}))
+    assert max(latencies) < 60  # a hang, not a speed limit: the numbers are reported above
 
     # Compare: dense and pruned side by side for a held-out sentence.
     go(page, "Compare")

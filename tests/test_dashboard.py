@@ -19,7 +19,7 @@ import torch
 from conftest import EN
 from streamlit.testing.v1 import AppTest
 
-from mlprune import MlpruneError, plots, service, ui
+from mlprune import MlpruneError, plots, prune, service, ui
 from mlprune.capture import Cancelled, capture, token_magnitudes
 from mlprune.evaluate import Generation, generate
 from mlprune.features import detect, overlap_matrix
@@ -349,6 +349,40 @@ def test_prune_slider_re_prunes_without_a_pass_over_data(app_env, monkeypatch):
     assert calls == {"capture": 0, "rank": 0}  # masks came from the cached ranking
     state = at.session_state[ui.PRUNING]
     assert state.masks.pattern == "2:4" and state.spec.pattern == "2:4"
+
+
+def test_prune_preview_streams_the_pruned_answer_then_highlights_it(app_env, monkeypatch):
+    at = pruned_app(50)
+    drawn = []  # every box the pages draw: (kind, finished?, tokens)
+    real = ui.output_box
+
+    def recording(gen, differs, kind, **kw):
+        drawn.append((kind, kw.get("done", True), list(gen.tokens)))
+        real(gen, differs, kind, **kw)
+
+    monkeypatch.setattr(ui, "output_box", recording)
+    at.slider(key="w.prune_sparsity").set_value(65)
+    run(at)
+    state = at.session_state[ui.PRUNING]
+    final = state.generated(eval_items(at.session_state["corpus"], "fr", "en",
+                                       shots=state.spec.shots, limit=1)[0].prompt,
+                            service.PREVIEW_TOKENS)
+    pruned = [(done, tokens) for kind, done, tokens in drawn if kind == "pruned"]
+    streaming = [tokens for done, tokens in pruned if not done]
+    # token by token: one growing box per token, then the finished one
+    assert [len(t) for t in streaming] == list(range(1, len(final.tokens) + 1))
+    assert all(t == final.tokens[:len(t)] for t in streaming)
+    assert pruned[-1] == (True, final.tokens)
+    assert [done for kind, done, _ in drawn if kind == "dense"] == [True, True]  # then highlighted
+    box = outputs(at)["pruned"]
+    assert 'data-state="done"' in box and 'data-label="unstructured 65%"' in box
+    assert "generated in" in " ".join(c.value for c in at.caption)
+    assert prune.applied_masks(ui.shared().model(str(app_env)).model) is None  # dense again
+    drawn.clear()
+    at.radio(key="w.mask_view").set_value("crop")  # same masks: read back, not streamed again
+    run(at)
+    assert [(k, d) for k, d, _ in drawn] == [("pruned", True), ("dense", True)]  # each once
+    assert "from this session's cache" in " ".join(c.value for c in at.caption)
 
 
 def test_prune_impossible_patterns_and_empty_selections_are_messages(app_env):

@@ -363,7 +363,7 @@ def test_an_extension_that_fails_mid_way_is_undone(setup):
     second.pruned_cols[last] = second.pruned_cols[last] + 10_000  # out of range: fails there
     applied = apply_masks(model, first)
     before = _state(model)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(MlpruneError, match="name column 100"):
         applied.extend(second)
     assert _same(before, _state(model)) and applied_masks(model) is first
     applied.restore()
@@ -417,3 +417,92 @@ def test_fast_row_order_and_nm_match_the_plain_sorts():
         for n, m in [(2, 4), (4, 8), (1, 4), (3, 6)]:
             lowest = ranks.view(7, -1, m).argsort(dim=-1)[..., :n] + torch.arange(0, 48, m).view(1, -1, 1)
             assert torch.equal(_lowest_in_groups(order, n, m).long(), lowest.reshape(7, -1))
+
+
+def test_nm_selection_in_blocks_and_wide_rows_matches_the_argsort():
+    """Many row blocks (int16 keys) and rows too wide for int16 keys (int32) give the same
+    columns as the plain argsort."""
+    from mlprune.prune import _lowest_in_groups
+
+    g = torch.Generator().manual_seed(1)
+    for out, n_in, n, m in [(300, 4096, 2, 4), (300, 4096, 4, 8), (40, 16384, 2, 4)]:
+        order = torch.stack([torch.randperm(n_in, generator=g) for _ in range(out)])
+        ranks = torch.empty_like(order).scatter_(1, order, torch.arange(n_in).expand_as(order))
+        lowest = ranks.view(out, -1, m).argsort(dim=-1)[..., :n] + torch.arange(0, n_in, m).view(1, -1, 1)
+        assert torch.equal(_lowest_in_groups(order.to(torch.int16), n, m).long(),
+                           lowest.reshape(out, -1))
+
+
+@pytest.fixture(params=["one thread, whole modules", "threads, blocks of 7"])
+def small_blocks(request, monkeypatch):
+    """Both ways masks are applied: inline, and spread over threads in many small blocks."""
+    import mlprune.prune as prune_module
+
+    if request.param.startswith("threads"):
+        monkeypatch.setattr(prune_module, "_BLOCK", 7)
+        monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    return request.param
+
+
+def test_moving_sparsity_up_and_down_equals_fresh_applies_and_ends_dense(setup, small_blocks):
+    """A slider's path: each new set replaces the last by touching only what differs, yet
+    every state equals that set applied to the dense model, and restore is bit-exact."""
+    import copy
+
+    model, _, stats = setup
+    ranking = rank_modules(model, stats)
+    dense = _state(model)
+    path = [(0.5, "unstructured"), (0.6, "unstructured"), (0.3, "unstructured"),
+            (0.3, "unstructured"), (0.9, "unstructured"), (0.0, "unstructured"),
+            (0.7, "unstructured"), (0.0, "2:4"), (0.0, "4:8"), (0.4, "unstructured")]
+    fresh, applied = copy.deepcopy(model), None  # a dense twin, pruned from dense each step
+    for sparsity, pattern in path:
+        masks = ranking.masks(sparsity, pattern)
+        applied = apply_masks(model, masks)
+        with pruned(fresh, masks):
+            assert _same(_state(fresh), _state(model)), (sparsity, pattern)
+        assert _same(dense, _state(fresh))
+        assert applied.nbytes() == sum(c.numel() for c in masks.pruned_cols.values()) * 4
+    applied.restore()
+    assert applied_masks(model) is None and _same(dense, _state(model))
+
+
+def test_masks_from_elsewhere_replace_and_a_bad_set_leaves_the_model_dense(setup, small_blocks):
+    model, _, stats = setup
+    ranking = rank_modules(model, stats)
+    dense = _state(model)
+    loaded = ranking.masks(0.5)
+    loaded = MaskSet({n: c.clone() for n, c in loaded.pruned_cols.items()}, loaded.in_features,
+                     loaded.target, loaded.pattern)  # same columns, own memory (as read from a file)
+    apply_masks(model, ranking.masks(0.7))
+    apply_masks(model, loaded)
+    assert all(torch.equal(info.weight == 0, ~loaded.keep(name))
+               for name, info in linear_modules(model).items())
+    bad = ranking.masks(0.6)
+    last = bad.modules[-1]
+    bad.pruned_cols[last] = bad.pruned_cols[last].clone()
+    bad.pruned_cols[last][-1, -1] = -1  # one column out of range, in the last row
+    with pytest.raises(MlpruneError, match="name column -1"):
+        apply_masks(model, bad)
+    assert applied_masks(model) is None and _same(dense, _state(model))
+
+
+def test_a_restored_set_lends_its_buffer_to_the_next(setup):
+    from mlprune.prune import REGISTRY
+
+    model, _, stats = setup
+    ranking = rank_modules(model, stats)
+    apply_masks(model, ranking.masks(0.6)).restore()
+    (spare,) = next(iter(REGISTRY.entry(model).spare.values()))
+    applied = apply_masks(model, ranking.masks(0.5))  # fits in it
+    storages = {b.values.untyped_storage().data_ptr()
+                for _, bands in applied._saved.values() for b in bands}
+    assert storages == {spare.untyped_storage().data_ptr()}
+    assert not REGISTRY.entry(model).spare  # in use, not spare, while applied
+    applied.restore()
+    bigger = apply_masks(model, ranking.masks(0.8))  # the spare, and one new buffer for the rest
+    storages = {b.values.untyped_storage().data_ptr()
+                for _, bands in bigger._saved.values() for b in bands}
+    assert len(storages) == 2 and spare.untyped_storage().data_ptr() in storages
+    bigger.restore()
+    assert len(next(iter(REGISTRY.entry(model).spare.values()))) == 2

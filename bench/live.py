@@ -1,0 +1,404 @@
+"""Issue 14, "live means live": how fast the Prune page answers a slider move, on the
+embedded model (Gemma 3 270M, de-quantized) and this machine.
+
+    python bench/live.py                       # every section (~2-4 min on 2 busy cores)
+    python bench/live.py --sections apply      # one or more of: bandwidth apply capture preview
+
+Prints one table and writes bench/results/live.json (strict JSON). Every figure is compared
+with a limit or a "before" taken in the same run, as a ratio, because other work on a shared
+machine moves absolute numbers around; timings are figures to read, never assertions.
+
+- Memory bandwidth: the time to read (sum) a 1 GiB float32 tensor, median of several. A copy
+  would understate what reading alone reaches.
+- Bytes an apply must move, the count the bandwidth bound divides: per pruned weight, its
+  value read (4 B), saved (4 B) and zeroed (4 B), and its column number read (2 B): 14 B.
+  A restore: the saved value read, written back, its column read: 10 B. A new N:M pattern
+  also reads the row order once (2 B per weight) and writes its columns (2 B per pruned
+  weight). Counted at cache-line granularity, a 50% mask touches every line of the weights,
+  so the physical traffic is larger (reported beside it); the bound here is the stricter one.
+- "Before" is mlprune's apply until this change, kept below as a reference (per module, a
+  gather and a scatter_ through an int64 copy of the columns, a fresh value buffer each time,
+  a replaced set restored whole first), run alternately with the new one in the same process.
+- Capture hooks: a plain forward of the decoder stack against ``capture()`` over the same
+  batches, the median of alternated pairs.
+- The preview: from the streaming generator (no browser), the time to the first pruned token
+  and to the full answer (masks applied and restored included), against the non-streamed
+  path before this change (reference apply, ``generate``, reference restore), which showed
+  nothing until all of it was done.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout as is
+
+import torch  # noqa: E402
+from tools import Row, bench_corpus, machine, median, paired, render_text, timed  # noqa: E402
+
+from mlprune import service  # noqa: E402
+from mlprune.capture import batches, capture, context_length, encode  # noqa: E402
+from mlprune.evaluate import generate  # noqa: E402
+from mlprune.models import linear_modules, load_model  # noqa: E402
+from mlprune.pipeline import PruneSpec  # noqa: E402
+from mlprune.prompts import eval_items, translation_prompts  # noqa: E402
+from mlprune.prune import REGISTRY, Ranking, apply_masks, rank_modules, restore  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+LIMIT_APPLY_S = 0.25  # the issue's target for new masks applied
+LIMIT_FIRST_TOKEN_S = 1.0  # slider to first pruned token (the browser test measures it too)
+LIMIT_HOOKS = 0.05  # capture hooks over a hook-free forward
+SECTIONS = ("bandwidth", "apply", "capture", "preview")
+
+
+def say(text: str) -> None:
+    """Progress on stderr, so a slow run shows where it is."""
+    print(f"  [{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+
+def fmt_s(x: float) -> str:
+    return f"{x * 1000:.0f} ms" if x < 1 else f"{x:.2f} s"
+
+
+# --------------------------------------------------------------------------- before: the reference
+
+
+def reference_apply(model, masks) -> dict:
+    """mlprune's apply before issue 14 (it restored an applied set first): per module, gather
+    the pruned values through an int64 copy of the columns into a fresh buffer, then
+    scatter_ zeros. Returns what reference_restore needs."""
+    infos = linear_modules(model)
+    items = list(masks.pruned_cols.items())
+    flat = torch.empty(sum(c.numel() for _, c in items), dtype=infos[items[0][0]].weight.dtype)
+    saved = {}
+    with torch.no_grad():
+        for (name, cols), values in zip(items, flat.split([c.numel() for _, c in items])):
+            w = infos[name].weight
+            idx = cols.to(w.device, torch.long)
+            values = values.view(cols.shape)
+            torch.gather(w, 1, idx, out=values)
+            saved[name] = (cols, values)
+            w.scatter_(1, idx, torch.zeros_like(values))
+    return saved
+
+
+def reference_restore(model, saved: dict) -> None:
+    infos = linear_modules(model)
+    with torch.no_grad():
+        for name, (cols, values) in saved.items():
+            w = infos[name].weight
+            w.scatter_(1, cols.to(w.device, torch.long), values)
+
+
+def reference_nm(order: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """The N:M selection before issue 14: the whole module at once, an int64 copy of the
+    order for the rank scatter, int32 keys."""
+    out, n_in = order.shape
+    groups = n_in // m
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order.long(), torch.arange(n_in, dtype=order.dtype).expand_as(order))
+    shift = (m - 1).bit_length()
+    keys = torch.empty(m, out, groups, dtype=torch.int32)
+    keys.copy_(ranks.view(out, groups, m).permute(2, 0, 1))
+    keys.bitwise_left_shift_(shift).bitwise_or_(torch.arange(m, dtype=torch.int32).view(m, 1, 1))
+    planes, spare = list(keys.unbind(0)), torch.empty(out, groups, dtype=torch.int32)
+    for r in range(n):
+        for j in range(r + 1, m):
+            torch.minimum(planes[r], planes[j], out=spare)
+            torch.maximum(planes[r], planes[j], out=planes[j])
+            planes[r], spare = spare, planes[r]
+    cols = torch.empty(out, groups, n, dtype=order.dtype)
+    offsets = torch.arange(0, n_in, m, dtype=torch.int32)
+    for r in range(n):
+        cols[..., r] = planes[r].bitwise_and_((1 << shift) - 1).add_(offsets)
+    return cols.view(out, -1)
+
+
+# --------------------------------------------------------------------------- bandwidth
+
+
+def bench_bandwidth(args, raw: dict) -> tuple[list[Row], float]:
+    """Read bandwidth: sum over a 1 GiB float32 tensor (bytes/s)."""
+    big = torch.ones(1 << 28)  # 1 GiB, every page written once before timing
+    big.sum()
+    times = [timed(big.sum)[0] for _ in range(max(5, args.repeat))]
+    del big
+    gc.collect()
+    rate = (1 << 30) / median(times)
+    raw["bandwidth"] = {"sum_1gib_s": times, "bytes_per_s": rate}
+    return [Row("1. Memory bandwidth", "read: sum over a 1 GiB float32 tensor",
+                f"{rate / 1e9:.1f} GB/s", note=f"median of {len(times)}; "
+                f"{torch.get_num_threads()} torch threads")], rate
+
+
+# --------------------------------------------------------------------------- apply
+
+
+def bench_apply(loaded, args, raw: dict, bandwidth: float) -> list[Row]:
+    model = loaded.model
+    t, ranking = timed(rank_modules, model, method="magnitude")  # apply cost: same for any method
+    say(f"ranked in {t:.1f} s")
+    weights = sum(o.numel() for o in ranking.order.values())
+    pruned_at = {s: sum(c.numel() for c in ranking.masks(s).pruned_cols.values())
+                 for s in (0.5, 0.6)}
+    apply_b = {s: 14 * p for s, p in pruned_at.items()}
+    nm_b = 14 * weights // 2 + 2 * weights + 2 * weights // 2
+    restore_b = 10 * pruned_at[0.5]
+    move_b = 14 * (pruned_at[0.6] - pruned_at[0.5])
+    line_b = 4 * 2 * weights + 4 * pruned_at[0.5] + 2 * pruned_at[0.5]  # weights read+written
+    spare = REGISTRY.entry(model).spare
+    cases: dict[str, tuple[list, list]] = {}
+
+    def new_apply(sparsity, pattern="unstructured", source=None, fresh_buffer=False):
+        def run():
+            if fresh_buffer:
+                spare.clear()
+            masks = (source() if source else ranking).masks(sparsity, pattern)
+            start = time.perf_counter()
+            applied = apply_masks(model, masks)
+            took = time.perf_counter() - start
+            applied.restore()
+            return took
+        return run
+
+    def old_apply(sparsity, pattern="unstructured", nm=False):
+        def run():
+            start = time.perf_counter()
+            if nm:
+                n, m = (int(x) for x in pattern.split(":"))
+                cols = {k: reference_nm(o, n, m) for k, o in ranking.order.items()}
+                masks = ranking.masks(0.5)
+                masks.pruned_cols = cols
+            else:
+                masks = ranking.masks(sparsity, pattern)
+            saved = reference_apply(model, masks)
+            took = time.perf_counter() - start
+            reference_restore(model, saved)
+            return took
+        return run
+
+    # warm-up: every weight page written once (the first write after load faults each page)
+    apply_masks(model, ranking.masks(0.6)).restore()
+    reference_restore(model, reference_apply(model, ranking.masks(0.6)))
+
+    def alternated(name, new, old):
+        """Inner times (the apply only, its restore untimed), alternated new/old."""
+        new_t, old_t = [], []
+        for i in range(args.repeat):
+            for f, out in ((new, new_t), (old, old_t)) if i % 2 == 0 else ((old, old_t), (new, new_t)):
+                out.append(f())
+        cases[name] = (new_t, old_t)
+        assert REGISTRY.applied(model) is None
+        say(f"{name}: {[round(x, 3) for x in new_t]} before {[round(x, 3) for x in old_t]}")
+
+    alternated("unstructured 50%, buffer reused", new_apply(0.5), old_apply(0.5))
+    alternated("unstructured 50%, fresh buffer", new_apply(0.5, fresh_buffer=True), old_apply(0.5))
+    alternated("unstructured 60%, model dense (Prune page)", new_apply(0.6), old_apply(0.6))
+
+    def fresh_ranking():  # the same order, no N:M columns cached yet: a pattern asked first
+        return Ranking(ranking.order, ranking.protected, ranking.meta)
+
+    alternated("2:4, first time asked", new_apply(0, "2:4", fresh_ranking),
+               old_apply(0, "2:4", nm=True))
+    ranking.masks(0, "2:4")  # now cached
+    alternated("2:4, asked before", new_apply(0, "2:4"), old_apply(0, "2:4"))
+
+    # a slider move with masks kept applied: 50% -> 60% replaces by touching only the difference
+    def new_move():
+        applied = apply_masks(model, ranking.masks(0.5))
+        masks = ranking.masks(0.6)
+        start = time.perf_counter()
+        applied = apply_masks(model, masks)
+        took = time.perf_counter() - start
+        applied.restore()
+        return took
+
+    def old_move():
+        saved = reference_apply(model, ranking.masks(0.5))
+        masks = ranking.masks(0.6)
+        start = time.perf_counter()
+        reference_restore(model, saved)  # the old code restored the applied set first
+        saved = reference_apply(model, masks)
+        took = time.perf_counter() - start
+        reference_restore(model, saved)
+        return took
+
+    alternated("slider 50% -> 60%, masks kept applied", new_move, old_move)
+
+    def new_restore():
+        applied = apply_masks(model, ranking.masks(0.5))
+        return timed(applied.restore)[0]
+
+    def old_restore():
+        saved = reference_apply(model, ranking.masks(0.5))
+        return timed(reference_restore, model, saved)[0]
+
+    alternated("restore of 50%", new_restore, old_restore)
+    restore(model)
+
+    bytes_of = {"unstructured 50%, buffer reused": apply_b[0.5],
+                "unstructured 50%, fresh buffer": apply_b[0.5],
+                "unstructured 60%, model dense (Prune page)": apply_b[0.6],
+                "2:4, first time asked": nm_b, "2:4, asked before": apply_b[0.5],
+                "slider 50% -> 60%, masks kept applied": move_b, "restore of 50%": restore_b}
+    rows = []
+    for name, (new_t, old_t) in cases.items():
+        now, before = median(new_t), median(old_t)
+        bound = bytes_of[name] / bandwidth
+        is_restore = name.startswith("restore")
+        rows.append(Row(
+            "2. New masks applied" if not is_restore else "3. Restore",
+            name, fmt_s(now), f"limit {fmt_s(LIMIT_APPLY_S)}; before {fmt_s(before)}",
+            f"{now / LIMIT_APPLY_S:.2f}x the limit; {before / now:.1f}x faster; "
+            f"{bound / now:.0%} of the bandwidth bound",
+            f"< {fmt_s(LIMIT_APPLY_S)}, >= 50% of bound" if not is_restore else "",
+            (now < LIMIT_APPLY_S and bound / now >= 0.5) if not is_restore else None,
+            note=f"moves {bytes_of[name] / 1e6:.0f} MB -> bound {fmt_s(bound)} at the read "
+                 f"bandwidth; median of {len(new_t)} (before: of {len(old_t)}), alternated"))
+    rows[0].note += (f"; counted per cache line (a 50% mask touches every line of the weights): "
+                     f"{line_b / 1e6:.0f} MB, {line_b / bandwidth / median(cases[rows[0].figure][0]):.0%}"
+                     " of that bound")
+    raw["apply"] = {"ranking_s": t, "weights": weights, "pruned": pruned_at,
+                    "bytes": bytes_of, "cache_line_bytes_50": line_b,
+                    "cases": {k: {"new_s": a, "before_s": b} for k, (a, b) in cases.items()}}
+    return rows
+
+
+# --------------------------------------------------------------------------- capture hooks
+
+
+def bench_capture(loaded, corpus, args, raw: dict) -> list[Row]:
+    model, tok = loaded.model, loaded.tokenizer
+    prompts = translation_prompts(corpus, "fr", "en", samples=args.samples)
+    ids = encode(tok, prompts.texts, context_length(model))
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+
+    def plain():  # the same batches through the same decoder stack, no hooks
+        with torch.inference_mode():
+            for input_ids, mask in batches(ids, args.batch_size, pad):
+                model.base_model(input_ids=input_ids, attention_mask=mask, use_cache=False)
+
+    def hooked():
+        capture(model, tok, prompts, batch_size=args.batch_size)
+
+    hooked()
+    plain()
+    t_cap, t_plain = paired(hooked, plain, args.repeat)
+    pairs = [c / p - 1 for c, p in zip(t_cap, t_plain)]
+    over = median(pairs)
+    raw["capture"] = {"capture_s": t_cap, "plain_s": t_plain, "tokens": sum(map(len, ids))}
+    return [Row("4. Capture hooks", f"capture(): {len(ids)} translation prompts, "
+                f"{sum(map(len, ids))} tokens, batch {args.batch_size}",
+                f"{fmt_s(median(t_cap))}", f"plain forward {fmt_s(median(t_plain))}",
+                f"hooks cost {over:+.1%}", f"< +{LIMIT_HOOKS:.0%}", over < LIMIT_HOOKS,
+                note=f"median of {len(pairs)} alternated pairs (each pair's ratio)")]
+
+
+# --------------------------------------------------------------------------- the preview
+
+
+def bench_preview(loaded, corpus, args, raw: dict) -> list[Row]:
+    model, tok = loaded.model, loaded.tokenizer
+    spec = PruneSpec.preset("interactive", method="magnitude")
+    ranked = service.CalibratedRanking(rank_modules(model, method="magnitude"), None, spec, 0.0)
+    prompt = eval_items(corpus, "fr", "en", shots=spec.shots, limit=1)[0].prompt
+    key = service.model_key(loaded)
+    first, full, before, tokens = [], [], [], 0
+
+    def streamed(sparsity):
+        masks = ranked.masks(sparsity, "unstructured")
+        state = service.SessionPruning(key, spec, masks, 1, ranked)  # nothing cached: a new move
+        start = time.perf_counter()
+        stream = state.stream(loaded, prompt, service.PREVIEW_TOKENS)
+        next(stream)
+        first.append(time.perf_counter() - start)
+        for _ in stream:
+            pass
+        full.append(time.perf_counter() - start)
+        return len(state.generated(prompt, service.PREVIEW_TOKENS).tokens)
+
+    def non_streamed(sparsity):  # before: nothing showed until the whole answer was there
+        masks = ranked.masks(sparsity, "unstructured")
+        start = time.perf_counter()
+        saved = reference_apply(model, masks)
+        generate(model, tok, [prompt], max_new_tokens=service.PREVIEW_TOKENS)
+        reference_restore(model, saved)
+        before.append(time.perf_counter() - start)
+
+    streamed(0.5)  # warm-up
+    first.clear()
+    full.clear()
+    levels = [0.55, 0.6, 0.65, 0.7, 0.75]
+    for i in range(args.repeat):
+        s = levels[i % len(levels)]
+        if i % 2 == 0:
+            tokens = streamed(s)
+            non_streamed(s)
+        else:
+            non_streamed(s)
+            tokens = streamed(s)
+    raw["preview"] = {"first_token_s": first, "full_s": full, "before_full_s": before,
+                      "prompt_tokens": len(tok(prompt)["input_ids"]), "answer_tokens": tokens}
+    return [
+        Row("5. Preview (no browser)", "streaming: masks applied + prompt + first pruned token",
+            fmt_s(median(first)), f"limit {fmt_s(LIMIT_FIRST_TOKEN_S)} (slider to first token, "
+            "browser included); before: nothing until the full answer, "
+            f"{fmt_s(median(before))}", f"{median(first) / LIMIT_FIRST_TOKEN_S:.2f}x the limit; "
+            f"first text {median(before) / median(first):.1f}x sooner",
+            f"< {fmt_s(LIMIT_FIRST_TOKEN_S)}", median(first) < LIMIT_FIRST_TOKEN_S,
+            note=f"{raw['preview']['prompt_tokens']}-token few-shot prompt, up to "
+                 f"{service.PREVIEW_TOKENS} new tokens; sparsities {levels}; median of "
+                 f"{len(first)}, alternated with the non-streamed path"),
+        Row("5. Preview (no browser)", "streaming: the full answer, masks restored",
+            fmt_s(median(full)), f"before (non-streamed): {fmt_s(median(before))}",
+            f"{median(before) / median(full):.2f}x",
+            note=f"last answer {tokens} tokens"),
+    ]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    ap.add_argument("--repeat", type=int, default=6, help="runs per figure (alternated pairs)")
+    ap.add_argument("--samples", type=int, default=8, help="capture prompts")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--out", type=Path, default=RESULTS / "live.json")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    info = machine()
+    info["command"] = "python bench/live.py " + " ".join(sys.argv[1:])
+    info["nice"] = os.nice(0)
+    raw: dict = {}
+    rows, bandwidth = bench_bandwidth(args, raw)
+    say(f"read bandwidth {bandwidth / 1e9:.1f} GB/s")
+    loaded = load_model(None) if set(args.sections) - {"bandwidth"} else None
+    corpus = bench_corpus()
+    if "apply" in args.sections:
+        rows += bench_apply(loaded, args, raw, bandwidth)
+    if "capture" in args.sections:
+        rows += bench_capture(loaded, corpus, args, raw)
+    if "preview" in args.sections:
+        rows += bench_preview(loaded, corpus, args, raw)
+    info["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    print(f"{info['cpu']}, {info['cores']} cores, {info['torch_threads']} torch threads, "
+          f"nice {info['nice']}; load average at start {info['load_average_at_start']}, "
+          f"at end {info['load_average_at_end']}")
+    print(render_text(rows))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    data = {"machine": info, "rows": [r.__dict__ | {"verdict": r.verdict} for r in rows],
+            "raw": raw}
+    args.out.write_text(json.dumps(data, indent=1, allow_nan=False) + "\n")
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
