@@ -2,7 +2,7 @@
 GGUF does not travel there): random weights, real shapes.
 
     python bench/gpu.py                    # every section, ~5 min on one H100/H200
-    python bench/gpu.py --sections scale   # one section (check, scale, sparse, decode)
+    python bench/gpu.py --sections scale   # one section (check, scale, sparse, decode, diagnose)
     python bench/gpu.py --tiny             # the same code on small shapes, on the CPU too
 
 Sections:
@@ -18,6 +18,8 @@ Sections:
 - decode: Gemma-3-270M-shaped model (262k-token tied head): capture fp32 vs bf16; one decoding
           step at batch 1 and 8 against the bound (weight bytes read per step / read bandwidth
           measured in the same run); greedy agreement of bf16 with fp32.
+- diagnose: why 2:4 kernels lose: a profile of one cuSPARSELt call, and the 2:4 model's logits
+          through sparse kernels against dense bf16 and fp32.
 
 Random weights: speeds and memory are those of the real shapes; agreement figures are a
 pessimistic stand-in (a random model's logits are flatter than a trained one's, so rounding
@@ -418,6 +420,85 @@ def section_decode(args, device: str) -> None:
     gc.collect()
 
 
+# --------------------------------------------------------------------------- diagnose
+
+
+def section_diagnose(args, device: str) -> None:
+    """Why the 2:4 kernels lost and where a decoding step goes: cuSPARSELt against CUTLASS with
+    a profile of one call; logits of the 2:4 model through sparse kernels against dense bf16,
+    and dense bf16 against fp32 (how far rounding alone moves a random model).
+
+    Not here: a compiled decoding step. torch.compile(mode="reduce-overhead") with
+    transformers' static cache skipped CUDA graphs (the cache mutates its inputs) and the
+    process ended without a result on torch 2.11 / transformers 5.17 (H200, 2026-11-26)."""
+    if device != "cuda":
+        row("diagnose", "2:4 kernels and logits", "skipped", note="needs CUDA")
+        return
+    from torch.profiler import ProfilerActivity, profile
+    from torch.sparse import SparseSemiStructuredTensor, to_sparse_semi_structured
+
+    out: dict = {}
+    # CUTLASS's 2:4 kernels run on compute capability 8.x only (a Hopper refuses them)
+    for backend in ("cusparselt",) if torch.cuda.get_device_capability()[0] != 8 else \
+            ("cusparselt", "cutlass"):
+        SparseSemiStructuredTensor._FORCE_CUTLASS = backend == "cutlass"
+        for out_f, in_f in ((4096, 4096), (11008, 4096)):
+            w = torch.randn(out_f, in_f, dtype=torch.bfloat16, device="cuda")
+            w = w * (torch.arange(in_f, device="cuda") % 4 < 2)  # 2:4 by position
+            sw = to_sparse_semi_structured(w)
+            for tokens in (16, 2048):
+                x = torch.randn(tokens, in_f, dtype=torch.bfloat16, device="cuda")
+                td, ts = (seconds(lambda x=x, v=v: torch.nn.functional.linear(x, v), repeat=20,
+                                  warmup=3) for v in (w, sw))
+                out[f"{backend} {out_f}x{in_f} tokens={tokens}"] = dict(dense_s=td, sparse_s=ts)
+                row("diagnose", f"2:4 {backend} {out_f}x{in_f}, {tokens} tokens",
+                    f"{ts * 1e6:.0f} us", f"dense {td * 1e6:.0f} us", f"{td / ts:.2f}x")
+            if backend == "cusparselt" and out_f == 4096:
+                x = torch.randn(2048, in_f, dtype=torch.bfloat16, device="cuda")
+                with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                    for _ in range(5):
+                        torch.nn.functional.linear(x, sw)
+                    sync()
+                table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8)
+                out["profile_cusparselt"] = table
+                print(table, flush=True)
+    SparseSemiStructuredTensor._FORCE_CUTLASS = False
+    results["diagnose"] = out
+
+    config = AutoConfig.for_model("llama", max_position_embeddings=4096, **TOKEN_IDS,
+                                  **(LLAMA_TINY if args.tiny else LLAMA_7B))
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for info in linear_modules(model).values():
+            groups = info.module.weight.view(info.module.weight.shape[0], -1, 4)
+            groups.scatter_(-1, groups.abs().argsort(-1)[..., :2], 0.0)
+    ids = torch.randint(3, 32000, (4, 128), device="cuda",
+                        generator=torch.Generator(device="cuda").manual_seed(0))
+    with torch.inference_mode():
+        fp32 = model(ids).logits.float()
+        model.to(torch.bfloat16)
+        bf16 = model(ids).logits.float()
+        for info in linear_modules(model).values():
+            info.module.weight = torch.nn.Parameter(
+                to_sparse_semi_structured(info.module.weight.data), requires_grad=False)
+        sparse = model(ids).logits.float()
+    del model
+
+    def compare(a, b):
+        return dict(rel_err=((a - b).norm() / b.norm()).item(),
+                    top1_agree=(a.argmax(-1) == b.argmax(-1)).float().mean().item())
+    logits = {"bf16_vs_fp32": compare(bf16, fp32), "sparse_vs_bf16": compare(sparse, bf16),
+              "sparse_vs_fp32": compare(sparse, fp32)}
+    out["logits"] = logits
+    for key, r in logits.items():
+        row("diagnose", f"7B-shaped 2:4 model logits, {key.replace('_', ' ')} (4x128 positions)",
+            f"top-1 equal {r['top1_agree']:.1%}", note=f"rel err {r['rel_err']:.1e}")
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -436,7 +517,7 @@ def strict(x):
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--sections", default="check,scale,sparse,decode")
+    p.add_argument("--sections", default="check,scale,sparse,decode,diagnose")
     p.add_argument("--tiny", action="store_true", help="small shapes (a CPU check of the script)")
     p.add_argument("--samples", type=int, default=16, help="calibration prompts (scale)")
     p.add_argument("--scratch", default=None, help="folder for the built models")
@@ -451,7 +532,7 @@ def main(argv: list[str] | None = None) -> int:
         tiny=args.tiny, cpu_threads=torch.get_num_threads())
     print(json.dumps(results["machine"]), flush=True)
     sections = {"check": section_check, "scale": section_scale, "sparse": section_sparse,
-                "decode": section_decode}
+                "decode": section_decode, "diagnose": section_diagnose}
     for name in args.sections.split(","):
         if time.perf_counter() - start > args.deadline:
             results.setdefault("skipped", []).append(name)
