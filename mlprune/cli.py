@@ -590,9 +590,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "2:4), needs pip install 'mlprune[deploy]'")
     pr.add_argument("--overwrite", action="store_true")
     pr.add_argument("--checkpoint-dir", default=None, metavar="DIR",
-                    help="sequential mode: save each finished layer's statistics and masks "
-                         "here, and resume from what is there (a run stopped at layer 40 of "
-                         "80 goes on at 41)")
+                    help="save each finished layer here (the sequential pass's statistics "
+                         "and masks; every ranking's row orders, in DIR/ranking) and resume "
+                         "from what is there (a run stopped at layer 40 of 80 goes on at 41)")
     pr.set_defaults(func=cmd_prune)
 
     e = sub.add_parser(

@@ -345,8 +345,9 @@ def calibrate(loaded: LoadedModel, corpus: ParallelCorpus, spec: PruneSpec, *,
 def rank(loaded: LoadedModel, spec: PruneSpec, calib: Calibration | None, *,
          batch_size: int = 8, checkpoint_dir: str | Path | None = None,
          progress: Progress = no_progress) -> Ranking:
-    """Rank the selected modules by the spec's method (sequential mode re-captures per layer,
-    saving each finished layer to ``checkpoint_dir`` when given, and resuming from it)."""
+    """Rank the selected modules by the spec's method (sequential mode re-captures per layer).
+    With ``checkpoint_dir``, each finished layer of the sequential pass and of the ranking is
+    saved there as it is done, and a run given the same folder resumes from them."""
     modules = select_modules(loaded.model, spec.layers, spec.blocks)
     protect = None
     if spec.protect:
@@ -369,7 +370,7 @@ def rank(loaded: LoadedModel, spec: PruneSpec, calib: Calibration | None, *,
             progress=lambda s, f: progress(f"sequential calibration, {s}", f))
     return rank_modules(loaded.model, stats, method=spec.method, other=other,
                         invert=spec.invert, protect=protect, modules=modules, seed=spec.seed,
-                        allocation=allocation, mwanda=spec.mwanda,
+                        allocation=allocation, mwanda=spec.mwanda, checkpoint_dir=checkpoint_dir,
                         progress=lambda s, f: progress(f"ranking, {s}", f))
 
 
@@ -377,7 +378,8 @@ def prune(loaded: LoadedModel, corpus: ParallelCorpus, spec: PruneSpec, *, batch
           checkpoint_dir: str | Path | None = None,
           progress: Progress = no_progress) -> PruneResult:
     """Calibrate (when the method needs data), rank and build masks. The model stays dense.
-    ``checkpoint_dir``: where a sequential pass saves each finished layer, and resumes from."""
+    ``checkpoint_dir``: where the sequential pass and the ranking save each finished layer,
+    and resume from."""
     spec.validate()
     t0 = time.perf_counter()
     calib = calibrate(loaded, corpus, spec, batch_size=batch_size, progress=progress) \

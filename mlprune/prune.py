@@ -25,7 +25,7 @@ hooks for each forward) work the same: scores read each module's weights inside
 :func:`~mlprune.models.onloaded`, and masks on an offloaded module zero its pruned columns as
 the hook reads them (the offloaded copy stays dense, so restoring is dropping the mask).
 Sequential calibration holds one decoder layer on the device at a time, and can save each
-finished layer to a folder and resume from it (:class:`LayerCheckpoint`).
+finished layer to a folder and resume from it (:class:`LayerCheckpoint`); so can a ranking.
 """
 
 from __future__ import annotations
@@ -371,20 +371,44 @@ def rank_modules(model: nn.Module, stats: ActivationStats | None = None, *, meth
                  other: ActivationStats | None = None, invert: bool = False,
                  protect: dict[str, list[int]] | None = None, modules: list[str] | None = None,
                  seed: int = 0, allocation: Allocation | None = None,
-                 mwanda: MWanda | None = None, progress: Progress = no_progress) -> Ranking:
+                 mwanda: MWanda | None = None, checkpoint_dir: str | Path | None = None,
+                 progress: Progress = no_progress) -> Ranking:
     """Score and rank every selected module once (``progress`` is told "module i/n").
 
-    ``allocation`` (from :func:`allocate`) makes the ranking's masks layer-adaptive."""
+    ``allocation`` (from :func:`allocate`) makes the ranking's masks layer-adaptive.
+    ``checkpoint_dir``: each decoder layer's row orders are saved there as soon as the layer
+    is ranked (:class:`LayerCheckpoint`), and a ranking given the same folder reads the layers
+    it finds instead of scoring and sorting them again (a 70B model's ranking is as large as
+    its weights and takes minutes)."""
     if method not in METHODS:
         raise MlpruneError(f"Unknown method '{method}': use {', '.join(METHODS)}.")
     infos = linear_modules(model)
     names = modules or list(infos)
     prot = protected_columns(model, protect, names)
+    checkpoint = None
+    if checkpoint_dir is not None:
+        settings = {"ranking": method, "invert": invert, "protect": protect, "modules": names,
+                    "seed": seed, "model": getattr(model, "name_or_path", ""),
+                    "config": model.config.to_json_string() if hasattr(model, "config") else "",
+                    "mwanda": (sorted(mwanda.parts), mwanda.variance_weight, mwanda.prob_weight)
+                    if mwanda is not None and method == "m-wanda" else None}
+        checkpoint = LayerCheckpoint(checkpoint_dir, run_key(stats, other, [], settings),
+                                     len(decoder_layers(model)), what="ranking")
     order = {}
-    for i, name in enumerate(names):
-        s = scores(infos[name], method, stats, other, seed, mwanda)
-        order[name] = row_order(-s if invert else s, prot[name])
-        progress(f"module {i + 1}/{len(names)}", (i + 1) / len(names))
+    done = 0
+    for layer, here in _by_layer(model, names).items():
+        saved = checkpoint.read_orders(layer, here) if checkpoint is not None else None
+        for name in here:
+            if saved is not None:
+                order[name] = saved[name]
+            else:
+                s = scores(infos[name], method, stats, other, seed, mwanda)
+                order[name] = row_order(-s if invert else s, prot[name])
+            done += 1
+            progress(f"module {done}/{len(names)}", done / len(names))
+        if checkpoint is not None and saved is None:
+            checkpoint.write_orders(layer, {n: order[n] for n in here})
+    order = {n: order[n] for n in names}  # the selection's order, whatever the layers'
     meta = {"method": method, "invert": invert, "seed": seed,
             "protected_dims": {str(k): v for k, v in (protect or {}).items() if v},
             "calibration": (stats.meta.get("prompts") if stats else None),
@@ -1202,17 +1226,24 @@ def run_key(dense: ActivationStats, other: ActivationStats | None,
 
 
 class LayerCheckpoint:
-    """A folder holding a sequential run layer by layer, so a run that stops resumes there.
+    """A folder holding a sequential run or a ranking layer by layer, so that a run that stops
+    resumes there.
 
     ``run.json`` says which run it is (:func:`run_key`); ``layer-007.safetensors`` holds layer
     7's module statistics (per part of a calibration mix) and masks, written atomically when
-    the layer is done. A folder of another run is refused rather than mixed in.
+    the layer is done. A ranking (``what="ranking"``) lives in the ``ranking`` folder inside,
+    its files holding each module's row order. A folder of another run is refused rather than
+    mixed in.
     """
 
     MANIFEST = "run.json"
+    RANKING = "ranking"
 
-    def __init__(self, folder: str | Path, key: str, n_layers: int):
+    def __init__(self, folder: str | Path, key: str, n_layers: int,
+                 what: str = "sequential run"):
         self.folder = Path(folder).expanduser()
+        if what == "ranking":
+            self.folder = self.folder / self.RANKING
         manifest = self.folder / self.MANIFEST
         if manifest.is_file():
             try:
@@ -1221,10 +1252,10 @@ class LayerCheckpoint:
                 found = None
             if found != key:
                 raise MlpruneError(
-                    f"{self.folder} holds the layers of another sequential run (another model, "
+                    f"{self.folder} holds the layers of another {what} (another model, "
                     "calibration or setting); give an empty folder, or delete it to start over.")
-        elif self.folder.is_dir() and any(self.folder.iterdir()):
-            raise MlpruneError(f"{self.folder} is not empty and holds no sequential run; give an "
+        elif self.folder.is_dir() and any(p.name != self.RANKING for p in self.folder.iterdir()):
+            raise MlpruneError(f"{self.folder} is not empty and holds no {what}; give an "
                                "empty or new folder for the per-layer checkpoints.")
         else:
             self.folder.mkdir(parents=True, exist_ok=True)
@@ -1232,6 +1263,27 @@ class LayerCheckpoint:
 
     def path(self, layer: int) -> Path:
         return self.folder / f"layer-{layer:03d}.safetensors"
+
+    def write_orders(self, layer: int, orders: dict[str, torch.Tensor]) -> Path:
+        """Save one ranked layer: each module's row order."""
+        path = self.path(layer)
+        tmp = path.with_name(f".{path.name}.partial")
+        save_file({n: o.contiguous() for n, o in orders.items()}, str(tmp),
+                  metadata={"mlprune_layer": json.dumps({"layer": layer})})
+        os.replace(tmp, path)
+        return path
+
+    def read_orders(self, layer: int, names: list[str]) -> dict[str, torch.Tensor] | None:
+        """A ranked layer's row orders, or None when it is not saved whole (or unreadable:
+        it is then ranked and written again)."""
+        path = self.path(layer)
+        if not path.is_file():
+            return None
+        try:
+            orders = load_file(str(path))
+        except Exception:  # safetensors raises its own types for damaged files
+            return None
+        return orders if all(n in orders for n in names) else None
 
     def write(self, layer: int, sqnorms: dict[str, torch.Tensor],
               active: dict[str, torch.Tensor], masks: MaskSet | None) -> Path:

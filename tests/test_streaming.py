@@ -226,6 +226,50 @@ def test_a_stopped_sequential_run_resumes_from_its_saved_layers(tmp_path, monkey
     assert collected == []
 
 
+def test_a_stopped_ranking_resumes_from_its_saved_layers(tmp_path, monkeypatch):
+    import mlprune.prune as prune_module
+
+    model, tok = tiny_model("llama", layers=4), byte_tokenizer()
+    stats = capture(model, tok, TEXTS)
+    whole = rank_modules(model, stats, protect={"embed": [3]})
+    per_layer = len(whole.modules) // 4
+
+    def stop(stage, fraction):  # in the middle of layer 2
+        if stage == f"module {2 * per_layer + 2}/{len(whole.modules)}":
+            raise KeyboardInterrupt
+
+    folder = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        rank_modules(model, stats, protect={"embed": [3]}, checkpoint_dir=folder, progress=stop)
+    assert sorted(p.name for p in (folder / "ranking").glob("layer-*")) == \
+        ["layer-000.safetensors", "layer-001.safetensors"]
+    scored = []
+    real = prune_module.scores
+    monkeypatch.setattr(prune_module, "scores",
+                        lambda info, *a: scored.append(info.layer) or real(info, *a))
+    resumed = rank_modules(model, stats, protect={"embed": [3]}, checkpoint_dir=folder)
+    assert sorted(set(scored)) == [2, 3]  # the saved layers are read, not scored again
+    assert resumed.modules == whole.modules
+    assert all(torch.equal(whole.order[k], resumed.order[k]) for k in whole.modules)
+    assert torch.equal(resumed.masks(0.5, "2:4").pruned_cols["layers.1.mlp.down"],
+                       whole.masks(0.5, "2:4").pruned_cols["layers.1.mlp.down"])
+    scored.clear()
+    rank_modules(model, stats, protect={"embed": [3]}, checkpoint_dir=folder)
+    assert scored == []
+    # another ranking (method, protection, statistics) in the same folder: refused
+    for other in (dict(method="magnitude"), dict(protect=None)):
+        with pytest.raises(MlpruneError, match="holds the layers of another ranking"):
+            rank_modules(model, stats if "method" not in other else None,
+                         checkpoint_dir=folder, **{"protect": {"embed": [3]}, **other})
+    # a sequential run may share the folder with its ranking, and the ranking follows it
+    seq = tmp_path / "seq"
+    run = dict(method="wanda", sparsity=0.5, batch_size=2)
+    sequential_stats_and_masks(model, tok, TEXTS, stats, checkpoint_dir=seq, **run)
+    rank_modules(model, stats, checkpoint_dir=seq)
+    sequential_stats_and_masks(model, tok, TEXTS, stats, checkpoint_dir=seq, **run)
+    assert (seq / "run.json").is_file() and (seq / "ranking" / "run.json").is_file()
+
+
 def test_a_checkpoint_folder_of_another_run_is_refused(tmp_path):
     model, tok = tiny_model("llama"), byte_tokenizer()
     stats = capture(model, tok, TEXTS)
@@ -276,6 +320,7 @@ def test_prune_command_streams_and_resumes(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "memory plan:" in err and "streams one layer at a time through cpu" in err
     assert len(list((tmp_path / "layers").glob("layer-*.safetensors"))) == 4
+    assert len(list((tmp_path / "layers" / "ranking").glob("layer-*.safetensors"))) == 4
     assert read_report(tmp_path / "out")["sparsity_reached"] == 0.5
     # another sparsity in the same folder: refused in one sentence
     assert main(["prune", *common, "--sparsity", "0.4", "--out", str(tmp_path / "out2")]) == 2
