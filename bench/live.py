@@ -21,6 +21,15 @@ machine moves absolute numbers around; timings are figures to read, never assert
   a replaced set restored whole first), run alternately with the new one in the same process.
 - Capture hooks: a plain forward of the decoder stack against ``capture()`` over the same
   batches, the median of alternated pairs.
+- Decoding: one greedy step at batch 1 (the live preview) and batch 8 (evaluation), as
+  (time of 17 new tokens - time of 1) / 16 with ``model.generate`` on real few-shot prompts,
+  against the bound: every weight read once per step (the tied 262k-token head included, the
+  embedding lookup not) over the read bandwidth. A profile of one batch-8 generation says
+  where the step goes (the head's share, and the bandwidth its matmul reaches), and the head's
+  matmul is timed in both of its forms (x @ W.T as nn.Linear computes it, and (W @ x.T).T).
+  bf16 (a second copy of the model) is timed the same way against its own bound, and its
+  greedy translations are compared with fp32's on held-out sentences (agreement, chrF and
+  sacrebleu's paired test).
 - The preview: from the streaming generator (no browser), the time to the first pruned token
   and to the full answer (masks applied and restored included), against the non-streamed
   path before this change (reference apply, ``generate``, reference restore), which showed
@@ -54,7 +63,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 LIMIT_APPLY_S = 0.25  # the issue's target for new masks applied
 LIMIT_FIRST_TOKEN_S = 1.0  # slider to first pruned token (the browser test measures it too)
 LIMIT_HOOKS = 0.05  # capture hooks over a hook-free forward
-SECTIONS = ("bandwidth", "apply", "capture", "preview")
+LIMIT_DECODE_B1 = 0.85  # share of the bandwidth bound a batch-1 decoding step should reach
+LIMIT_DECODE_B8 = 0.50  # ... and a batch-8 step (evaluation, sweeps)
+SECTIONS = ("bandwidth", "apply", "capture", "preview", "decode")
 
 
 def say(text: str) -> None:
@@ -362,12 +373,125 @@ def bench_preview(loaded, corpus, args, raw: dict) -> list[Row]:
     ]
 
 
+# --------------------------------------------------------------------------- decoding
+
+
+def decode_steps(model, tok, prompts: list[str], batch: int, repeat: int) -> float:
+    """Seconds of one greedy decoding step at this batch: (17 new tokens - 1) / 16."""
+    enc = tok(prompts[:batch], return_tensors="pt", padding=True, padding_side="left")
+
+    def run(n):
+        with torch.inference_mode():
+            model.generate(**enc, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                           pad_token_id=tok.pad_token_id)
+    run(2)
+    longer = median([timed(run, 17)[0] for _ in range(repeat)])
+    shorter = median([timed(run, 1)[0] for _ in range(repeat)])
+    return (longer - shorter) / 16
+
+
+def weight_bytes(model) -> int:
+    """Bytes a decoding step reads: every parameter once (a tied head counted once)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def head_profile(model, tok, prompts: list[str]) -> dict:
+    """Where a batch-8 generation's time goes: the head's matmul against the rest."""
+    from torch.profiler import ProfilerActivity, profile
+
+    enc = tok(prompts[:8], return_tensors="pt", padding=True, padding_side="left")
+    vocab = model.get_output_embeddings().weight.shape[0]
+    with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU],
+                                         record_shapes=True) as prof:
+        model.generate(**enc, max_new_tokens=9, min_new_tokens=9, do_sample=False,
+                       pad_token_id=tok.pad_token_id)
+    total = head = mm = 0.0
+    for e in prof.key_averages(group_by_input_shape=True):
+        total += e.self_cpu_time_total
+        if e.key == "aten::mm":
+            mm += e.self_cpu_time_total
+            if any(vocab in (shape or []) for shape in e.input_shapes):
+                head += e.self_cpu_time_total
+    # one head matmul per new token (the prompt's pass computes only its last position)
+    return {"head_share": head / total, "matmul_share": mm / total,
+            "head_per_token_s": head / 9 / 1e6}
+
+
+def bench_decode(loaded, corpus, args, raw: dict, bandwidth: float) -> list[Row]:
+    from mlprune.evaluate import paired_translation_test
+
+    section = "6. Decoding"
+    model, tok = loaded.model, loaded.tokenizer
+    items = eval_items(corpus, "fr", "en", shots=4, limit=args.decode_sentences)
+    prompts = [i.prompt for i in items]
+    rows, out = [], {}
+    half = load_model(None, dtype="bfloat16")
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    native = [f for f in ("avx512_bf16", "amx_bf16") if f" {f}" in flags]
+    for name, m in (("fp32", model), ("bf16", half.model)):
+        wb = weight_bytes(m)
+        bound = wb / bandwidth
+        for batch, limit in ((1, LIMIT_DECODE_B1), (8, LIMIT_DECODE_B8)):
+            step = decode_steps(m, tok, prompts, batch, max(3, args.repeat // 2))
+            out[f"{name}_b{batch}"] = {"step_s": step, "bound_s": bound, "weight_bytes": wb}
+            rows.append(Row(section, f"greedy step, batch {batch}, {name}", fmt_s(step),
+                            f"bound {fmt_s(bound)} ({wb / 1e9:.2f} GB read at "
+                            f"{bandwidth / 1e9:.1f} GB/s)", f"{bound / step:.0%} of the bound",
+                            f">= {limit:.0%}", bound / step >= limit,
+                            note="(17 new tokens - 1) / 16, model.generate, few-shot fr->en "
+                                 f"prompts; median of {max(3, args.repeat // 2)}"
+                                 + (f"; CPU bf16: {', '.join(native) or 'none'}"
+                                    if name == "bf16" else "")))
+    prof = head_profile(model, tok, prompts)
+    head_w = model.get_output_embeddings().weight
+    head_bound = head_w.numel() * head_w.element_size() / bandwidth
+    for r in (1, 8):
+        x = torch.randn(r, head_w.shape[1])
+        with torch.inference_mode():
+            t_linear, t_transposed = paired(lambda x=x: torch.nn.functional.linear(x, head_w),
+                                            lambda x=x: torch.mm(head_w, x.T), args.repeat)
+        out[f"head_b{r}"] = {"linear_s": t_linear, "transposed_s": t_transposed,
+                             "bound_s": head_bound}
+        rows.append(Row(section, f"the head's matmul alone, {r} row(s): x @ W.T (nn.Linear)",
+                        fmt_s(median(t_linear)), f"(W @ x.T).T: {fmt_s(median(t_transposed))}; "
+                        f"bound {fmt_s(head_bound)}",
+                        f"{head_bound / median(t_linear):.0%} / "
+                        f"{head_bound / median(t_transposed):.0%} of the bound",
+                        note=f"W {tuple(head_w.shape)} fp32; alternated, median of "
+                             f"{args.repeat}" + (
+                                 "; profiled inside a batch-8 generation: the head's matmul "
+                                 f"takes {fmt_s(prof['head_per_token_s'])} of each "
+                                 f"{fmt_s(out['fp32_b8']['step_s'])} step; all matmuls are "
+                                 f"{prof['matmul_share']:.0%} of the generation's time"
+                                 if r == 8 else "")))
+    outputs = {}
+    for name, m in (("fp32", model), ("bf16", half.model)):
+        outputs[name] = [g.text for g in generate(m, tok, prompts, max_new_tokens=48)]
+    same = sum(a == b for a, b in zip(outputs["fp32"], outputs["bf16"])) / len(prompts)
+    test = paired_translation_test([i.reference for i in items], outputs["fp32"],
+                                   outputs["bf16"], metrics=("chrf",))["chrf"]
+    out["bf16_vs_fp32"] = {"identical_outputs": same, "chrf": test, "n": len(prompts),
+                           "outputs": outputs}
+    out["profile"] = prof
+    raw["decode"] = out
+    rows.append(Row(section, f"bf16 translations against fp32 ({len(prompts)} held-out fr->en "
+                    "sentences, greedy)", f"{same:.0%} identical",
+                    f"chrF fp32 {test['a']:.1f}, bf16 {test['b']:.1f}",
+                    f"{test['difference']:+.1f} chrF (p = {test['p_value']:.2f})",
+                    note="sacrebleu paired bootstrap"))
+    del half
+    gc.collect()
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     ap.add_argument("--repeat", type=int, default=6, help="runs per figure (alternated pairs)")
     ap.add_argument("--samples", type=int, default=8, help="capture prompts")
+    ap.add_argument("--decode-sentences", type=int, default=24,
+                    help="held-out sentences for bf16 against fp32")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--out", type=Path, default=RESULTS / "live.json")
@@ -388,6 +512,8 @@ def main() -> None:
         rows += bench_capture(loaded, corpus, args, raw)
     if "preview" in args.sections:
         rows += bench_preview(loaded, corpus, args, raw)
+    if "decode" in args.sections:
+        rows += bench_decode(loaded, corpus, args, raw, bandwidth)
     info["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     print(f"{info['cpu']}, {info['cores']} cores, {info['torch_threads']} torch threads, "
           f"nice {info['nice']}; load average at start {info['load_average_at_start']}, "

@@ -307,6 +307,9 @@ def load_model(
 ) -> LoadedModel:
     """Load a causal LM and tokenizer from a hub id, a folder, a .gguf file or the embedded default.
 
+    The spec may end in a precision (``...@bfloat16``, :func:`split_precision`), the same as
+    ``dtype``.
+
     Weights are read from safetensors only; ``allow_pickle=True`` also accepts pickle weights
     (``.bin``, ``.pt``...), which can run code when read: only for files you trust.
     ``device_map`` ("auto", "sequential", a device, or accelerate's {module: device} dict),
@@ -320,7 +323,12 @@ def load_model(
     if device_map is not None and device:
         raise MlpruneError("Give a device or a device map, not both: the device map places "
                            "every module itself.")
-    spec = (spec or DEFAULT_MODEL).strip()
+    spec, named = split_precision((spec or DEFAULT_MODEL).strip())
+    if named is not None:
+        if dtype is not None and parse_dtype(dtype) != parse_dtype(named):
+            raise MlpruneError(f"The model spec asks for {named} and the dtype for {dtype}: "
+                               "give the precision once.")
+        dtype = named
     dtype = parse_dtype(dtype, device)
     folder, source, name, dequantized_from = _resolve(spec, allow_pickle, progress,
                                                       check_memory=device_map is None)
@@ -371,6 +379,25 @@ def _resolve(spec: str | None, allow_pickle: bool, progress: Progress = no_progr
 
 
 DTYPES = ("float32", "bfloat16", "float16")
+_DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32",
+                  "float": "float32"}
+
+
+def split_precision(spec: str) -> tuple[str, str | None]:
+    """A model spec and the precision it names after an ``@``, as the dashboard and
+    ``--model`` take it: ``embedded:gemma3-270m@bfloat16`` -> (``embedded:gemma3-270m``,
+    ``bfloat16``). A spec without one is returned whole, with None."""
+    base, mark, tail = spec.rpartition("@")
+    name = _DTYPE_ALIASES.get(tail.strip().lower(), tail.strip().lower())
+    if mark and base.strip() and name in DTYPES:
+        return base.strip(), name
+    return spec, None
+
+
+def with_precision(spec: str, dtype: str | None) -> str:
+    """The spec that loads ``spec``'s model in ``dtype`` (None or "": as saved)."""
+    base, _ = split_precision(spec)
+    return f"{base}@{dtype}" if dtype else base
 
 
 def parse_dtype(dtype: torch.dtype | str | None, device: str | None = None) -> torch.dtype | None:
@@ -381,8 +408,7 @@ def parse_dtype(dtype: torch.dtype | str | None, device: str | None = None) -> t
         chosen = dtype
     else:
         name = str(dtype).strip().lower().replace("torch.", "")
-        name = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32",
-                "float": "float32", "auto": ""}.get(name, name)
+        name = {**_DTYPE_ALIASES, "auto": ""}.get(name, name)
         if name and name not in DTYPES:
             raise MlpruneError(f"Unknown dtype '{dtype}': use {', '.join(DTYPES)} (or leave it "
                                "out to load as saved).")

@@ -56,7 +56,7 @@ from mlprune.experiments import (
 )
 from mlprune.features import detect
 from mlprune.interventions import intervened
-from mlprune.models import DEFAULT_MODEL, LoadedModel, load_model
+from mlprune.models import DEFAULT_MODEL, LoadedModel, load_model, split_precision
 from mlprune.pipeline import PruneSpec
 from mlprune.prompts import PromptSet, parse_pair
 from mlprune.protocol import get_protocol
@@ -783,6 +783,7 @@ def dequant_text(dequantized_from: str | None) -> str | None:
 
 def source_of(spec: str) -> str:
     """Which kind of model spec this is (embedded, gguf, folder, hub), to preselect it."""
+    spec = split_precision(spec)[0]
     if spec in (DEFAULT_MODEL, "embedded", "default"):
         return "embedded"
     if spec.lower().endswith(".gguf"):

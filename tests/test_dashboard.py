@@ -155,6 +155,25 @@ def test_home_shows_the_model_facts_and_the_corpus(app_env):
     assert "none: the model is dense" in captions  # the sidebar's status
 
 
+def test_home_loads_the_model_in_bfloat16_when_asked(app_env):
+    at = run(new_app())
+    assert at.radio(key="w.model_precision").value == ""  # as saved: float32 here
+    at.radio(key="w.model_precision").set_value("bfloat16")
+    click(at, "Load model")
+    assert not errors(at) and metric(at, "dtype") == "bfloat16"
+    assert at.session_state["model_spec"].endswith("@bfloat16")
+    assert next(ui.shared().model(at.session_state["model_spec"]).model.parameters()).dtype \
+        == torch.bfloat16
+    at = goto(at, "2_Prune")  # the pages prune and generate with the bf16 copy
+    click(at, "Calibrate and rank")
+    assert not errors(at) and outputs(at).get("pruned")
+    at = run(at.switch_page("app.py"))
+    assert at.radio(key="w.model_precision").value == "bfloat16"  # preselected from the spec
+    at.radio(key="w.model_precision").set_value("")
+    click(at, "Load model")
+    assert metric(at, "dtype") == "float32" and "@" not in at.session_state["model_spec"]
+
+
 def test_the_embedded_default_is_preselected_without_the_variable(monkeypatch):
     monkeypatch.delenv(service.MODEL_ENV, raising=False)
     at = AppTest.from_string(

@@ -154,3 +154,20 @@ def test_linear_modules_cover_every_prunable_weight():
     expected = {n.rsplit(".", 1)[0] for n, p in model.named_parameters()
                 if n.endswith("weight") and p.dim() == 2 and ".h." in n}
     assert names == expected
+
+
+def test_a_spec_may_name_its_precision(tmp_path):
+    from mlprune.models import split_precision, with_precision
+
+    assert split_precision("embedded:gemma3-270m@bfloat16") == ("embedded:gemma3-270m", "bfloat16")
+    assert split_precision("org/model@bf16") == ("org/model", "bfloat16")
+    assert split_precision("/models/v1@2") == ("/models/v1@2", None)  # not a precision
+    assert split_precision("@bfloat16") == ("@bfloat16", None)
+    assert with_precision("org/model@float16", "bfloat16") == "org/model@bfloat16"
+    assert with_precision("org/model@float16", "") == "org/model"
+    folder = save_tiny(tmp_path / "m", hidden=32, layers=2)
+    half = load_model(f"{folder}@bfloat16")
+    assert next(half.model.parameters()).dtype == torch.bfloat16
+    assert load_model(f"{folder}@bf16", dtype="bfloat16").facts()["dtype"] == "bfloat16"
+    with pytest.raises(MlpruneError, match="asks for bfloat16 and the dtype for float32"):
+        load_model(f"{folder}@bfloat16", dtype="float32")
