@@ -32,7 +32,7 @@ def _bar() -> Progress:
         if bar is None or fraction < last:
             if bar is not None:
                 bar.close()
-            bar = tqdm(total=100, leave=False, file=sys.stderr,
+            bar = tqdm(total=100, leave=False, file=sys.stderr, desc=stage,  # drawn at once
                        bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}")
         last = fraction
         bar.set_description_str(stage, refresh=False)
@@ -780,7 +780,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _starting_line(argv: list[str]) -> None:
+    """The first progress line of a command, at once: building the parser and loading a model
+    import torch and transformers' model code first (~2-3 s on 2 cores)."""
+    if argv and not argv[0].startswith("-") and not {"-h", "--help"} & set(argv):
+        print(f"mlprune {argv[0]}: starting (importing torch and transformers)",
+              file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
+    _starting_line(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     try:
         args.spec = spec_from_args(args)
