@@ -27,5 +27,8 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
+# Engine figures (bench/run.py), then the live-speed ones (bench/live.py); on a machine with a
+# GPU, also run `$(PY) bench/gpu.py` (models of the real shapes built from configs).
 bench: $(STAMP)
 	$(PY) bench/run.py
+	$(PY) bench/live.py

@@ -30,6 +30,9 @@ machine moves absolute numbers around; timings are figures to read, never assert
   bf16 (a second copy of the model) is timed the same way against its own bound, and its
   greedy translations are compared with fp32's on held-out sentences (agreement, chrF and
   sacrebleu's paired test).
+- Warm start (the GGUF already converted): in fresh processes, the CLI's first progress line
+  and first model line on stderr, and the embedded model's load split into its parts
+  (importing torch, importing transformers, the tokenizer, the model code and weights).
 - The preview: from the streaming generator (no browser), the time to the first pruned token
   and to the full answer (masks applied and restored included), against the non-streamed
   path before this change (reference apply, ``generate``, reference restore), which showed
@@ -63,9 +66,10 @@ RESULTS = Path(__file__).resolve().parent / "results"
 LIMIT_APPLY_S = 0.25  # the issue's target for new masks applied
 LIMIT_FIRST_TOKEN_S = 1.0  # slider to first pruned token (the browser test measures it too)
 LIMIT_HOOKS = 0.05  # capture hooks over a hook-free forward
+LIMIT_START_S = 3.0  # process start to usable (the dashboard) / to the first progress line
 LIMIT_DECODE_B1 = 0.85  # share of the bandwidth bound a batch-1 decoding step should reach
 LIMIT_DECODE_B8 = 0.50  # ... and a batch-8 step (evaluation, sweeps)
-SECTIONS = ("bandwidth", "apply", "capture", "preview", "decode")
+SECTIONS = ("bandwidth", "apply", "capture", "preview", "decode", "start")
 
 
 def say(text: str) -> None:
@@ -484,6 +488,85 @@ def bench_decode(loaded, corpus, args, raw: dict, bandwidth: float) -> list[Row]
     return rows
 
 
+# --------------------------------------------------------------------------- warm start
+
+LOAD_PARTS = """
+import json, sys, time
+t0 = time.perf_counter()
+import torch
+t1 = time.perf_counter()
+import transformers
+from transformers import AutoModelForCausalLM, AutoTokenizer
+t2 = time.perf_counter()
+from mlprune.models import _embedded_folder
+folder = _embedded_folder()
+tok = AutoTokenizer.from_pretrained(folder)
+t3 = time.perf_counter()
+model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto", use_safetensors=True)
+t4 = time.perf_counter()
+print(json.dumps({"torch": t1 - t0, "transformers": t2 - t1, "tokenizer": t3 - t2,
+                  "model": t4 - t3, "total": t4 - t0}))
+"""
+
+
+def stderr_lines(cmd: list[str], wanted: int, timeout: float = 120) -> list[tuple[float, str]]:
+    """(seconds since start, text) of a command's first ``wanted`` stderr lines."""
+    import subprocess
+
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    lines, buf = [], ""
+    try:
+        while len(lines) < wanted and time.perf_counter() - start < timeout:
+            ch = proc.stderr.read(1)
+            if not ch:
+                break
+            if ch in "\r\n":
+                if buf.strip():
+                    lines.append((time.perf_counter() - start, buf.strip()))
+                buf = ""
+            else:
+                buf += ch
+    finally:
+        proc.kill()
+        proc.wait()
+    return lines
+
+
+def bench_start(args, raw: dict) -> list[Row]:
+    import subprocess
+
+    section = "7. Warm start"
+    exe = str(Path(sys.executable).with_name("mlprune"))
+    first, model_line = [], []
+    for _ in range(3):
+        lines = stderr_lines([exe, "analyze", "--pair", "fr-en", "--samples", "2"], 40)
+        first.append(lines[0][0])
+        model_line.append(next(t for t, text in lines if text.startswith("model: ")))
+    parts = [json.loads(subprocess.run([sys.executable, "-c", LOAD_PARTS], capture_output=True,
+                                       text=True, check=True).stdout.splitlines()[-1])
+             for _ in range(3)]
+    part = {k: median([p[k] for p in parts]) for k in parts[0]}
+    raw["start"] = {"cli_first_line_s": first, "cli_model_ready_s": model_line, "load": parts}
+    return [
+        Row(section, "CLI start to its first progress line (mlprune analyze)",
+            fmt_s(median(first)), f"limit {fmt_s(LIMIT_START_S)}",
+            f"{median(first) / LIMIT_START_S:.2f}x the limit", f"< {fmt_s(LIMIT_START_S)}",
+            median(first) < LIMIT_START_S, note="fresh processes, median of 3"),
+        Row(section, "CLI start to the model loaded (its 'model:' line)",
+            fmt_s(median(model_line)), f"limit {fmt_s(LIMIT_START_S)}",
+            f"{median(model_line) / LIMIT_START_S:.2f}x the limit", f"< {fmt_s(LIMIT_START_S)}",
+            median(model_line) < LIMIT_START_S,
+            note="what the dashboard also waits for after a restart (it loads in a thread "
+                 "while the page draws)"),
+        Row(section, "the load's parts in a fresh process",
+            fmt_s(part["total"]), "", "",
+            note=f"import torch {fmt_s(part['torch'])}, transformers {fmt_s(part['transformers'])}, "
+                 f"tokenizer {fmt_s(part['tokenizer'])}, model code + weights "
+                 f"{fmt_s(part['model'])}; median of 3"),
+    ]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -504,7 +587,7 @@ def main() -> None:
     raw: dict = {}
     rows, bandwidth = bench_bandwidth(args, raw)
     say(f"read bandwidth {bandwidth / 1e9:.1f} GB/s")
-    loaded = load_model(None) if set(args.sections) - {"bandwidth"} else None
+    loaded = load_model(None) if set(args.sections) - {"bandwidth", "start"} else None
     corpus = bench_corpus()
     if "apply" in args.sections:
         rows += bench_apply(loaded, args, raw, bandwidth)
@@ -514,6 +597,8 @@ def main() -> None:
         rows += bench_preview(loaded, corpus, args, raw)
     if "decode" in args.sections:
         rows += bench_decode(loaded, corpus, args, raw, bandwidth)
+    if "start" in args.sections:
+        rows += bench_start(args, raw)
     info["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     print(f"{info['cpu']}, {info['cores']} cores, {info['torch_threads']} torch threads, "
           f"nice {info['nice']}; load average at start {info['load_average_at_start']}, "

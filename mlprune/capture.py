@@ -271,6 +271,10 @@ def context_length(model: nn.Module) -> int | None:
 # --------------------------------------------------------------------------- hooks
 
 
+def _positive(x: torch.Tensor) -> torch.Tensor:
+    return (x > 0).float()
+
+
 class _Collector:
     """Forward hooks that add one batch's statistics into running sums, padding excluded.
 
@@ -292,6 +296,8 @@ class _Collector:
         self.mask: torch.Tensor | None = None  # [B, T] bool for the batch in flight
         self.group: torch.Tensor | None = None  # [B] long: each row's group (None: group 0)
         self._last: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._rows: torch.Tensor | None = None
+        self._rows_on: dict[torch.device, torch.Tensor] = {}
         self._handles: list = []
 
     def __enter__(self):
@@ -316,6 +322,10 @@ class _Collector:
     def start_batch(self, mask: torch.Tensor, group: torch.Tensor | None = None) -> None:
         """The positions that count, and each row's group, of the batch about to run."""
         self.mask, self.group, self._last = mask, group, None
+        # the real tokens' rows of a flattened [B*T, F] activation, found once per batch
+        # rather than by a boolean index in every hook (None: no padding, every row counts)
+        self._rows = None if bool(mask.all()) else mask.reshape(-1).nonzero().squeeze(1)
+        self._rows_on: dict[torch.device, torch.Tensor] = {}
 
     def _masked(self, x: torch.Tensor) -> bool:
         return self.mask is not None and x.dim() == 3 and x.shape[:2] == self.mask.shape
@@ -326,17 +336,24 @@ class _Collector:
 
     def _tokens(self, x: torch.Tensor) -> torch.Tensor:
         """The rows of x at real (non-pad) token positions, as fp32 [n_tokens, features]."""
-        x = x[self._mask_on(x)] if self._masked(x) else x.reshape(-1, x.shape[-1])
-        return x.float()
+        flat = x.reshape(-1, x.shape[-1])
+        if self._masked(x) and self._rows is not None:
+            rows = self._rows_on.get(x.device)
+            if rows is None:
+                rows = self._rows_on[x.device] = self._rows.to(x.device)
+            flat = flat.index_select(0, rows)
+        return flat.float()
 
-    def _column_sums(self, x: torch.Tensor) -> torch.Tensor:
-        """Per group, the sum over real tokens of each feature of x (fp32): [groups, features]."""
+    def _column_sums(self, x: torch.Tensor, op: Callable[[torch.Tensor], torch.Tensor]
+                     ) -> torch.Tensor:
+        """Per group, the sum over real tokens of each feature of ``op(x)`` (fp32):
+        [groups, features]. ``op`` (elementwise) runs on the real tokens' rows only."""
         if self.groups == 1 or self.group is None:
-            return self._tokens(x).sum(dim=0, keepdim=True).cpu()
+            return op(self._tokens(x)).sum(dim=0, keepdim=True).cpu()
         if not self._masked(x):
             raise MlpruneError("A pooled calibration mix needs batched [batch, tokens, features] "
                                "activations, which this model's modules do not give.")
-        rows = (x.float() * self._mask_on(x).unsqueeze(-1)).sum(dim=1)  # [B, features]
+        rows = (op(x.float()) * self._mask_on(x).unsqueeze(-1)).sum(dim=1)  # [B, features]
         out = torch.zeros(self.groups, x.shape[-1], dtype=torch.float32, device=rows.device)
         return out.index_add_(0, self.group.to(rows.device), rows).cpu()
 
@@ -372,16 +389,16 @@ class _Collector:
             if self._last is not None and self._last[0] is x:
                 sq = self._last[1]
             else:
-                sq = self._column_sums(x.float().square())
+                sq = self._column_sums(x, torch.square)
                 self._last = (x, sq)
             self.sqnorms[name] += sq
             if counts_own_input:
-                self.active[name] += self._column_sums((x > 0).float())
+                self.active[name] += self._column_sums(x, _positive)
         return hook
 
     def _gate_hook(self, name: str):
         def hook(module, args, output):
-            self.active[name] += self._column_sums((output > 0).float())
+            self.active[name] += self._column_sums(output, _positive)
         return hook
 
 
