@@ -197,6 +197,16 @@ def test_features_prune_compare_on_the_embedded_model(page, server):
         page.keyboard.press("ArrowRight")
         page.locator(f'{box}:is([data-state="done"], :has(.mlp-tok))').first.wait_for()
         first_token.append(time.perf_counter() - start)
+        streaming = page.locator(f'{box}[data-state="streaming"]')
+        if target == 55 and streaming.count():  # the answer caught while it streams in
+            from playwright.sync_api import Error as PlaywrightError
+
+            try:
+                page.locator('[data-testid="stHorizontalBlock"]', has=streaming).last.screenshot(
+                    path=SHOTS / "prune_streaming.png", timeout=3000)
+                print("screenshot of the pruned answer streaming: prune_streaming.png")
+            except PlaywrightError:  # it finished first: nothing to show, nothing wrong
+                print("the pruned answer finished before its streaming frame was captured")
         page.locator(f'{box}[data-state="done"]').wait_for()
         latencies.append(time.perf_counter() - start)
     clock("four slider moves")
