@@ -136,9 +136,10 @@ class Clock:
         self.last = time.perf_counter()
 
 
-def compare_while_sweeping(page, server: str, running) -> None:
+def compare_in_a_new_tab(page, server: str, text: str, running=None) -> float:
     """In a second tab, Compare continues a free text no one asked for before (so nothing is
-    cached: the shared model must generate it) while the first tab's sweep still runs."""
+    cached: the shared model must generate it); the seconds from sending the text to the new
+    dense output. With ``running``, the first tab's sweep must still run when it answers."""
     from playwright.sync_api import expect
 
     second = page.context.browser.new_page()  # a new tab is a new Streamlit session
@@ -152,11 +153,15 @@ def compare_while_sweeping(page, server: str, running) -> None:
         before = dense.inner_text()
         second.get_by_text("Free text", exact=True).click()
         box = second.get_by_label("Free text (the model continues it to the end of the line)")
-        box.fill("English: Another tab is sweeping right now.\nFrench:")
+        box.fill(text)
+        start = time.perf_counter()
         box.press("Control+Enter")  # a text area sends its value on Ctrl+Enter
         expect(dense).not_to_have_text(before, timeout=WORK_S * 1000)
+        seconds = time.perf_counter() - start
         assert dense.inner_text().strip()
-        assert running.count() > 0, "the sweep ended before the second tab's Compare answered"
+        if running is not None:
+            assert running.count() > 0, "the sweep ended before the second tab's Compare answered"
+        return seconds
     finally:
         second.close()
 
@@ -244,7 +249,8 @@ def test_features_prune_compare_on_the_embedded_model(page, server):
 
     # Issue 14: the sweep runs in a worker process with its own model, so the shared model is
     # free: a second tab (another session) gets a new dense output while the sweep runs.
-    compare_while_sweeping(page, server, running)
+    busy = compare_in_a_new_tab(page, server, "English: Another tab is sweeping right now.\n"
+                                "French:", running)
     clock("a second tab's Compare, during the sweep")
 
     # generous: a hang, not a speed limit (a loaded 2-core machine needs 8+ min for 6 cells)
@@ -253,6 +259,10 @@ def test_features_prune_compare_on_the_embedded_model(page, server):
     clock("sweep (6 cells)")
     shoot(page, "sweep")
     clock.skip()
+    idle = compare_in_a_new_tab(page, server, "English: Nobody is sweeping any more.\nFrench:")
+    print(f"a second tab's new Compare answer: {busy:.1f} s during the sweep, {idle:.1f} s "
+          f"idle ({busy / idle:.1f}x slower while the worker shares the 2 cores)")
+    (SHOTS / "second_tab.json").write_text(json.dumps({"during_sweep_s": busy, "idle_s": idle}))
 
     if os.environ.get("MLPRUNE_ASSETS") == "1":
         for name in ("home", "features", "prune", "compare", "sweep"):

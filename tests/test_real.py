@@ -62,3 +62,20 @@ def test_few_shot_translation_scores_well_dense(gemma):
                                    limit=6, max_new_tokens=48)
     assert metrics["chrf"] > 35 and metrics["target_language_rate"] >= 0.8
     assert 1 < metrics["perplexity"] < 200
+
+
+def test_bfloat16_translates_as_float32_does(gemma):
+    """The faster precision the dashboard offers (model@bfloat16) against the fp32 reference:
+    greedy translations of 8 held-out sentences mostly identical, chrF within 3 points (the
+    bench measures more sentences: bench/live.py, section 6)."""
+    from mlprune.evaluate import chrf
+    from mlprune.models import load_model
+
+    half = load_model("embedded@bfloat16")
+    assert half.facts()["dtype"] == "bfloat16"
+    items = eval_items(builtin_corpus(), "fr", "en", shots=4, limit=8)
+    prompts, refs = [it.prompt for it in items], [it.reference for it in items]
+    full = [g.text for g in generate(gemma.model, gemma.tokenizer, prompts, max_new_tokens=48)]
+    fast = [g.text for g in generate(half.model, half.tokenizer, prompts, max_new_tokens=48)]
+    assert sum(a == b for a, b in zip(full, fast)) >= 6
+    assert abs(chrf(fast, refs) - chrf(full, refs)) < 3
