@@ -52,7 +52,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout as is
 
 import torch  # noqa: E402
-from tools import Row, bench_corpus, machine, median, paired, render_text, timed  # noqa: E402
+from tools import (  # noqa: E402
+    Row,
+    bench_corpus,
+    machine,
+    median,
+    paired,
+    render_markdown,
+    render_text,
+    timed,
+)
 
 from mlprune import service  # noqa: E402
 from mlprune.capture import batches, capture, context_length, encode  # noqa: E402
@@ -608,7 +617,9 @@ def main() -> None:
     data = {"machine": info, "rows": [r.__dict__ | {"verdict": r.verdict} for r in rows],
             "raw": raw}
     args.out.write_text(json.dumps(data, indent=1, allow_nan=False) + "\n")
-    print(f"\nwrote {args.out}")
+    info["repeat"] = args.repeat
+    args.out.with_suffix(".md").write_text(render_markdown(rows, info, []))
+    print(f"\nwrote {args.out} and {args.out.with_suffix('.md').name}")
 
 
 if __name__ == "__main__":
