@@ -55,6 +55,7 @@ import torch  # noqa: E402
 from tools import (  # noqa: E402
     Row,
     bench_corpus,
+    hook_free_forward,
     machine,
     median,
     paired,
@@ -64,7 +65,7 @@ from tools import (  # noqa: E402
 )
 
 from mlprune import service  # noqa: E402
-from mlprune.capture import batches, capture, context_length, encode  # noqa: E402
+from mlprune.capture import capture, context_length, encode  # noqa: E402
 from mlprune.evaluate import generate  # noqa: E402
 from mlprune.models import linear_modules, load_model  # noqa: E402
 from mlprune.pipeline import PruneSpec  # noqa: E402
@@ -301,12 +302,7 @@ def bench_capture(loaded, corpus, args, raw: dict) -> list[Row]:
     model, tok = loaded.model, loaded.tokenizer
     prompts = translation_prompts(corpus, "fr", "en", samples=args.samples)
     ids = encode(tok, prompts.texts, context_length(model))
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-
-    def plain():  # the same batches through the same decoder stack, no hooks
-        with torch.inference_mode():
-            for input_ids, mask in batches(ids, args.batch_size, pad):
-                model.base_model(input_ids=input_ids, attention_mask=mask, use_cache=False)
+    plain = hook_free_forward(model, tok, prompts.texts, args.batch_size)
 
     def hooked():
         capture(model, tok, prompts, batch_size=args.batch_size)

@@ -29,6 +29,7 @@ from tools import (  # noqa: E402
     Row,
     bench_corpus,
     child,
+    hook_free_forward,
     machine,
     median,
     median_ratio,
@@ -63,12 +64,7 @@ def bench_capture(loaded, prompts, args, raw: dict) -> tuple[list[Row], Activati
     model, tok = loaded.model, loaded.tokenizer
     ids = encode(tok, prompts.texts, context_length(model))
     tokens = sum(len(s) for s in ids)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-
-    def plain():  # the same batches through the same decoder stack, no hooks
-        with torch.inference_mode():
-            for input_ids, mask in batches(ids, args.batch_size, pad):
-                model.base_model(input_ids=input_ids, attention_mask=mask, use_cache=False)
+    plain = hook_free_forward(model, tok, prompts.texts, args.batch_size)
 
     def hooked():
         return capture(model, tok, prompts, batch_size=args.batch_size)

@@ -88,6 +88,23 @@ def median_ratio(num: list[float], den: list[float]) -> float:
     return median([x / y for x, y in zip(num, den)])
 
 
+def hook_free_forward(model, tok, texts: list[str], batch_size: int) -> Callable[[], None]:
+    """The batches capture() runs, through the same decoder stack, without its hooks: the
+    reference its overhead is measured against."""
+    import torch
+
+    from mlprune.capture import batches, context_length, encode
+
+    ids = encode(tok, texts, context_length(model))
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+
+    def plain() -> None:
+        with torch.inference_mode():
+            for input_ids, mask in batches(ids, batch_size, pad):
+                model.base_model(input_ids=input_ids, attention_mask=mask, use_cache=False)
+    return plain
+
+
 # --------------------------------------------------------------------------- machine
 
 
