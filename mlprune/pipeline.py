@@ -537,9 +537,13 @@ def sweep_settings(loaded: LoadedModel, base: PruneSpec, limit: int | None,
     limit, the base spec's fields a cell does not set, and the extra columns."""
     per_cell = {"pair", "sparsity", "pattern", "mode", *(k for fields in SWEEP_METHODS.values()
                                                          for k in fields)}
-    return {"model": loaded.name, "dequantized_from": loaded.dequantized_from, "limit": limit,
-            "spec": {k: v for k, v in asdict(base).items() if k not in per_cell},
-            "extra": list(getattr(extra_eval, "columns", []))}
+    settings = {"model": loaded.name, "dequantized_from": loaded.dequantized_from,
+                "limit": limit, "spec": {k: v for k, v in asdict(base).items() if k not in per_cell},
+                "extra": list(getattr(extra_eval, "columns", []))}
+    dtype = loaded.facts()["dtype"]
+    if dtype != "float32":  # a bf16 sweep never resumes (or is mixed into) an fp32 one
+        settings["dtype"] = dtype
+    return settings
 
 
 def read_sweep_rows(path: str | Path) -> list[dict]:

@@ -238,3 +238,7 @@ def test_the_sweep_command_runs_in_a_worker_into_a_store(tiny_folder, corpus_fil
     # ... and refuses to mix in rows measured with other settings
     assert main([*common, "--store", str(tmp_path / "s.sqlite"), "--limit", "3"]) == 2
     assert "holds rows measured with another limit (2, not 3)" in capsys.readouterr().err
+    # ... nor rows of the same model in another precision
+    assert main([*common, "--store", str(tmp_path / "s.sqlite"), "--dtype", "bfloat16"]) == 2
+    assert "holds rows measured with another dtype (None, not 'bfloat16')" in \
+        capsys.readouterr().err
