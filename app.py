@@ -13,7 +13,7 @@ import streamlit as st
 
 from mlprune import MlpruneError, service, ui
 from mlprune.corpus import flores_corpus, language_name, read_corpus
-from mlprune.models import DEFAULT_MODEL, split_precision, with_precision
+from mlprune.models import DEFAULT_MODEL, native_bfloat16, split_precision, with_precision
 from mlprune.prompts import split_rows
 
 SOURCES = {
@@ -52,6 +52,9 @@ def model_section() -> None:
                               "(AVX512-BF16, AMX) and GPUs it decodes several times faster. "
                               "float32 is the reference every figure in the README uses; an "
                               "explicit precision stays in the spec (model@bfloat16).")
+    if precision == "bfloat16" and not native_bfloat16():
+        st.caption("This machine has no native bfloat16 (no AVX512-BF16 or AMX, no GPU with "
+                   "it): bfloat16 is emulated here and slower than float32.")
     if st.button("Load model", type="primary"):
         with ui.errors() as ok:
             if not spec:

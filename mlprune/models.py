@@ -394,6 +394,18 @@ def split_precision(spec: str) -> tuple[str, str | None]:
     return spec, None
 
 
+def native_bfloat16() -> bool:
+    """Whether this machine computes in bfloat16 natively: a CUDA GPU that has it, or a CPU
+    with AVX512-BF16 or AMX (elsewhere bf16 is emulated on a CPU, and slower than fp32)."""
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def with_precision(spec: str, dtype: str | None) -> str:
     """The spec that loads ``spec``'s model in ``dtype`` (None or "": as saved)."""
     base, _ = split_precision(spec)

@@ -19,7 +19,7 @@ import torch
 from conftest import EN
 from streamlit.testing.v1 import AppTest
 
-from mlprune import MlpruneError, plots, prune, service, ui
+from mlprune import MlpruneError, models, plots, prune, service, ui
 from mlprune.capture import Cancelled, capture, token_magnitudes
 from mlprune.evaluate import Generation, generate
 from mlprune.features import detect, overlap_matrix
@@ -159,6 +159,9 @@ def test_home_loads_the_model_in_bfloat16_when_asked(app_env):
     at = run(new_app())
     assert at.radio(key="w.model_precision").value == ""  # as saved: float32 here
     at.radio(key="w.model_precision").set_value("bfloat16")
+    run(at)
+    warned = any("no native bfloat16" in c.value for c in at.caption)
+    assert warned != models.native_bfloat16()  # said only where bf16 would be emulated
     click(at, "Load model")
     assert not errors(at) and metric(at, "dtype") == "bfloat16"
     assert at.session_state["model_spec"].endswith("@bfloat16")

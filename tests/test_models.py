@@ -171,3 +171,21 @@ def test_a_spec_may_name_its_precision(tmp_path):
     assert load_model(f"{folder}@bf16", dtype="bfloat16").facts()["dtype"] == "bfloat16"
     with pytest.raises(MlpruneError, match="asks for bfloat16 and the dtype for float32"):
         load_model(f"{folder}@bfloat16", dtype="float32")
+
+
+def test_native_bfloat16_reads_the_cpu_flags(monkeypatch):
+    import mlprune.models as models
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for flags, native in (("fpu avx512f avx512_bf16 sse", True), ("fpu amx_bf16", True),
+                          ("fpu avx512f avx2", False), (None, False)):
+        class CpuInfo:
+            def __init__(self, path):
+                assert str(path) == "/proc/cpuinfo"
+
+            def read_text(self, flags=flags):
+                if flags is None:
+                    raise OSError("no /proc here")
+                return f"processor : 0\nflags : {flags}\n"
+        monkeypatch.setattr(models, "Path", CpuInfo)
+        assert models.native_bfloat16() is native
