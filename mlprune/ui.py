@@ -355,7 +355,7 @@ def sidebar_status() -> None:
     if loaded is None:
         st.caption(f"{spec} (not loaded yet)")
     else:
-        st.caption(loaded.name)
+        st.caption(f"{loaded.name}, {loaded.facts()['dtype']}")
         if loaded.dequantized_from:
             st.caption(f"weights de-quantized from {loaded.dequantized_from}")
     corpus = st.session_state.get("corpus")

@@ -164,6 +164,7 @@ def test_home_loads_the_model_in_bfloat16_when_asked(app_env):
     assert warned != models.native_bfloat16()  # said only where bf16 would be emulated
     click(at, "Load model")
     assert not errors(at) and metric(at, "dtype") == "bfloat16"
+    assert any(c.value.endswith(", bfloat16") for c in at.caption)  # the sidebar says so too
     assert at.session_state["model_spec"].endswith("@bfloat16")
     assert next(ui.shared().model(at.session_state["model_spec"]).model.parameters()).dtype \
         == torch.bfloat16
