@@ -1,7 +1,7 @@
 """GPU figures on models built from configs (a GPU machine reaches no hub, and the embedded
 GGUF does not travel there): random weights, real shapes.
 
-    python bench/gpu.py                    # every section, ~5 min on one H100/H200
+    python bench/gpu.py                    # every section, ~6 min on one H200
     python bench/gpu.py --sections scale   # one section (check, scale, sparse, decode, diagnose)
     python bench/gpu.py --tiny             # the same code on small shapes, on the CPU too
 
@@ -115,7 +115,8 @@ def build(shape: dict, arch: str, folder: Path, device: str, dtype=torch.bfloat1
     byte_tokenizer().save_pretrained(folder)
     del model
     gc.collect()
-    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     return folder
 
 
