@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
 import os
 import statistics
 import sys
@@ -41,10 +40,12 @@ import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # run from a checkout as is; tiny's tokenizer
+# run from a checkout as is; tiny's tokenizer; the bench's own helpers
+sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
 
 import torch  # noqa: E402
 from tiny import byte_tokenizer  # noqa: E402
+from tools import decode_step, read_bandwidth, weight_bytes  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 
 from mlprune.capture import capture  # noqa: E402
@@ -52,6 +53,7 @@ from mlprune.corpus import builtin_corpus  # noqa: E402
 from mlprune.models import linear_modules, load_model  # noqa: E402
 from mlprune.prompts import translation_prompts  # noqa: E402
 from mlprune.prune import apply_masks, rank_modules, sequential_stats_and_masks  # noqa: E402
+from mlprune.zeroshot.reports import json_safe  # noqa: E402
 
 LLAMA_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                 num_attention_heads=32, num_key_value_heads=32, vocab_size=32000)
@@ -98,13 +100,6 @@ def gib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB"
 
 
-def read_bandwidth(device: str) -> float:
-    """Bytes per second of a sum over a large tensor (a copy understates reading)."""
-    size = (4 if device == "cuda" else 1) * 2**30
-    x = torch.ones(size // 4, dtype=torch.float32, device=device)
-    return size / seconds(x.sum, repeat=10, warmup=2)
-
-
 def build(shape: dict, arch: str, folder: Path, device: str, dtype=torch.bfloat16) -> Path:
     """A model of this shape with random weights, and the byte tokenizer, as a HF folder."""
     config = AutoConfig.for_model(arch, max_position_embeddings=4096, **TOKEN_IDS, **shape)
@@ -118,6 +113,25 @@ def build(shape: dict, arch: str, folder: Path, device: str, dtype=torch.bfloat1
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return folder
+
+
+def random_llama(args, dtype: torch.dtype) -> torch.nn.Module:
+    """The Llama-7B-shaped model (tiny with --tiny), random weights, built on the GPU."""
+    config = AutoConfig.for_model("llama", max_position_embeddings=4096, **TOKEN_IDS,
+                                  **(LLAMA_TINY if args.tiny else LLAMA_7B))
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+
+
+@torch.no_grad()
+def prune_2_4_(weight: torch.Tensor) -> torch.Tensor:
+    """Zero the 2 smallest-magnitude weights of every 4 consecutive inputs, in place. (The
+    library's magnitude ranking gives the same masks, but ranks every row on the CPU: minutes
+    for 7B weights this script only needs pruned.)"""
+    groups = weight.view(weight.shape[0], -1, 4)
+    groups.scatter_(-1, groups.abs().argsort(-1)[..., :2], 0.0)
+    return weight
 
 
 def calibration(samples: int):
@@ -234,20 +248,20 @@ def section_scale(args, device: str) -> None:
         t = time.perf_counter()
         folder = build(shape, "llama", Path(tmp) / "llama", device)
         built = time.perf_counter() - t
-        weight_bytes = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+        file_bytes = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
         # the GPU (or CPU) cap: well below the model, above one layer and the cached inputs
-        cap = (min(weight_bytes // 3, 6 * 2**30) if device == "cuda" else None)
+        cap = (min(file_bytes // 3, 6 * 2**30) if device == "cuda" else None)
         streamed, sm = prune_run(folder, prompts, device=device, cap=cap,
-                                 weights_cap=(2**30 if device == "cuda" else weight_bytes // 3),
+                                 weights_cap=(2**30 if device == "cuda" else file_bytes // 3),
                                  offload=Path(tmp) / "offload")
         whole, wm = prune_run(folder, prompts, device=device, cap=None, weights_cap=None,
                               offload=Path(tmp) / "offload2")
     streamed["same_masks_one_shot"] = same_masks(sm["one_shot"], wm["one_shot"])
     streamed["same_masks_sequential"] = same_masks(sm["sequential"], wm["sequential"])
-    results["scale"] = dict(shape=shape, weight_bytes=weight_bytes, build_s=built,
+    results["scale"] = dict(shape=shape, weight_bytes=file_bytes, build_s=built,
                             samples=args.samples, streamed=streamed, in_memory=whole)
     name = "Llama-7B-shaped" if not args.tiny else "tiny Llama"
-    row("scale", f"{name} bf16 ({gib(weight_bytes)} of weights), memory plan", streamed["plan"],
+    row("scale", f"{name} bf16 ({gib(file_bytes)} of weights), memory plan", streamed["plan"],
         note=f"placement {streamed['placement']}")
     for key, label in (("load_s", "load"), ("capture_s", f"capture, {args.samples} prompts"),
                        ("one_shot_s", "one-shot Wanda 50% ranking + masks"),
@@ -280,10 +294,7 @@ def section_sparse(args, device: str) -> None:
     matmul = {}
     for model_name, pairs in shapes.items():
         for out_f, in_f in pairs:
-            w = torch.randn(out_f, in_f, dtype=torch.bfloat16, device="cuda")
-            keep = w.abs().reshape(out_f, -1, 4).argsort(-1, descending=True)[..., :2]
-            w24 = torch.zeros_like(w).reshape(out_f, -1, 4).scatter(
-                -1, keep, w.reshape(out_f, -1, 4).gather(-1, keep)).reshape(out_f, in_f)
+            w24 = prune_2_4_(torch.randn(out_f, in_f, dtype=torch.bfloat16, device="cuda"))
             sw = to_sparse_semi_structured(w24)
             for tokens in (1, 16, 128, 2048):
                 x = torch.randn(tokens, in_f, dtype=torch.bfloat16, device="cuda")
@@ -311,18 +322,10 @@ def end_to_end(args) -> None:
     """The 7B-shaped model, 2:4-pruned (magnitude): dense weights vs semi-structured kernels."""
     from torch.sparse import to_sparse_semi_structured
 
-    config = AutoConfig.for_model("llama", max_position_embeddings=4096, **TOKEN_IDS,
-                                  **(LLAMA_TINY if args.tiny else LLAMA_7B))
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
+    model = random_llama(args, torch.bfloat16)
     infos = linear_modules(model)
-    with torch.no_grad():
-        for info in infos.values():
-            w = info.module.weight
-            groups = w.view(w.shape[0], -1, 4)
-            drop = groups.abs().argsort(-1)[..., :2]
-            groups.scatter_(-1, drop, 0.0)
+    for info in infos.values():
+        prune_2_4_(info.module.weight)
     gen = torch.Generator(device="cuda").manual_seed(0)
     prompt = {b: torch.randint(3, 32000, (b, 128), device="cuda", generator=gen) for b in (1, 8)}
     prefill = torch.randint(3, 32000, (1, 2048), device="cuda", generator=gen)
@@ -373,7 +376,7 @@ def end_to_end(args) -> None:
 
 def section_decode(args, device: str) -> None:
     shape = GEMMA_TINY if args.tiny else GEMMA_270M
-    bandwidth = read_bandwidth(device)
+    bandwidth = read_bandwidth(device, gib=4 if device == "cuda" else 1, repeat=10)[0]
     out: dict = {"read_bandwidth_Bps": bandwidth}
     with tempfile.TemporaryDirectory(dir=args.scratch) as tmp:
         folder = build(shape, "gemma3_text", Path(tmp) / "gemma", "cpu", torch.float32)
@@ -383,20 +386,17 @@ def section_decode(args, device: str) -> None:
     tokens = {}
     for dtype, loaded in models.items():
         m = loaded.model
-        weight_bytes = sum(p.numel() * p.element_size() for p in m.parameters())  # tied head once
+        wb = weight_bytes(m)
         cap = seconds(lambda m=m, t=loaded.tokenizer: capture(m, t, prompts), repeat=3)
-        r = {"capture_s": cap, "weight_bytes": weight_bytes}
+        r = {"capture_s": cap, "weight_bytes": wb}
         gen = torch.Generator().manual_seed(0)
         for b in (1, 8):
             ids = torch.randint(3, 250, (b, 64), generator=gen).to(device)
+            r[f"step_b{b}_s"] = decode_step(m, {"input_ids": ids}, steps=32, repeat=5)
             with torch.inference_mode():
-                def run(n, ids=ids, m=m):
-                    return m.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                      pad_token_id=0)
-                t1, t33 = seconds(lambda: run(1), repeat=5), seconds(lambda: run(33), repeat=5)
-                r[f"step_b{b}_s"] = (t33 - t1) / 32
-                tokens[(dtype, b)] = run(32)[:, 64:].cpu()
-            r[f"step_b{b}_bound_s"] = weight_bytes / bandwidth
+                tokens[(dtype, b)] = m.generate(ids, max_new_tokens=32, min_new_tokens=32,
+                                                do_sample=False, pad_token_id=0)[:, 64:].cpu()
+            r[f"step_b{b}_bound_s"] = wb / bandwidth
         out[dtype] = r
     out["bf16_greedy_agreement"] = {
         f"b{b}": (tokens[("float32", b)] == tokens[("bfloat16", b)]).float().mean().item()
@@ -466,15 +466,9 @@ def section_diagnose(args, device: str) -> None:
     SparseSemiStructuredTensor._FORCE_CUTLASS = False
     results["diagnose"] = out
 
-    config = AutoConfig.for_model("llama", max_position_embeddings=4096, **TOKEN_IDS,
-                                  **(LLAMA_TINY if args.tiny else LLAMA_7B))
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    with torch.no_grad():
-        for info in linear_modules(model).values():
-            groups = info.module.weight.view(info.module.weight.shape[0], -1, 4)
-            groups.scatter_(-1, groups.abs().argsort(-1)[..., :2], 0.0)
+    model = random_llama(args, torch.float32)
+    for info in linear_modules(model).values():
+        prune_2_4_(info.module.weight)
     ids = torch.randint(3, 32000, (4, 128), device="cuda",
                         generator=torch.Generator(device="cuda").manual_seed(0))
     with torch.inference_mode():
@@ -501,19 +495,6 @@ def section_diagnose(args, device: str) -> None:
 
 
 # --------------------------------------------------------------------------- main
-
-
-def strict(x):
-    """JSON-safe: NaN/inf become null, tensors lists."""
-    if isinstance(x, dict):
-        return {str(k): strict(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [strict(v) for v in x]
-    if isinstance(x, torch.Tensor):
-        return strict(x.tolist())
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    return x
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -552,7 +533,7 @@ def main(argv: list[str] | None = None) -> int:
         results.setdefault("section_s", {})[name] = time.perf_counter() - t
         Path(args.out).mkdir(parents=True, exist_ok=True)
         out = Path(args.out) / ("gpu-tiny.json" if args.tiny else "gpu.json")
-        out.write_text(json.dumps(strict({"results": results, "rows": rows}), indent=1,
+        out.write_text(json.dumps(json_safe({"results": results, "rows": rows}), indent=1,
                                   allow_nan=False))
     print("\n| section | figure | value | compared with | ratio | note |\n|---|---|---|---|---|---|")
     for r in rows:

@@ -55,13 +55,17 @@ import torch  # noqa: E402
 from tools import (  # noqa: E402
     Row,
     bench_corpus,
+    decode_step,
+    fmt_s,
     hook_free_forward,
     machine,
     median,
     paired,
+    read_bandwidth,
     render_markdown,
     render_text,
     timed,
+    weight_bytes,
 )
 
 from mlprune import service  # noqa: E402
@@ -85,10 +89,6 @@ SECTIONS = ("bandwidth", "apply", "capture", "preview", "decode", "start")
 def say(text: str) -> None:
     """Progress on stderr, so a slow run shows where it is."""
     print(f"  [{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
-
-
-def fmt_s(x: float) -> str:
-    return f"{x * 1000:.0f} ms" if x < 1 else f"{x:.2f} s"
 
 
 # --------------------------------------------------------------------------- before: the reference
@@ -150,12 +150,8 @@ def reference_nm(order: torch.Tensor, n: int, m: int) -> torch.Tensor:
 
 def bench_bandwidth(args, raw: dict) -> tuple[list[Row], float]:
     """Read bandwidth: sum over a 1 GiB float32 tensor (bytes/s)."""
-    big = torch.ones(1 << 28)  # 1 GiB, every page written once before timing
-    big.sum()
-    times = [timed(big.sum)[0] for _ in range(max(5, args.repeat))]
-    del big
+    rate, times = read_bandwidth(repeat=args.repeat)
     gc.collect()
-    rate = (1 << 30) / median(times)
     raw["bandwidth"] = {"sum_1gib_s": times, "bytes_per_s": rate}
     return [Row("1. Memory bandwidth", "read: sum over a 1 GiB float32 tensor",
                 f"{rate / 1e9:.1f} GB/s", note=f"median of {len(times)}; "
@@ -388,20 +384,7 @@ def bench_preview(loaded, corpus, args, raw: dict) -> list[Row]:
 def decode_steps(model, tok, prompts: list[str], batch: int, repeat: int) -> float:
     """Seconds of one greedy decoding step at this batch: (17 new tokens - 1) / 16."""
     enc = tok(prompts[:batch], return_tensors="pt", padding=True, padding_side="left")
-
-    def run(n):
-        with torch.inference_mode():
-            model.generate(**enc, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                           pad_token_id=tok.pad_token_id)
-    run(2)
-    longer = median([timed(run, 17)[0] for _ in range(repeat)])
-    shorter = median([timed(run, 1)[0] for _ in range(repeat)])
-    return (longer - shorter) / 16
-
-
-def weight_bytes(model) -> int:
-    """Bytes a decoding step reads: every parameter once (a tied head counted once)."""
-    return sum(p.numel() * p.element_size() for p in model.parameters())
+    return decode_step(model, dict(enc), repeat=repeat, pad_token_id=tok.pad_token_id)
 
 
 def head_profile(model, tok, prompts: list[str]) -> dict:

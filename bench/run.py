@@ -29,6 +29,7 @@ from tools import (  # noqa: E402
     Row,
     bench_corpus,
     child,
+    fmt_s,
     hook_free_forward,
     machine,
     median,
@@ -51,10 +52,6 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def fmt_rate(x: float, unit: str) -> str:
     return f"{x:,.0f} {unit}" if x >= 100 else f"{x:.3g} {unit}"
-
-
-def fmt_s(x: float) -> str:
-    return f"{x * 1000:.0f} ms" if x < 1 else f"{x:.2f} s"
 
 
 # --------------------------------------------------------------------------- 1 and 2: capture

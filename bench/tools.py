@@ -93,16 +93,61 @@ def hook_free_forward(model, tok, texts: list[str], batch_size: int) -> Callable
     reference its overhead is measured against."""
     import torch
 
-    from mlprune.capture import batches, context_length, encode
+    from mlprune.capture import base_model, batches, context_length, encode, pad_token_id
 
     ids = encode(tok, texts, context_length(model))
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    decoder = base_model(model)
 
     def plain() -> None:
         with torch.inference_mode():
-            for input_ids, mask in batches(ids, batch_size, pad):
-                model.base_model(input_ids=input_ids, attention_mask=mask, use_cache=False)
+            for input_ids, mask in batches(ids, batch_size, pad_token_id(tok)):
+                decoder(input_ids=input_ids, attention_mask=mask, use_cache=False)
     return plain
+
+
+def read_bandwidth(device: str = "cpu", gib: int = 1, repeat: int = 6) -> tuple[float, list[float]]:
+    """Read bandwidth in bytes/s (the median), and each run's seconds: a sum over a ``gib``
+    GiB float32 tensor, every page written before timing (a copy would understate reading)."""
+    import torch
+
+    def run() -> None:
+        big.sum()
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    big = torch.ones(gib << 28, device=device)
+    run()
+    times = [timed(run)[0] for _ in range(max(5, repeat))]
+    return (gib << 30) / median(times), times
+
+
+def decode_step(model, inputs: dict, *, steps: int = 16, repeat: int = 3,
+                pad_token_id: int = 0) -> float:
+    """Seconds of one greedy decoding step of ``model.generate(**inputs)``: (time of
+    ``steps`` + 1 new tokens - time of 1) / ``steps``, medians of ``repeat`` after a warm-up,
+    the device synchronised (what the prompt's pass costs cancels out)."""
+    import torch
+
+    def run(n: int) -> None:
+        with torch.inference_mode():
+            model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                           pad_token_id=pad_token_id)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    run(2)
+    longer = median([timed(run, steps + 1)[0] for _ in range(repeat)])
+    shorter = median([timed(run, 1)[0] for _ in range(repeat)])
+    return (longer - shorter) / steps
+
+
+def weight_bytes(model) -> int:
+    """Bytes a decoding step reads: every parameter once (a tied head counted once)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def fmt_s(x: float) -> str:
+    return f"{x * 1000:.0f} ms" if x < 1 else f"{x:.2f} s"
 
 
 # --------------------------------------------------------------------------- machine

@@ -327,7 +327,7 @@ class _Collector:
         # the real tokens' rows of a flattened [B*T, F] activation, found once per batch
         # rather than by a boolean index in every hook (None: no padding, every row counts)
         self._rows = None if bool(mask.all()) else mask.reshape(-1).nonzero().squeeze(1)
-        self._rows_on: dict[torch.device, torch.Tensor] = {}
+        self._rows_on = {}
 
     def _masked(self, x: torch.Tensor) -> bool:
         return self.mask is not None and x.dim() == 3 and x.shape[:2] == self.mask.shape
@@ -645,7 +645,7 @@ class LayerRunner:
                     self.masks.append(counted)
                     self.rows.append(self.groups.rows(rows))
                     base_model(model)(input_ids=input_ids, attention_mask=attention,
-                                       use_cache=False)
+                                      use_cache=False)
         finally:
             for h in handles:
                 h.remove()

@@ -389,7 +389,7 @@ class _SiteMeans:
                 for b, (input_ids, mask) in enumerate(batches(ids, batch_size, pad_token_id(tokenizer))):
                     self.mask = mask.bool()
                     base_model(model)(input_ids=input_ids.to(device),
-                                       attention_mask=mask.to(device), use_cache=False)
+                                      attention_mask=mask.to(device), use_cache=False)
                     n_real = int(mask.sum())
                     self.n_first += mask.shape[0]
                     self.n_rest += n_real - mask.shape[0]

@@ -44,7 +44,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from torch.utils.weak import WeakTensorKeyDictionary
 
@@ -392,7 +392,8 @@ def rank_modules(model: nn.Module, stats: ActivationStats | None = None, *, meth
                     "config": model.config.to_json_string() if hasattr(model, "config") else "",
                     "mwanda": (sorted(mwanda.parts), mwanda.variance_weight, mwanda.prob_weight)
                     if mwanda is not None and method == "m-wanda" else None}
-        checkpoint = LayerCheckpoint(checkpoint_dir, run_key(stats, other, [], settings),
+        checkpoint = LayerCheckpoint(Path(checkpoint_dir) / "ranking",
+                                     run_key(stats, other, [], settings),
                                      len(decoder_layers(model)), what="ranking")
     order = {}
     done = 0
@@ -720,9 +721,11 @@ class AppliedMasks:
         gone = [n for n in self._saved if n not in wanted]
         for name in gone:
             put_back += [(infos[name].weight, band, 0) for band in self._saved[name][1]]
+        # modules whose new columns are the old ones' rows, more or fewer (a slider move)
+        resized = {n for n, c in wanted.items() if n in self._saved and _same_rows(self._saved[n][0], c)}
         for name, cols in wanted.items():
             had, bands = self._saved.get(name, (None, []))
-            if had is not None and _same_rows(had, cols):  # the same ranked rows, more or fewer
+            if name in resized:
                 kept = cols.shape[1]
                 for band in bands:
                     if band.j1 > kept:
@@ -733,17 +736,13 @@ class AppliedMasks:
                 put_back += [(infos[name].weight, band, 0) for band in bands]
                 new.append((name, cols, 0))
         on_cpu = all(infos[n].weight.device.type == "cpu" for n in [*wanted, *gone])
-        _run_parallel([(lambda w=w, b=b, f=f: _put_back_band(w, b, f), b.rows_done * b.cols.shape[1])
-                       for w, b, f in put_back], on_cpu)
+        _run_parallel(_put_back_tasks(put_back), on_cpu)
         for name in gone:  # forgotten only once put back: an interrupted put-back is redone
             del self._saved[name]
         for name, cols in wanted.items():  # bands now hold only what the wanted set keeps
-            had, bands = self._saved.get(name, (None, []))
-            if had is not None and _same_rows(had, cols):
-                self._saved[name] = (cols, [b.narrowed(cols.shape[1]) for b in bands
-                                            if b.j0 < cols.shape[1]])
-            else:
-                self._saved[name] = (cols, [])
+            bands = self._saved[name][1] if name in resized else []
+            self._saved[name] = (cols, [b.narrowed(cols.shape[1]) for b in bands
+                                        if b.j0 < cols.shape[1]])
         self._drop_unused_buffers(spare)
         weights = [infos[name].weight for name, _, _ in new]
         slots, buffers = _value_slots(weights, [c.numel() for _, c, _ in new], spare)
@@ -782,12 +781,9 @@ class AppliedMasks:
                 if held.device.type != "meta":  # held by onloaded() now: refill that copy
                     held.data.copy_(weights_map["weight"])
         names = [n for n in names if n in self._saved]
-        tasks = []
-        for name in names:
-            for band in self._saved[name][1]:
-                tasks.append((lambda w=infos[name].weight, b=band: _put_back_band(w, b, 0),
-                              band.rows_done * band.cols.shape[1]))
-        _run_parallel(tasks, all(infos[n].weight.device.type == "cpu" for n in names))
+        _run_parallel(_put_back_tasks([(infos[n].weight, band, 0)
+                                       for n in names for band in self._saved[n][1]]),
+                      all(infos[n].weight.device.type == "cpu" for n in names))
         for name in names:  # forgotten only once put back: an interrupted put-back is redone
             del self._saved[name]
 
@@ -952,6 +948,13 @@ def _put_back_band(weight: torch.Tensor, band: _Band, first: int) -> None:
     with torch.no_grad():
         for r0, r1, idx in _column_blocks(cols, 0, _index_buffer(weight, cols.shape[1])):
             weight[r0:r1].scatter_(1, idx, values[r0:r1])
+
+
+def _put_back_tasks(items: list[tuple[torch.Tensor, _Band, int]]
+                    ) -> list[tuple[Callable[[], None], int]]:
+    """(work, size) tasks for :func:`_run_parallel` that put back (weight, band, from column)."""
+    return [(lambda w=w, b=b, f=f: _put_back_band(w, b, f), b.rows_done * b.cols.shape[1])
+            for w, b, f in items]
 
 
 def _run_parallel(tasks: list[tuple[Callable[[], None], int]], on_cpu: bool = True) -> None:
@@ -1231,19 +1234,16 @@ class LayerCheckpoint:
 
     ``run.json`` says which run it is (:func:`run_key`); ``layer-007.safetensors`` holds layer
     7's module statistics (per part of a calibration mix) and masks, written atomically when
-    the layer is done. A ranking (``what="ranking"``) lives in the ``ranking`` folder inside,
-    its files holding each module's row order. A folder of another run is refused rather than
-    mixed in.
+    the layer is done; a ranking's files hold each module's row order (``what="ranking"``,
+    in the ``ranking`` folder of a run's checkpoint folder). A folder of another run is
+    refused rather than mixed in; another checkpoint folder inside it is no obstacle.
     """
 
     MANIFEST = "run.json"
-    RANKING = "ranking"
 
     def __init__(self, folder: str | Path, key: str, n_layers: int,
                  what: str = "sequential run"):
         self.folder = Path(folder).expanduser()
-        if what == "ranking":
-            self.folder = self.folder / self.RANKING
         manifest = self.folder / self.MANIFEST
         if manifest.is_file():
             try:
@@ -1254,7 +1254,8 @@ class LayerCheckpoint:
                 raise MlpruneError(
                     f"{self.folder} holds the layers of another {what} (another model, "
                     "calibration or setting); give an empty folder, or delete it to start over.")
-        elif self.folder.is_dir() and any(p.name != self.RANKING for p in self.folder.iterdir()):
+        elif self.folder.is_dir() and any(not (p / self.MANIFEST).is_file()
+                                          for p in self.folder.iterdir()):
             raise MlpruneError(f"{self.folder} is not empty and holds no {what}; give an "
                                "empty or new folder for the per-layer checkpoints.")
         else:
@@ -1264,61 +1265,56 @@ class LayerCheckpoint:
     def path(self, layer: int) -> Path:
         return self.folder / f"layer-{layer:03d}.safetensors"
 
-    def write_orders(self, layer: int, orders: dict[str, torch.Tensor]) -> Path:
-        """Save one ranked layer: each module's row order."""
+    def _save(self, layer: int, tensors: dict[str, torch.Tensor], header: dict) -> Path:
+        """One layer's file, written atomically: a stopped run never leaves half a layer."""
         path = self.path(layer)
         tmp = path.with_name(f".{path.name}.partial")
-        save_file({n: o.contiguous() for n, o in orders.items()}, str(tmp),
-                  metadata={"mlprune_layer": json.dumps({"layer": layer})})
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
+                  metadata={"mlprune_layer": json.dumps(header)})
         os.replace(tmp, path)
         return path
 
-    def read_orders(self, layer: int, names: list[str]) -> dict[str, torch.Tensor] | None:
-        """A ranked layer's row orders, or None when it is not saved whole (or unreadable:
-        it is then ranked and written again)."""
-        path = self.path(layer)
-        if not path.is_file():
-            return None
+    def _load(self, layer: int) -> tuple[dict[str, torch.Tensor], dict] | None:
+        """One layer's tensors and header, or None when it is not saved (or unreadable: it
+        is then computed and written again)."""
         try:
-            orders = load_file(str(path))
-        except Exception:  # safetensors raises its own types for damaged files
+            tensors, meta = _read_safetensors(self.path(layer), "layer")
+            return tensors, json.loads(meta["mlprune_layer"])
+        except (MlpruneError, KeyError, ValueError):
             return None
-        return orders if all(n in orders for n in names) else None
+
+    def write_orders(self, layer: int, orders: dict[str, torch.Tensor]) -> Path:
+        """Save one ranked layer: each module's row order."""
+        return self._save(layer, orders, {"layer": layer})
+
+    def read_orders(self, layer: int, names: list[str]) -> dict[str, torch.Tensor] | None:
+        """A ranked layer's row orders, or None when they are not all saved."""
+        found = self._load(layer)
+        return found[0] if found is not None and all(n in found[0] for n in names) else None
 
     def write(self, layer: int, sqnorms: dict[str, torch.Tensor],
               active: dict[str, torch.Tensor], masks: MaskSet | None) -> Path:
         """Save one finished layer: its modules' [groups, in] statistics and its masks."""
-        tensors = {f"sq/{n}": v.contiguous() for n, v in sqnorms.items()}
-        tensors.update({f"act/{n}": v.contiguous() for n, v in active.items()})
+        tensors = {f"sq/{n}": v for n, v in sqnorms.items()}
+        tensors.update({f"act/{n}": v for n, v in active.items()})
         header: dict = {"layer": layer, "masks": None}
         if masks is not None:
-            tensors.update({f"cols/{n}": c.contiguous() for n, c in masks.pruned_cols.items()})
-            tensors.update({f"{_PROTECTED}{n}": p.contiguous() for n, p in masks.protected.items()
+            tensors.update({f"cols/{n}": c for n, c in masks.pruned_cols.items()})
+            tensors.update({f"{_PROTECTED}{n}": p for n, p in masks.protected.items()
                             if n in masks.pruned_cols})
             header["masks"] = {"modules": masks.modules, "in_features": masks.in_features,
                                "target": masks.target, "pattern": masks.pattern,
                                "meta": masks.meta}
-        path = self.path(layer)
-        tmp = path.with_name(f".{path.name}.partial")
-        save_file(tensors, str(tmp), metadata={"mlprune_layer": json.dumps(header)})
-        os.replace(tmp, path)
-        return path
+        return self._save(layer, tensors, header)
 
     def read(self, layer: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor],
                                         MaskSet | None] | None:
         """A saved layer's statistics and masks, or None when it is not done (or its file is
         unreadable: it is then computed and written again)."""
-        path = self.path(layer)
-        if not path.is_file():
+        found = self._load(layer)
+        if found is None:
             return None
-        try:
-            from safetensors import safe_open
-
-            with safe_open(str(path), "pt") as f:
-                header = json.loads(f.metadata()["mlprune_layer"])
-            tensors = load_file(str(path))
-        except Exception:  # safetensors raises its own types for damaged files
-            return None
+        tensors, header = found
         sq = {k[3:]: v for k, v in tensors.items() if k.startswith("sq/")}
         act = {k[4:]: v for k, v in tensors.items() if k.startswith("act/")}
         saved = header["masks"]
