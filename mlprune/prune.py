@@ -48,7 +48,7 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.utils.weak import WeakTensorKeyDictionary
 
-from mlprune import MlpruneError, Progress, no_progress
+from mlprune import MlpruneError, Progress, kernels, no_progress
 from mlprune.allocation import Allocation
 from mlprune.capture import ActivationStats, LayerRunner
 from mlprune.models import LinearInfo, decoder_layers, linear_modules, offload_hook, onloaded
@@ -832,6 +832,7 @@ class _Band:
 # threads here; OpenMP, on a machine busy with other work, stalls at every op), and a block's
 # int64 positions (256 KiB) stay in cache instead of a 400 MB index for a 50% mask.
 _BLOCK = 1 << 15
+_NATIVE_BLOCK = 1 << 20  # weights per compiled call: few calls, and an interrupt waits < 10 ms
 _POOL: ThreadPoolExecutor | None = None  # helper threads, made on first use
 _POOL_SIZE = 0
 _POOL_GUARD = threading.Lock()
@@ -923,7 +924,10 @@ def _index_buffer(weight: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def _zero_band(weight: torch.Tensor, band: _Band) -> None:
-    """Save the band's values (one index_select per block), then zero them."""
+    """Save the band's values, then zero them: in one compiled pass per block of rows where
+    :mod:`~mlprune.kernels` can run, else one index_select and one indexed write per block."""
+    if _native_blocks(kernels.take, weight, band.cols, band.values, band.rows_done, band):
+        return
     flat, buffer = _storage(weight), _index_buffer(weight, band.cols.shape[1])
     cpu = flat.device.type == "cpu"
     flat_bits, index = (_bits(flat), buffer.numpy()) if cpu else (None, None)
@@ -945,9 +949,28 @@ def _put_back_band(weight: torch.Tensor, band: _Band, first: int) -> None:
     if first >= band.cols.shape[1] or band.rows_done == 0:
         return
     cols, values = band.cols[:band.rows_done, first:], band.values[:band.rows_done, first:]
+    if _native_blocks(kernels.put, weight, cols, values, 0):
+        return
     with torch.no_grad():
         for r0, r1, idx in _column_blocks(cols, 0, _index_buffer(weight, cols.shape[1])):
             weight[r0:r1].scatter_(1, idx, values[r0:r1])
+
+
+def _native_blocks(move: Callable[..., bool], weight: torch.Tensor, cols: torch.Tensor,
+                   values: torch.Tensor, start: int, band: _Band | None = None) -> bool:
+    """Run a compiled move (:func:`kernels.take` or :func:`kernels.put`) over rows ``start``..
+    in blocks of ~1M weights, recording each finished block in ``band.rows_done`` (an
+    interrupt lands between blocks). False, with nothing done, where it cannot run."""
+    step = max(1, _NATIVE_BLOCK // max(cols.shape[1], 1))
+    for r0 in range(start, cols.shape[0], step):
+        r1 = min(cols.shape[0], r0 + step)
+        if not move(weight, cols, values, r0, r1):
+            if r0 == start:
+                return False
+            raise RuntimeError("a compiled mask move stopped half-way")  # cannot happen: same arguments
+        if band is not None:
+            band.rows_done = r1
+    return True
 
 
 def _put_back_tasks(items: list[tuple[torch.Tensor, _Band, int]]

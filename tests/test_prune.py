@@ -506,3 +506,83 @@ def test_a_restored_set_lends_its_buffer_to_the_next(setup):
     assert len(storages) == 2 and spare.untyped_storage().data_ptr() in storages
     bigger.restore()
     assert len(next(iter(REGISTRY.entry(model).spare.values()))) == 2
+
+
+def _native(monkeypatch, on: bool) -> None:
+    """Turn the compiled mask moves on or off for what follows (off: torch's index ops)."""
+    from mlprune import kernels
+
+    monkeypatch.setenv(kernels.NATIVE_ENV, "1" if on else "0")
+
+
+@pytest.mark.parametrize("arch,dtype", [("llama", torch.float32), ("llama", torch.bfloat16),
+                                        ("gpt2", torch.float32), ("qwen2", torch.float64)])
+def test_compiled_mask_moves_equal_torchs_bit_for_bit(monkeypatch, arch, dtype):
+    from mlprune import kernels
+
+    if not kernels.available():
+        pytest.skip("no C compiler here: only torch's path runs")
+    model, tok = tiny_model(arch).to(dtype), byte_tokenizer()  # gpt2: transposed Conv1D weights
+    ranking = rank_modules(model, capture(model, tok, TEXTS))
+    dense = {k: v.clone() for k, v in model.state_dict().items()}
+    steps = [ranking.masks(0.5), ranking.masks(0.7), ranking.masks(0.3), ranking.masks(0, "2:4")]
+    seen = {}
+    for on in (True, False):
+        _native(monkeypatch, on)
+        for i, masks in enumerate(steps):  # a slider up and down, then a new pattern
+            applied = apply_masks(model, masks)
+            state = {k: v.clone() for k, v in model.state_dict().items()}
+            saved = {n: [b.values.clone() for b in bands] for n, (_, bands) in applied._saved.items()}
+            if on:
+                seen[i] = state, saved
+            else:
+                assert _same(seen[i][0], state), i
+                assert all(torch.equal(a, b) for n in saved for a, b in zip(seen[i][1][n], saved[n]))
+            for name, info in linear_modules(model).items():
+                assert torch.equal(info.weight == 0, ~masks.keep(name))
+        restore(model)
+        assert _same(dense, _state(model))
+
+
+def test_without_a_compiler_masks_still_apply(monkeypatch, setup, tmp_path):
+    from mlprune import kernels
+
+    model, _, stats = setup
+    monkeypatch.setattr(kernels, "_LIBRARY", None)
+    monkeypatch.setattr(kernels, "_TRIED", False)
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("MLPRUNE_CACHE", str(tmp_path))
+    assert not kernels.available()
+    dense = _state(model)
+    masks = rank_modules(model, stats).masks(0.6)
+    apply_masks(model, masks)
+    for name, info in linear_modules(model).items():
+        assert torch.equal(info.weight == 0, ~masks.keep(name))
+    restore(model)
+    assert _same(dense, _state(model))
+
+
+@pytest.mark.parametrize("cols_dtype", [torch.int16, torch.int32, torch.int64])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_compiled_take_and_put_by_column_type(cols_dtype, dtype):
+    from mlprune import kernels
+
+    if not kernels.available():
+        pytest.skip("no C compiler here: only torch's path runs")
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(40, 24, generator=gen).to(dtype)
+    weight = base.t().contiguous().t()  # column-major, as a transposed Conv1D
+    cols = torch.rand(40, 24, generator=gen).argsort(1).to(cols_dtype)[:, 3:13]  # a strided view
+    values = torch.full((40, 10), 7.0, dtype=dtype)
+    assert kernels.take(weight, cols, values, 5, 30)
+    assert torch.equal(values[5:30], base.gather(1, cols.long())[5:30])
+    assert (values[:5] == 7).all() and (values[30:] == 7).all()  # rows outside untouched
+    expected = base.clone()
+    expected[5:30].scatter_(1, cols[5:30].long(), 0)
+    assert torch.equal(weight, expected)
+    assert kernels.put(weight, cols, values, 0, 40) is True
+    expected[:5].scatter_(1, cols[:5].long(), 7.0)
+    expected[30:].scatter_(1, cols[30:].long(), 7.0)
+    expected[5:30] = base[5:30]
+    assert torch.equal(weight, expected)
+    assert not kernels.take(weight, cols, values.double(), 0, 40)  # dtype mismatch: not its job
