@@ -71,6 +71,7 @@ from tools import (  # noqa: E402
 from mlprune import service  # noqa: E402
 from mlprune.capture import capture, context_length, encode  # noqa: E402
 from mlprune.evaluate import generate  # noqa: E402
+from mlprune.kernels import WeightMajorHead  # noqa: E402
 from mlprune.models import linear_modules, load_model  # noqa: E402
 from mlprune.pipeline import PruneSpec  # noqa: E402
 from mlprune.prompts import eval_items, translation_prompts  # noqa: E402
@@ -435,35 +436,59 @@ def bench_decode(loaded, corpus, args, raw: dict, bandwidth: float) -> list[Row]
     half = load_model(None, dtype="bfloat16")
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     native = [f for f in ("avx512_bf16", "amx_bf16") if f" {f}" in flags]
+    head = model.get_output_embeddings()
+    assert type(head) is WeightMajorHead, "load_model gives CPU models the fast head"
+
+    def plain_head(on: bool) -> None:  # nn.Linear's own forward, as before, or the fast head
+        head.__class__ = torch.nn.Linear if on else WeightMajorHead
+
+    runs = max(3, args.repeat // 2)
     for name, m in (("fp32", model), ("bf16", half.model)):
         wb = weight_bytes(m)
         bound = wb / bandwidth
         for batch, limit in ((1, LIMIT_DECODE_B1), (8, LIMIT_DECODE_B8)):
-            step = decode_steps(m, tok, prompts, batch, max(3, args.repeat // 2))
-            out[f"{name}_b{batch}"] = {"step_s": step, "bound_s": bound, "weight_bytes": wb}
+            before = None
+            if name == "fp32":  # the fast head against nn.Linear's, alternated step by step
+                steps, before_steps = [], []
+                for i in range(runs):
+                    for plain in ((False, True) if i % 2 == 0 else (True, False)):
+                        plain_head(plain)
+                        (before_steps if plain else steps).append(
+                            decode_steps(m, tok, prompts, batch, 1))
+                plain_head(False)
+                step, before = median(steps), median(before_steps)
+            else:
+                step = decode_steps(m, tok, prompts, batch, runs)
+            out[f"{name}_b{batch}"] = {"step_s": step, "bound_s": bound, "weight_bytes": wb,
+                                       "nn_linear_head_step_s": before}
             rows.append(Row(section, f"greedy step, batch {batch}, {name}", fmt_s(step),
                             f"bound {fmt_s(bound)} ({wb / 1e9:.2f} GB read at "
-                            f"{bandwidth / 1e9:.1f} GB/s)", f"{bound / step:.0%} of the bound",
+                            f"{bandwidth / 1e9:.1f} GB/s)"
+                            + (f"; nn.Linear head {fmt_s(before)}" if before else ""),
+                            f"{bound / step:.0%} of the bound"
+                            + (f"; {before / step:.2f}x faster" if before else ""),
                             f">= {limit:.0%}", bound / step >= limit,
                             note="(17 new tokens - 1) / 16, model.generate, few-shot fr->en "
-                                 f"prompts; median of {max(3, args.repeat // 2)}"
+                                 f"prompts; median of {runs}"
+                                 + ("; the head as kernels.WeightMajorHead, alternated with "
+                                    "nn.Linear's forward" if name == "fp32" else "")
                                  + (f"; CPU bf16: {', '.join(native) or 'none'}"
                                     if name == "bf16" else "")))
     prof = head_profile(model, tok, prompts)
-    head_w = model.get_output_embeddings().weight
+    head_w = head.weight
     head_bound = head_w.numel() * head_w.element_size() / bandwidth
     for r in (1, 8):
         x = torch.randn(r, head_w.shape[1])
         with torch.inference_mode():
-            t_linear, t_transposed = paired(lambda x=x: torch.nn.functional.linear(x, head_w),
-                                            lambda x=x: torch.mm(head_w, x.T), args.repeat)
-        out[f"head_b{r}"] = {"linear_s": t_linear, "transposed_s": t_transposed,
-                             "bound_s": head_bound}
-        rows.append(Row(section, f"the head's matmul alone, {r} row(s): x @ W.T (nn.Linear)",
-                        fmt_s(median(t_linear)), f"(W @ x.T).T: {fmt_s(median(t_transposed))}; "
+            t_linear, t_fast = paired(lambda x=x: torch.nn.functional.linear(x, head_w),
+                                      lambda x=x: head(x), args.repeat)
+        out[f"head_b{r}"] = {"linear_s": t_linear, "fast_s": t_fast, "bound_s": head_bound}
+        form = "split over threads" if r == 1 else "(W @ x.T).T"
+        rows.append(Row(section, f"the head's matmul alone, {r} row(s): fast head ({form})",
+                        fmt_s(median(t_fast)), f"nn.Linear (x @ W.T): {fmt_s(median(t_linear))}; "
                         f"bound {fmt_s(head_bound)}",
-                        f"{head_bound / median(t_linear):.0%} / "
-                        f"{head_bound / median(t_transposed):.0%} of the bound",
+                        f"{head_bound / median(t_fast):.0%} / "
+                        f"{head_bound / median(t_linear):.0%} of the bound",
                         note=f"W {tuple(head_w.shape)} fp32; alternated, median of "
                              f"{args.repeat}" + (
                                  "; profiled inside a batch-8 generation: the head's matmul "
@@ -471,6 +496,9 @@ def bench_decode(loaded, corpus, args, raw: dict, bandwidth: float) -> list[Row]
                                  f"{fmt_s(out['fp32_b8']['step_s'])} step; all matmuls are "
                                  f"{prof['matmul_share']:.0%} of the generation's time"
                                  if r == 8 else "")))
+    plain_head(True)
+    plain_outputs = [g.text for g in generate(model, tok, prompts, max_new_tokens=48)]
+    plain_head(False)
     outputs = {}
     for name, m in (("fp32", model), ("bf16", half.model)):
         outputs[name] = [g.text for g in generate(m, tok, prompts, max_new_tokens=48)]
@@ -479,6 +507,8 @@ def bench_decode(loaded, corpus, args, raw: dict, bandwidth: float) -> list[Row]
                                    outputs["bf16"], metrics=("chrf",))["chrf"]
     out["bf16_vs_fp32"] = {"identical_outputs": same, "chrf": test, "n": len(prompts),
                            "outputs": outputs}
+    head_same = sum(a == b for a, b in zip(outputs["fp32"], plain_outputs)) / len(prompts)
+    out["fast_head_vs_nn_linear"] = {"identical_outputs": head_same, "n": len(prompts)}
     out["profile"] = prof
     raw["decode"] = out
     rows.append(Row(section, f"bf16 translations against fp32 ({len(prompts)} held-out fr->en "
@@ -486,6 +516,8 @@ def bench_decode(loaded, corpus, args, raw: dict, bandwidth: float) -> list[Row]
                     f"chrF fp32 {test['a']:.1f}, bf16 {test['b']:.1f}",
                     f"{test['difference']:+.1f} chrF (p = {test['p_value']:.2f})",
                     note="sacrebleu paired bootstrap"))
+    rows.append(Row(section, f"fp32 translations, fast head against nn.Linear's ({len(prompts)} "
+                    "sentences, greedy, batch 8)", f"{head_same:.0%} identical", "", ""))
     del half
     gc.collect()
     return rows

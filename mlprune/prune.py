@@ -37,7 +37,7 @@ import threading
 import weakref
 import zlib
 from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -833,9 +833,6 @@ class _Band:
 # int64 positions (256 KiB) stay in cache instead of a 400 MB index for a 50% mask.
 _BLOCK = 1 << 15
 _NATIVE_BLOCK = 1 << 20  # weights per compiled call: few calls, and an interrupt waits < 10 ms
-_POOL: ThreadPoolExecutor | None = None  # helper threads, made on first use
-_POOL_SIZE = 0
-_POOL_GUARD = threading.Lock()
 
 
 def _same_rows(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -995,11 +992,7 @@ def _run_parallel(tasks: list[tuple[Callable[[], None], int]], on_cpu: bool = Tr
         i = loads.index(min(loads))
         parts[i].append(work)
         loads[i] += size
-    global _POOL, _POOL_SIZE
-    with _POOL_GUARD:
-        if _POOL is None or _POOL_SIZE < threads - 1:
-            _POOL, _POOL_SIZE = ThreadPoolExecutor(threads - 1, "mlprune-masks"), threads - 1
-        pool = _POOL
+    pool = kernels.helper_pool(threads - 1)
     futures = [pool.submit(lambda p=p: [w() for w in p]) for p in parts[1:]]
     try:
         for work in parts[0]:

@@ -189,3 +189,64 @@ def test_native_bfloat16_reads_the_cpu_flags(monkeypatch):
                 return f"processor : 0\nflags : {flags}\n"
         monkeypatch.setattr(models, "Path", CpuInfo)
         assert models.native_bfloat16() is native
+
+
+def _head(out: int = 3000, inp: int = 48, bias: bool = False):
+    from mlprune.kernels import WeightMajorHead
+
+    torch.manual_seed(0)
+    plain = torch.nn.Linear(inp, out, bias=bias)
+    fast = torch.nn.Linear(inp, out, bias=bias)
+    fast.load_state_dict(plain.state_dict())
+    fast.__class__ = WeightMajorHead
+    return plain, fast
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_the_fast_head_gives_nn_linears_logits(bias):
+    plain, fast = _head(bias=bias)
+    threads = torch.get_num_threads()
+    try:
+        for n in (2, 1):  # one row: split over threads (2) or plain (1)
+            torch.set_num_threads(n)
+            x = torch.randn(1, 1, 48)
+            with torch.inference_mode():
+                assert torch.equal(fast(x), plain(x)), n  # same GEMV per element: same bits
+    finally:
+        torch.set_num_threads(threads)
+    with torch.no_grad():
+        x8 = torch.randn(8, 1, 48)  # a decoding step at batch 8: its own summation order
+        torch.testing.assert_close(fast(x8), plain(x8), rtol=1e-5, atol=1e-5)
+        assert torch.equal(fast(x8).argmax(-1), plain(x8).argmax(-1))
+        many = torch.randn(2, 40, 48)  # a prompt's pass: nn.Linear itself
+        assert torch.equal(fast(many), plain(many))
+        half = torch.randn(1, 48, dtype=torch.bfloat16)
+        assert torch.equal(fast.to(torch.bfloat16)(half), plain.to(torch.bfloat16)(half))
+    x = torch.randn(1, 48)  # with grad: nn.Linear's path, and gradients flow
+    fast.float()(x).sum().backward()
+    assert fast.weight.grad is not None
+
+
+def test_a_loaded_cpu_model_decodes_through_the_fast_head_and_generates_the_same(monkeypatch,
+                                                                                  tiny_folder):
+    from mlprune import kernels
+
+    monkeypatch.setattr(kernels, "_HEAD_MIN", 0)  # the tiny head counts as vocabulary-sized
+    loaded = load_model(str(tiny_folder))
+    model, tok = loaded.model, loaded.tokenizer
+    head = model.get_output_embeddings()
+    assert type(head) is kernels.WeightMajorHead
+    assert set(model.state_dict()) == set(AutoModelForCausalLM.from_pretrained(tiny_folder).state_dict())
+    enc = tok(["French: Le chat.\nEnglish:", "Hi"], return_tensors="pt", padding=True,
+              padding_side="left")
+    with torch.inference_mode():
+        fast = [model.generate(**enc, max_new_tokens=12, do_sample=False)]
+        fast.append(model.generate(**{k: v[:1] for k, v in enc.items()}, max_new_tokens=12,
+                                   do_sample=False))
+        head.__class__ = torch.nn.Linear
+        plain = [model.generate(**enc, max_new_tokens=12, do_sample=False),
+                 model.generate(**{k: v[:1] for k, v in enc.items()}, max_new_tokens=12,
+                                do_sample=False)]
+    assert all(torch.equal(a, b) for a, b in zip(fast, plain))
+    monkeypatch.setattr(kernels, "_HEAD_MIN", 1 << 24)
+    assert not kernels.speed_up_head(load_model(str(tiny_folder)).model)  # a small head stays

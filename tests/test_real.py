@@ -79,3 +79,27 @@ def test_bfloat16_translates_as_float32_does(gemma):
     fast = [g.text for g in generate(half.model, half.tokenizer, prompts, max_new_tokens=48)]
     assert sum(a == b for a, b in zip(full, fast)) >= 6
     assert abs(chrf(fast, refs) - chrf(full, refs)) < 3
+
+
+def test_the_fast_head_translates_as_nn_linear_does(gemma):
+    """The decoding head in MKL's fast forms (kernels.WeightMajorHead) against nn.Linear's
+    forward: the same greedy translations, batched and one at a time."""
+    from mlprune.kernels import WeightMajorHead
+
+    head = gemma.model.get_output_embeddings()
+    assert type(head) is WeightMajorHead
+    assert head.weight is gemma.model.get_input_embeddings().weight  # still tied
+    items = eval_items(builtin_corpus(), "fr", "en", shots=4, limit=4)
+    prompts = [it.prompt for it in items]
+
+    def texts():
+        return ([g.text for g in generate(gemma.model, gemma.tokenizer, prompts, max_new_tokens=32)]
+                + [generate(gemma.model, gemma.tokenizer, prompts[:1], max_new_tokens=32)[0].text])
+
+    fast = texts()
+    head.__class__ = torch.nn.Linear
+    try:
+        plain = texts()
+    finally:
+        head.__class__ = WeightMajorHead
+    assert fast == plain
