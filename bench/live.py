@@ -533,14 +533,19 @@ t1 = time.perf_counter()
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 t2 = time.perf_counter()
-from mlprune.models import _embedded_folder
+from mlprune.models import _converted_tokenizer, _embedded_folder
 folder = _embedded_folder()
-tok = AutoTokenizer.from_pretrained(folder)
+tok = _converted_tokenizer(folder)
 t3 = time.perf_counter()
-model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto", use_safetensors=True)
+import transformers.models.gemma3.modeling_gemma3
 t4 = time.perf_counter()
+model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto", use_safetensors=True)
+t5 = time.perf_counter()
+AutoTokenizer.from_pretrained(folder)
+t6 = time.perf_counter()
 print(json.dumps({"torch": t1 - t0, "transformers": t2 - t1, "tokenizer": t3 - t2,
-                  "model": t4 - t3, "total": t4 - t0}))
+                  "model_code": t4 - t3, "weights": t5 - t4, "total": t5 - t0,
+                  "autotokenizer": t6 - t5}))
 """
 
 
@@ -597,8 +602,10 @@ def bench_start(args, raw: dict) -> list[Row]:
         Row(section, "the load's parts in a fresh process",
             fmt_s(part["total"]), "", "",
             note=f"import torch {fmt_s(part['torch'])}, transformers {fmt_s(part['transformers'])}, "
-                 f"tokenizer {fmt_s(part['tokenizer'])}, model code + weights "
-                 f"{fmt_s(part['model'])}; median of 3"),
+                 f"tokenizer from its file {fmt_s(part['tokenizer'])} (AutoTokenizer: "
+                 f"{fmt_s(part['autotokenizer'])}), Gemma 3's model code (imports torch's "
+                 f"dynamo and distributed tensor) {fmt_s(part['model_code'])}, weights "
+                 f"{fmt_s(part['weights'])}; median of 3"),
     ]
 
 

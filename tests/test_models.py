@@ -250,3 +250,27 @@ def test_a_loaded_cpu_model_decodes_through_the_fast_head_and_generates_the_same
     assert all(torch.equal(a, b) for a, b in zip(fast, plain))
     monkeypatch.setattr(kernels, "_HEAD_MIN", 1 << 24)
     assert not kernels.speed_up_head(load_model(str(tiny_folder)).model)  # a small head stays
+
+
+def test_a_converted_folder_builds_its_tokenizer_from_the_file(tiny_folder, tmp_path, monkeypatch):
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from mlprune.models import MARKER, _converted_tokenizer
+
+    assert _converted_tokenizer(tiny_folder) is None  # not converted by mlprune: AutoTokenizer's
+    folder = tmp_path / "converted"
+    shutil.copytree(tiny_folder, folder)
+    (folder / MARKER).write_text('{"dequantized_from": "Q4_K"}')
+    ours, theirs = _converted_tokenizer(folder), AutoTokenizer.from_pretrained(folder)
+    assert ours is not None and type(ours) is type(theirs)
+    texts = ["French: Le chat dort.\nEnglish:", "ça été 🙂", ""]
+    assert ours(texts)["input_ids"] == theirs(texts)["input_ids"]
+    assert (ours.pad_token_id, ours.eos_token_id) == (theirs.pad_token_id, theirs.eos_token_id)
+
+    def not_called(*args, **kwargs):
+        raise AssertionError("AutoTokenizer is the slow path")
+
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", not_called)
+    assert load_model(str(folder)).tokenizer(texts)["input_ids"] == theirs(texts)["input_ids"]
