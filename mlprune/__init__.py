@@ -1,6 +1,8 @@
 """mlprune: see, tune and demo pruning of multilingual LLMs calibrated on translation."""
 
+import os
 from collections.abc import Callable
+from pathlib import Path
 
 __version__ = "0.1.0"
 
@@ -15,3 +17,13 @@ def no_progress(stage: str, fraction: float) -> None:
 
 class MlpruneError(Exception):
     """An error a user can act on; its message is one readable sentence (no traceback shown)."""
+
+
+CACHE_ENV = "MLPRUNE_CACHE"
+
+
+def cache_dir() -> Path:
+    """Where mlprune keeps what it builds once (converted models, compiled kernels, statistics);
+    override with the MLPRUNE_CACHE environment variable."""
+    root = os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "mlprune"
+    return Path(root)

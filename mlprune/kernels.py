@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mlprune import cache_dir
+
 NATIVE_ENV = "MLPRUNE_NATIVE"  # "0" turns the compiled paths off (tests compare both)
 
 _SOURCE = r"""
@@ -122,8 +124,6 @@ def _library() -> ctypes.CDLL | None:
     with _GUARD:
         if not _TRIED:
             _TRIED = True
-            from mlprune.models import cache_dir
-
             try:
                 path = _build(cache_dir() / "kernels")
                 if path is not None:

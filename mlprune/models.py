@@ -35,10 +35,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mlprune import MlpruneError, Progress, kernels, no_progress
+from mlprune import MlpruneError, Progress, cache_dir, kernels, no_progress
 
 DEFAULT_MODEL = "embedded:gemma3-270m"
-CACHE_ENV = "MLPRUNE_CACHE"
 
 # Leaf names of linear modules -> short role names. Roles that read the (normalised)
 # residual stream are the ones whose input columns are the hidden feature dimensions.
@@ -117,12 +116,6 @@ class LoadedModel:
             "dtype": str(p.dtype).replace("torch.", ""),
             "dequantized_from": self.dequantized_from,
         }
-
-
-def cache_dir() -> Path:
-    """Where converted models live; override with the MLPRUNE_CACHE environment variable."""
-    root = os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "mlprune"
-    return Path(root)
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:

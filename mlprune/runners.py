@@ -34,10 +34,10 @@ from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection
 from pathlib import Path
 
-from mlprune import MlpruneError, Progress, no_progress, pipeline
+from mlprune import CACHE_ENV, MlpruneError, Progress, no_progress, pipeline
 from mlprune.capture import Cancelled
 from mlprune.corpus import ParallelCorpus
-from mlprune.models import CACHE_ENV, LoadedModel, load_model
+from mlprune.models import LoadedModel, load_model
 from mlprune.pipeline import SWEEP_METHODS, PruneSpec
 from mlprune.prompts import parse_pair
 from mlprune.prune import check_sparsity
