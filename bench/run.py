@@ -580,17 +580,17 @@ def main() -> None:
     notes += [
         "First apply_masks() after load: the weights are a private memory map of the cached "
         "safetensors file, so the first write to each 4 KiB page copies it (copy-on-write page "
-        "faults: the scatter_ of the first apply takes ~2 s of its time, later ones ~0.05 s). "
+        "faults: the first apply's writes take ~1.8 s, later ones ~0.05-0.15 s). "
         "It is paid once per process; removing it means loading weights into anonymous memory "
         "(mlprune/models.py), which moves the cost into the load.",
         "Later load: the weights themselves take ~0.3 s (memory-mapped); the rest is "
-        "transformers building the Gemma 3 tokenizer (262k-token tokenizer.json, ~3.5-4 s) and "
-        "its first import of the model code (~1-2 s).",
+        "the tokenizer's parse of its 262k-token tokenizer.json (~1.1-1.5 s; built straight from the file, where AutoTokenizer took ~3.5-4.5 s) and transformers' "
+        "first import of the model code (~1-1.5 s).",
         "Capture: matrix multiplications take ~80% of the time (torch.profiler); they run at "
         "~85% of the shape-matched matmul rate, the rest is GELU, attention, norms and hooks. "
         "Padding to 512 and batch size 1 are what make the reference procedure slow.",
         "New N:M pattern: masks() inverts each row's ranking and picks the n lowest of every m "
-        "columns (~0.3 s for 100M weights), then apply (~0.25 s); the columns are cached, so "
+        "columns (~0.2-0.3 s for 100M weights), then apply (~0.07 s); the columns are cached, so "
         "each pattern pays this once per ranking.",
         "Generation on CPU is memory-bound: every step reads the 1 GB fp32 model (the tied "
         "262k x 640 embedding as LM head included); stopping at the end of the line saves the "
