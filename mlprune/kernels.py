@@ -4,19 +4,18 @@
   at its pruned columns and zero them, or write saved values back. Torch needs four passes for
   this (int16 columns -> int64 positions, a gather, an indexed fill, and the positions' own
   memory), which ran at 3-13% of the read bandwidth (bench/live.py). Here it is one pass of a
-  few lines of C, compiled on first use with the system C compiler and cached beside the
-  converted models. Without a compiler (or with ``MLPRUNE_NATIVE=0``) both return False and
-  the caller keeps its torch path; results are identical, bit for bit (tested).
+  few lines of C, compiled on first use with the system C compiler and cached in
+  ``MLPRUNE_CACHE``. Without a compiler (or with ``MLPRUNE_NATIVE=0``) both return False and
+  the caller keeps its torch path; results are identical, bit for bit (tested). No Python
+  or torch headers: plain C called through ctypes (which releases the GIL, so the callers'
+  threads run it in parallel), built in well under a second where a torch extension takes a
+  minute.
 
 - :class:`WeightMajorHead` computes a CPU model's output head (Gemma 3's 262k-token head is
   two thirds of a decoding step's weights) in the forms MKL runs fast: for one row, its
   single-threaded GEMV split over torch's threads (bit-identical, ~1.5-2x); for a few rows,
   ``(W @ x.T).T``, which packs the few rows instead of the whole weight (~2.5x at 8 rows;
   a summation order of its own, as any other batch size has).
-
-No Python headers and no torch headers: the library is plain C called through ctypes (which
-releases the GIL, so the callers' threads run it in parallel), and it builds in well under a
-second where a torch extension takes a minute.
 """
 
 from __future__ import annotations
@@ -148,6 +147,7 @@ def _move(put: bool, weight: torch.Tensor, cols: torch.Tensor, values: torch.Ten
     lib = _library()
     if (lib is None or weight.device.type != "cpu" or cols.device.type != "cpu"
             or values.device.type != "cpu" or values.dtype != weight.dtype
+            or cols.dtype not in (torch.int16, torch.int32, torch.int64)
             or cols.dim() != 2 or values.shape != cols.shape
             or (cols.shape[1] > 1 and (cols.stride(1) != 1 or values.stride(1) != 1))):
         return False

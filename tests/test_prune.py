@@ -586,3 +586,5 @@ def test_compiled_take_and_put_by_column_type(cols_dtype, dtype):
     expected[5:30] = base[5:30]
     assert torch.equal(weight, expected)
     assert not kernels.take(weight, cols, values.double(), 0, 40)  # dtype mismatch: not its job
+    assert not kernels.take(weight, cols.float(), values, 0, 40)  # columns must be integers
+    assert torch.equal(weight, expected)
