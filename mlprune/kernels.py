@@ -120,9 +120,10 @@ def _library() -> ctypes.CDLL | None:
     global _LIBRARY, _TRIED
     if os.environ.get(NATIVE_ENV, "1") == "0":
         return None
+    if _TRIED:  # every call after the first: no lock on the mask moves' path
+        return _LIBRARY
     with _GUARD:
         if not _TRIED:
-            _TRIED = True
             try:
                 path = _build(cache_dir() / "kernels")
                 if path is not None:
@@ -134,6 +135,8 @@ def _library() -> ctypes.CDLL | None:
                     _LIBRARY = lib
             except (OSError, subprocess.SubprocessError):
                 _LIBRARY = None  # no compiler that works here: the torch paths serve
+            finally:
+                _TRIED = True  # only now: a lock-free reader then sees the library as well
         return _LIBRARY
 
 
