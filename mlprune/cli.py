@@ -15,7 +15,7 @@ CORPUS_HELP = "corpus file (.tsv/.csv/.jsonl), 'builtin' (default) or 'flores:de
 PRUNE_FIELDS = ("method", "calibration", "pair", "other", "sparsity", "pattern", "allocation",
                 "allocation_range", "outlier_threshold", "mwanda_parts", "variance_weight",
                 "prob_weight", "invert", "protect", "layers", "blocks", "mode", "shots",
-                "samples", "seed", "protocol", "pad_to")
+                "samples", "seed", "protocol", "pad_to", "pad_side")
 
 
 def _bar() -> Progress:
@@ -113,12 +113,13 @@ def cmd_analyze(args) -> None:
     stats = {}
     for ps in sets:
         stats[ps.name] = capture(loaded.model, loaded.tokenizer, ps, batch_size=args.batch_size,
-                                 pad_to=args.pad_to,
+                                 pad_to=args.pad_to, pad_side=args.pad_side,
                                  progress=lambda s, f, n=ps.name: progress(f"capture {n}, {s}", f))
     first = next(iter(stats.values()))
     numbering = protocol.numbering
     result = {"model": loaded.name, "dequantized_from": loaded.dequantized_from,
               "protocol": protocol.name, "numbering": numbering, "pad_to": args.pad_to,
+              "pad_side": first.meta.get("pad_side"),
               "rule": args.rule, **top_dims(first, top, numbering),
               "sets": {name: top_dims(s, top, numbering) for name, s in stats.items()}}
     if len(stats) > 1:
@@ -173,13 +174,14 @@ def _write_figure(fig, path: str) -> None:
 def cmd_prune(args) -> None:
     from dataclasses import asdict
 
-    from mlprune.export import build_report, export_pruned
+    from mlprune.export import build_report, check_export_target, export_pruned
     from mlprune.pipeline import prune
 
     spec = args.spec
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise MlpruneError(f"{out} already exists; choose another --out or pass --overwrite.")
+    check_export_target(out, args.overwrite)  # before pruning: --overwrite replaces only an export
     loaded, corpus = _load(args)
     result = prune(loaded, corpus, spec, batch_size=args.batch_size,
                    checkpoint_dir=args.checkpoint_dir, progress=_bar())
@@ -251,9 +253,12 @@ def eval_tasks(args) -> None:
 
     if args.limit is not None and args.limit < 1:
         raise MlpruneError(f"--limit must be at least 1 item per language (got {args.limit}).")
+    from mlprune.protocol import get_protocol
+
     langs = args.langs.split(",") if args.langs else None
-    tasks = [zs.load_task(t, template=args.template, langs=langs).subset(args.limit, langs)
-             for t in args.task]  # fail before loading a model
+    sample = get_protocol(args.protocol).task_sample  # paper: the authors' 1000-item draw
+    tasks = [zs.load_task(t, template=args.template, langs=langs, sample=sample)
+             .subset(args.limit, langs) for t in args.task]  # fail before loading a model
     args.corpus = None  # zero-shot tasks need no parallel corpus
     loaded, _ = _load(args)
     bar = _bar()
@@ -378,10 +383,12 @@ def cmd_sweep(args) -> None:
     store, csv = _sweep_outputs(args)
     extra = None
     if args.task:
+        from mlprune.protocol import get_protocol
         from mlprune.zeroshot import sweep_eval
 
         extra = sweep_eval(args.task, limit=args.task_limit, norm=args.norm,
-                           batch_size=args.batch_size, seed=args.seed)
+                           batch_size=args.batch_size, seed=args.seed,
+                           sample=get_protocol(args.spec.protocol).task_sample)
         if store is None:  # a store records its columns itself and refuses others
             extra.check_resume(csv)
     sparsities = [float(s) for s in args.sparsities.split(",")]
@@ -410,7 +417,10 @@ def cmd_sweep(args) -> None:
         if csv:
             results.export_csv(csv)
         dequantized_from = (results.settings() or {}).get("dequantized_from")
-    table = pd.DataFrame(rows)
+    from mlprune.pipeline import KEY_COLUMNS
+
+    # what the rows were measured on stays in the files; the terminal shows the numbers
+    table = pd.DataFrame(rows).drop(columns=list(KEY_COLUMNS), errors="ignore")
     if extra is not None:  # the CSV has every column; the terminal gets the summary ones
         summary = ("_acc_en", "_acc_non_en", "_rankc_mean", "_diff_non_en", "_p_non_en")
         table = table[[c for c in table.columns if c not in extra.columns or c.endswith(summary)]]
@@ -450,6 +460,59 @@ def cmd_reproduce(args) -> None:
                            batch_size=args.batch_size, progress=_bar())
     print(reproduce.markdown(report))
     print(f"wrote {args.out}/report.md, report.html and report.json", file=sys.stderr)
+
+
+# --------------------------------------------------------------------------- verdict
+
+
+def _csv(text: str | None, cast=str) -> tuple | None:
+    return None if text is None else tuple(cast(x.strip()) for x in text.split(",") if x.strip())
+
+
+def cmd_verdict(args) -> None:
+    from mlprune import verdict
+
+    changes = {}
+    for name, cast in (("langs", str), ("seeds", int), ("sparsities", float)):
+        value = _csv(getattr(args, name), cast)
+        if value is not None:
+            changes[name] = value
+    if args.task_limit is not None:
+        changes["task_limit"] = args.task_limit or None
+    grid = verdict.grid_for(args.quick, **changes)
+    out = args.out or verdict.default_out()
+    if args.status:
+        for phase, p in verdict.status(out, grid).items():
+            print(f"{phase:<12} {p['done']:>4} done {p['todo']:>4} to do "
+                  f"({p['seconds'] / 60:.0f} min measured)")
+        return
+    extra = tuple(args.task)
+    from mlprune import zeroshot as zs
+
+    for t in extra:  # a bad task file fails before the model loads
+        zs.load_task(t)
+    if args.report_only:
+        from mlprune.verdict_report import build_report, markdown, write_report
+
+        report = build_report(out, replace_tasks(grid, extra))
+        write_report(report, out)
+        print(markdown(report))
+        return
+    loaded, corpus = _load(args)
+    report = verdict.run(loaded, corpus, out, grid, extra_tasks=extra,
+                         batch_size=args.batch_size, phases=_csv(args.phases),
+                         log=lambda line: print(line, file=sys.stderr, flush=True))
+    from mlprune.verdict_report import markdown
+
+    print(markdown(report))
+    print(f"wrote {out}/report.md and report.json", file=sys.stderr)
+
+
+def replace_tasks(grid, extra: tuple[str, ...]):
+    """The grid with the user's extra tasks added to its own."""
+    from dataclasses import replace
+
+    return replace(grid, tasks=(*grid.tasks, *[t for t in extra if t not in grid.tasks]))
 
 
 # --------------------------------------------------------------------------- intervene
@@ -561,7 +624,7 @@ def build_parser() -> argparse.ArgumentParser:
         if corpus:
             sp.add_argument("--corpus", default="builtin", help=CORPUS_HELP)
         if spec:
-            add_spec_arguments(sp, ("shots", "samples", "seed", "protocol", "pad_to")
+            add_spec_arguments(sp, ("shots", "samples", "seed", "protocol", "pad_to", "pad_side")
                                if corpus else ("seed",))
 
     a = sub.add_parser("analyze", help="find large-magnitude features while the model translates")
@@ -588,7 +651,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="hf: dense safetensors any from_pretrained reads (default); "
                          "compressed-tensors: llm-compressor's sparse format (2:4 bitmask for "
                          "2:4), needs pip install 'mlprune[deploy]'")
-    pr.add_argument("--overwrite", action="store_true")
+    pr.add_argument("--overwrite", action="store_true",
+                    help="replace --out if it holds an earlier mlprune export (any other "
+                         "non-empty folder is refused and left as it is)")
     pr.add_argument("--checkpoint-dir", default=None, metavar="DIR",
                     help="save each finished layer here (the sequential pass's statistics "
                          "and masks; every ranking's row orders, in DIR/ranking) and resume "
@@ -604,7 +669,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "with English, the smallest difference detectable at that size; with "
                     "--pruned, dense vs pruned with a paired bootstrap). With --lm-eval: run "
                     "lm-evaluation-harness on a model folder (needs 'pip install lm-eval' and "
-                    "a reachable Hugging Face hub, which serves the benchmarks' data).",
+                    "a reachable Hugging Face hub, which serves the benchmarks' data). "
+                    "Under --protocol paper, XNLI and MARC are cut to the authors' draw of "
+                    "1000 items per language (datasets' shuffle(seed=0), first 1000), then "
+                    "to --limit.",
         epilog="task sources (--task, repeatable):\n"
                "  nli, sentiment        the built-in tasks\n"
                "  FILE.jsonl            items {id, lang, prompt, choices, label}\n"
@@ -725,6 +793,34 @@ def build_parser() -> argparse.ArgumentParser:
                         "wanda-owl (OWL's per-layer sparsity), m-wanda, m-wanda-no-variance, "
                         "m-wanda-no-cwl, m-wanda-no-prob, or all (default: none)")
     r.set_defaults(func=cmd_reproduce)
+
+    vd = sub.add_parser(
+        "verdict", help="the paper's headline claim with seeds and power: pruned vs dense and "
+                        "wanda-mt vs wanda-mono across sparsities and languages -> report",
+        description="Runs the verdict grid (see mlprune/verdict.py): the sparsity curve of "
+                    "wanda-mt and wanda-mono per calibration language and seed, evaluated in "
+                    "that language on every task item; variants at 50%% in every language; "
+                    "the paper's protocol; translation. Each cell is kept in OUT/cells: run it "
+                    "again to resume. The claims table tests each claim with a bootstrap over "
+                    "seeds and items.")
+    common(vd, spec=False)
+    vd.set_defaults(batch_size=16)
+    vd.add_argument("--out", default=None,
+                    help="cells and report folder (default: bench/results/verdict)")
+    vd.add_argument("--quick", action="store_true", help="a small grid (a smoke run)")
+    vd.add_argument("--langs", default=None, metavar="LIST", help="e.g. fr,zh,ru,sw")
+    vd.add_argument("--seeds", default=None, metavar="LIST", help="e.g. 0,1,2")
+    vd.add_argument("--sparsities", default=None, metavar="LIST", help="e.g. 0.1,0.2,0.3,0.5")
+    vd.add_argument("--task", action="append", default=[],
+                    help="add a zero-shot task (JSONL file or built-in name); repeatable")
+    vd.add_argument("--task-limit", type=int, default=None, metavar="N",
+                    help="items per language (0 or default: all)")
+    vd.add_argument("--phases", default=None, metavar="LIST",
+                    help="only these phases: dense,curve,wide,paper,translation")
+    vd.add_argument("--status", action="store_true", help="print what the folder holds; no run")
+    vd.add_argument("--report-only", action="store_true",
+                    help="rebuild the report from the cells; no model")
+    vd.set_defaults(func=cmd_verdict)
 
     iv = sub.add_parser(
         "intervene", help="zero, mean-set, scale or LRP2-shift residual dims while translating; "

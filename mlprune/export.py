@@ -13,6 +13,9 @@ Two weight formats:
 
 Everything is written into a temporary sibling folder that is renamed into place at the end,
 so an interrupted export never leaves a half-written folder that looks like a model.
+Overwriting replaces only what mlprune wrote: an empty folder or an earlier export (its report
+is there, and it holds no file that export did not write); any other folder is refused, and
+nothing in it is touched.
 """
 
 from __future__ import annotations
@@ -62,12 +65,11 @@ def build_report(loaded: LoadedModel, masks: MaskSet, *, spec: dict | None = Non
 def export_pruned(loaded: LoadedModel, masks: MaskSet, out_dir: str | Path, report: dict, *,
                   overwrite: bool = False, format: str = "hf") -> Path:
     """Write the pruned model to ``out_dir`` (atomically) in one of :data:`FORMATS`; the
-    in-memory model stays dense."""
+    in-memory model stays dense. With ``overwrite``, an existing folder is replaced only when
+    :func:`check_export_target` allows it."""
     if format not in FORMATS:
         raise MlpruneError(f"Unknown export format '{format}': use {' or '.join(FORMATS)}.")
-    out = Path(out_dir).expanduser()
-    if out.exists() and not overwrite:
-        raise MlpruneError(f"{out} already exists; choose another folder or allow overwriting.")
+    out = check_export_target(out_dir, overwrite)
     offloaded = is_offloaded(loaded.model)
     if offloaded and format != "hf":
         raise MlpruneError("This model is offloaded (loaded with a device map), which only the hf "
@@ -88,18 +90,53 @@ def export_pruned(loaded: LoadedModel, masks: MaskSet, out_dir: str | Path, repo
             compressor.update_config(str(tmp))  # config.json names the format and its targets
         loaded.tokenizer.save_pretrained(tmp)
         masks.save(tmp / MASKS)
-        (tmp / REPORT).write_text(json.dumps({**report, "format": format}, indent=2,
-                                             ensure_ascii=False, allow_nan=False),
+        # the files this export wrote: what a later overwrite may replace, and nothing else
+        files = sorted([p.name for p in tmp.iterdir()] + [REPORT])
+        (tmp / REPORT).write_text(json.dumps({**report, "format": format, "files": files},
+                                             indent=2, ensure_ascii=False, allow_nan=False),
                                   encoding="utf-8")
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
+        if out.exists() or out.is_symlink():
+            check_export_target(out, overwrite)  # again: the folder may have changed meanwhile
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old)  # (onto the empty folder just made: a unique name)
             os.replace(tmp, out)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def check_export_target(out_dir: str | Path, overwrite: bool) -> Path:
+    """The export folder ``out_dir``, or MlpruneError when exporting there could lose
+    something: it exists and ``overwrite`` is off, or it is not a folder mlprune may replace
+    (empty, or an earlier export holding only the files that export wrote). Reads only."""
+    out = Path(out_dir).expanduser()
+    if not out.exists() and not out.is_symlink():
+        return out
+    if not overwrite:
+        raise MlpruneError(f"{out} already exists; choose another folder or allow overwriting.")
+    if out.is_symlink() or not out.is_dir():
+        raise MlpruneError(f"{out} is not a folder; overwriting replaces only an earlier "
+                           "export's folder, so choose another folder.")
+    names = {p.name for p in out.iterdir()}
+    if not names:
+        return out
+    try:
+        report = json.loads((out / REPORT).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        report = None
+    if not isinstance(report, dict) or "mlprune_version" not in report:
+        raise MlpruneError(f"{out} is not an earlier mlprune export (it has no {REPORT}); "
+                           "overwriting replaces only those, so choose another folder.")
+    listed = report.get("files")
+    if not isinstance(listed, list):  # an export from before reports listed their files
+        listed = names
+    foreign = sorted(names - set(listed))
+    if foreign:
+        raise MlpruneError(f"{out} holds {foreign[0]}, which its earlier export did not write; "
+                           "move it out or choose another folder.")
     return out
 
 

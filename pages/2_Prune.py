@@ -127,10 +127,11 @@ def settings(loaded, corpus) -> tuple[PruneSpec, float, str]:
                                  "they end with the EOS token, as the authors' code did.")
         invert = e5.toggle("Invert (prune the highest scores)", key="w.prune_invert",
                            help="the paper's ablation")
-        allocation_range = e6.slider("Allocation range (±)", 0.0, 0.3, step=0.01,
+        allocation_range = e6.slider("Allocation range λ", 0.0, 0.3, step=0.01,
                                      key="w.prune_allocation_range",
-                                     help="owl/cwl: how far a layer's sparsity may move from "
-                                          "the target (OWL's lambda)")
+                                     help="owl/cwl: OWL's lambda: the layers' sparsities span "
+                                          "2 x lambda, their mean the target (one layer may "
+                                          "sit up to ~2 x lambda from it)")
         outlier_threshold = e6.number_input("Outlier threshold M", 0.5, 100.0, step=0.5,
                                             key="w.prune_outlier_threshold",
                                             help="owl: a score above M times its layer's mean "
@@ -229,7 +230,9 @@ def export_section(loaded, state: service.SessionPruning) -> None:
     ui.default("w.export_dir", f"runs/{slug}-pruned")
     folder = st.text_input("Folder", key="w.export_dir")
     c1, c2, c3 = st.columns([1, 1, 2])
-    overwrite = c3.checkbox("Overwrite if it exists", key="w.export_overwrite")
+    overwrite = c3.checkbox("Overwrite if it exists", key="w.export_overwrite",
+                            help="Replaces an earlier mlprune export in that folder; any "
+                                 "other non-empty folder is refused and left as it is.")
     if c1.button("Export the pruned model"):
         with ui.errors() as ok, st.spinner("Writing safetensors, masks and report"):
             out = export_pruned(loaded, state.masks, folder, report, overwrite=overwrite)

@@ -1,0 +1,506 @@
+"""The verdict grid: does translation-calibrated pruning beat the unpruned model, and
+monolingual calibration, in non-English zero-shot accuracy? Measured with seeds and power.
+
+Kim et al. (2024) claim that Wanda calibrated on few-shot translation demonstrations
+*improves* a model's non-English zero-shot accuracy. One calibration draw and 40 items per
+language cannot tell that from noise: two draws of one method differ by up to 3.5 points in
+one language. This grid measures the claim the way a reader needs it:
+
+- the sparsity curve (10, 20, 30 and 50% unstructured, one-shot: one ranking per calibration
+  set and seed, sliced at each sparsity) of wanda-mt (en->X demonstrations: X is the target
+  language, as the authors' scripts evaluate in the target) and wanda-mono (X alone), for
+  each calibration language X, each evaluated in X on every item of the tasks;
+- at 50% only, evaluated in every grid language and English: English-only wanda-mono (the
+  usual Wanda calibration), pooled (every X->en direction), OWL on wanda-mt and M-Wanda;
+- the paper's protocol (sequential, 100 prompts) at 50% and 2:4 for the first language;
+- translation (en->X, the calibration direction) at 50% and 2:4 on the 170 parallel source
+  sentences of the built-in tasks, which never enter calibration;
+- every variant with several seeds: independent draws of the calibration prompts.
+
+Each measured cell is one strict JSON file under ``out/cells``, written atomically as soon as
+it is done, so the grid resumes cell by cell after any stop, and finished cells can be
+committed and resumed on another machine. ``out/grid.json`` records the model's fingerprint,
+the corpus and task hashes and the settings; a folder measured with anything else is refused.
+The work runs in priority order (dense, then every seed of wanda-mt's curve, then
+wanda-mono's, then the rest), so a grid stopped early answers the headline first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from mlprune import MlpruneError, Progress, no_progress
+from mlprune import zeroshot as zs
+from mlprune.capture import Cancelled
+from mlprune.corpus import ParallelCorpus, language_name
+from mlprune.evaluate import bleu, chrf, generate, target_language_rate
+from mlprune.export import atomic_write_text
+from mlprune.models import LoadedModel
+from mlprune.pipeline import SWEEP_METHODS, PruneSpec, calibrate, model_fingerprint, rank
+from mlprune.prompts import split_rows
+from mlprune.prune import pruned
+
+DENSE = "dense"
+# Variants measured at 50% only and evaluated in every language (beyond the per-language
+# curve): what each is, as a spec's fields. The calibration language of wanda-owl is the
+# grid's first language (en->X demonstrations, like wanda-mt).
+WIDE_VARIANTS = {
+    "wanda-mono-en": dict(method="wanda", calibration="mono"),
+    "wanda-pooled": dict(SWEEP_METHODS["wanda-pooled"]),
+    "wanda-owl": dict(SWEEP_METHODS["wanda-owl"]),
+    "m-wanda": dict(SWEEP_METHODS["m-wanda"]),
+}
+
+
+def _sparsity_label(pattern: str) -> str:
+    return pattern if ":" in pattern else f"{float(pattern):.0%}"
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One pruned model (or the dense one): a method, its calibration language, a pattern
+    and a seed. ``id`` names its cells."""
+
+    method: str  # wanda-mt, wanda-mono, or a WIDE_VARIANTS name; "dense"
+    lang: str = ""  # calibration language X (wanda-mt: en->X; wanda-mono: X)
+    pattern: str = ""  # "0.3" (unstructured sparsity) or "2:4"
+    seed: int = 0
+    protocol: str = "one-shot"  # one-shot (16 prompts, sliced) or paper (sequential, 100)
+
+    @property
+    def id(self) -> str:
+        if self.method == DENSE:
+            return DENSE
+        pattern = self.pattern.replace(":", "of")
+        return f"{self.method}_{self.lang}_{pattern}_s{self.seed}_{self.protocol}"
+
+    @property
+    def label(self) -> str:
+        """'wanda-mt fr 30%' (seed apart)."""
+        if self.method == DENSE:
+            return DENSE
+        proto = " (paper protocol)" if self.protocol == "paper" else ""
+        return f"{self.method} {self.lang} {_sparsity_label(self.pattern)}{proto}"
+
+
+@dataclass(frozen=True)
+class Job:
+    """One ranking (a calibration set, a seed) and what to measure with its masks: for each
+    pattern, the evaluations ("zs:TASK:LANG" or "mt:en-X") of that variant."""
+
+    spec: PruneSpec | None  # None: the dense model
+    variants: tuple[tuple[Variant, tuple[str, ...]], ...]
+    phase: str
+
+
+@dataclass(frozen=True)
+class VerdictGrid:
+    """What the verdict measures. :data:`FULL` is the README's grid (sized for ~6 h on 2 CPU
+    cores once scoring shares prompts); :data:`QUICK` is a smoke-sized one."""
+
+    langs: tuple[str, ...] = ("fr", "zh", "ru", "sw")
+    sparsities: tuple[float, ...] = (0.1, 0.2, 0.3, 0.5)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    samples: int = 16  # calibration prompts of the one-shot variants
+    shots: int = 4
+    tasks: tuple[str, ...] = ("wordorder", "completion")
+    task_limit: int | None = None  # items per language (None: every item)
+    wide: tuple[str, ...] = tuple(WIDE_VARIANTS)
+    paper_langs: tuple[str, ...] = ("fr",)
+    paper_samples: int = 100
+    translation_patterns: tuple[str, ...] = ("0.5", "2:4")
+    translation_limit: int = 150
+    rankc: bool = True  # also score the 50% headline variants in English (RankC)
+
+    def validate(self) -> VerdictGrid:
+        if not self.langs or "en" in self.langs:
+            raise MlpruneError("The verdict's languages are the non-English ones to calibrate "
+                               "and evaluate in, e.g. fr,zh,ru,sw.")
+        if not self.seeds:
+            raise MlpruneError("The verdict needs at least one seed.")
+        for s in self.sparsities:
+            if not 0 < s < 1:
+                raise MlpruneError(f"Sparsity {s} is outside (0, 1).")
+        unknown = [w for w in self.wide if w not in WIDE_VARIANTS]
+        if unknown:
+            raise MlpruneError(f"Unknown variant(s) {', '.join(unknown)}: use "
+                               f"{', '.join(WIDE_VARIANTS)}.")
+        return self
+
+    def spec(self, method: str, lang: str, seed: int, protocol: str = "one-shot",
+             pattern: str = "0.5") -> PruneSpec:
+        """The spec of one ranking (one-shot) or one sequential pruning (paper)."""
+        if method == "wanda-mt":
+            fields = dict(method="wanda", calibration="mt", pair=f"en-{lang}")
+        elif method == "wanda-mono":
+            fields = dict(method="wanda", calibration="mono", pair=f"{lang}-en")
+        elif method == "wanda-mono-en":
+            fields = dict(WIDE_VARIANTS[method], pair=f"en-{self.langs[0]}")
+        elif method in WIDE_VARIANTS:
+            fields = dict(WIDE_VARIANTS[method], pair=f"en-{self.langs[0]}")
+        else:
+            raise MlpruneError(f"Unknown verdict method '{method}'.")
+        structured = ":" in pattern
+        shape = dict(pattern=pattern if structured else "unstructured",
+                     sparsity=0.5 if structured else float(pattern))
+        if protocol == "paper":
+            return PruneSpec.preset("paper", seed=seed, samples=self.paper_samples,
+                                    shots=self.shots, **shape, **fields)
+        return PruneSpec.preset("default", mode="one-shot", seed=seed, samples=self.samples,
+                                shots=self.shots, **shape, **fields)
+
+    def zs_evals(self, langs) -> tuple[str, ...]:
+        return tuple(f"zs:{t}:{lang}" for lang in langs for t in self.tasks)
+
+    def jobs(self) -> list[Job]:
+        """Every ranking and what its masks measure, in the order the run takes them."""
+        patterns = tuple(str(s) for s in self.sparsities)
+        all_langs = (*self.langs, "en")
+        out = [Job(None, ((Variant(DENSE), self.zs_evals(all_langs)),), "dense")]
+        # the headline curve: every seed of wanda-mt first (pruned vs dense needs only it),
+        # then wanda-mono's, one seed at a time across languages
+        for method in ("wanda-mt", "wanda-mono"):
+            for seed in self.seeds:
+                for lang in self.langs:
+                    variants = []
+                    for p in patterns:
+                        evals = self.zs_evals([lang])
+                        if self.rankc and float(p) == 0.5:
+                            evals += self.zs_evals(["en"])
+                        variants.append((Variant(method, lang, p, seed), evals))
+                    out.append(Job(self.spec(method, lang, seed), tuple(variants), "curve"))
+        for seed in self.seeds:  # 50%, every language
+            for method in ("wanda-mt", *self.wide):
+                lang = self.langs[0]
+                evals = self.zs_evals([x for x in all_langs
+                                       if method in self.wide or x not in (lang, "en")])
+                out.append(Job(self.spec(method, lang, seed), ((Variant(method, lang, "0.5", seed),
+                                                                evals),), "wide"))
+        for seed in self.seeds:  # the paper's protocol
+            for lang in self.paper_langs:
+                for method in ("wanda-mt", "wanda-mono"):
+                    for p in self.translation_patterns:
+                        v = Variant(method, lang, p, seed, "paper")
+                        out.append(Job(self.spec(method, lang, seed, "paper", p),
+                                       ((v, self.zs_evals([lang]) + (f"mt:en-{lang}",)),),
+                                       "paper"))
+        out.append(Job(None, ((Variant(DENSE), tuple(f"mt:en-{x}" for x in self.langs)),),
+                       "translation"))
+        for seed in self.seeds:  # translation, one-shot rankings sliced at 50% and 2:4
+            for lang in self.langs:
+                for method in ("wanda-mt", "wanda-mono"):
+                    out.append(Job(self.spec(method, lang, seed), tuple(
+                        (Variant(method, lang, p, seed), (f"mt:en-{lang}",))
+                        for p in self.translation_patterns), "translation"))
+        return out
+
+    def cells(self) -> list[tuple[Variant, str]]:
+        """(variant, evaluation) of every cell, in run order (each once)."""
+        seen, out = set(), []
+        for job in self.jobs():
+            for v, evals in job.variants:
+                for e in evals:
+                    if (v.id, e) not in seen:
+                        seen.add((v.id, e))
+                        out.append((v, e))
+        return out
+
+
+FULL = VerdictGrid()
+QUICK = VerdictGrid(langs=("fr", "zh"), sparsities=(0.3, 0.5), seeds=(0, 1), samples=8,
+                    task_limit=40, wide=("wanda-mono-en",), paper_langs=(), paper_samples=16,
+                    translation_patterns=("0.5",), translation_limit=24)
+
+
+# --------------------------------------------------------------------------- cells
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in text)
+
+
+class Cells:
+    """The grid's measured cells on disk: one strict JSON file each, written atomically. A
+    damaged cell raises (it is never silently measured again: a cell is evidence)."""
+
+    def __init__(self, out: Path):
+        self.root = Path(out) / "cells"
+
+    def path(self, variant_id: str, evaluation: str) -> Path:
+        return self.root / _slug(variant_id) / f"{_slug(evaluation)}.json"
+
+    def has(self, variant_id: str, evaluation: str) -> bool:
+        return self.path(variant_id, evaluation).is_file()
+
+    def get(self, variant_id: str, evaluation: str) -> dict | None:
+        path = self.path(variant_id, evaluation)
+        if not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except ValueError as e:
+            raise MlpruneError(f"The cell {path} is damaged ({e}); delete it to measure it "
+                               "again.") from None
+
+    def put(self, variant_id: str, evaluation: str, value: dict) -> None:
+        path = self.path(variant_id, evaluation)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, zs.strict_json(value))
+
+
+# --------------------------------------------------------------------------- identity
+
+
+def _hash(text: str | bytes) -> str:
+    return hashlib.sha256(text if isinstance(text, bytes) else text.encode()).hexdigest()[:16]
+
+
+def corpus_hash(corpus: ParallelCorpus) -> str:
+    return _hash(corpus.table.to_csv(index=False))
+
+
+def task_hash(task: zs.Task) -> str:
+    return _hash(json.dumps([(it.id, it.lang, it.prompt, list(it.choices), it.label)
+                             for it in task.items], ensure_ascii=False))
+
+
+def identity(loaded: LoadedModel, corpus: ParallelCorpus, tasks: list[zs.Task],
+             grid: VerdictGrid) -> dict:
+    """What every cell of a folder depends on: the model's weights, the corpus, the tasks,
+    and the settings that change a cell's content (not which cells exist)."""
+    settings = {k: getattr(grid, k) for k in ("samples", "shots", "task_limit", "paper_samples",
+                                              "translation_limit")}
+    return {"model": loaded.name, "model_fingerprint": model_fingerprint(loaded),
+            "corpus": corpus.name, "corpus_hash": corpus_hash(corpus),
+            "tasks": {t.name: task_hash(t) for t in tasks}, "settings": settings}
+
+
+def claim_folder(out: Path, ident: dict) -> None:
+    """Record what the folder's cells were measured on; refuse a folder measured on another
+    model, corpus, task or setting, naming what differs (adding tasks is allowed)."""
+    manifest = out / "grid.json"
+    if manifest.is_file():
+        old = json.loads(manifest.read_text(encoding="utf-8"))
+        differs = [k for k in ("model_fingerprint", "corpus_hash", "settings")
+                   if old.get(k) != ident[k]]
+        differs += [f"task {t}" for t, h in ident["tasks"].items()
+                    if t in old.get("tasks", {}) and old["tasks"][t] != h]
+        if differs:
+            what = ", ".join(d.replace("_fingerprint", "").replace("_hash", "") for d in differs)
+            raise MlpruneError(f"{out} holds cells measured with another {what} (see "
+                               f"{manifest}); choose another --out or delete that folder.")
+        ident = {**old, "tasks": {**old.get("tasks", {}), **ident["tasks"]}}
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(manifest, zs.strict_json(ident))
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+def translation_sentences(langs: tuple[str, ...] = ()) -> ParallelCorpus:
+    """The 170 parallel source sentences of the built-in tasks (never in calibration)."""
+    from mlprune.corpus import read_corpus
+    from mlprune.zeroshot.tasks import builtin_task_path
+
+    read = read_corpus(builtin_task_path("wordorder").parent / "source.tsv", name="tasks-source")
+    return ParallelCorpus(read.table.drop(columns=[c for c in ("id",) if c in read.table]),
+                          read.name)
+
+
+def translation_cell(loaded: LoadedModel, corpus: ParallelCorpus, sentences: ParallelCorpus,
+                     src: str, tgt: str, *, limit: int, shots: int = 4, batch_size: int = 16,
+                     progress: Progress = no_progress) -> dict:
+    """Few-shot translation of ``limit`` task source sentences, demonstrations drawn from the
+    calibration corpus's pool (seeded, the same for every variant): chrF, BLEU, language."""
+    import random
+
+    pool, _ = split_rows(corpus)
+    rng = random.Random(1)
+    s_name, t_name = language_name(src), language_name(tgt)
+    table = corpus.table
+    prompts, refs, sources = [], [], []
+    for r in range(min(limit, len(sentences))):
+        demos = rng.sample(pool, shots)
+        head = "".join(f"{s_name}: {table[src].iat[d]}\n{t_name}: {table[tgt].iat[d]}\n"
+                       for d in demos)
+        source = sentences.table[src].iat[r]
+        prompts.append(f"{head}{s_name}: {source}\n{t_name}:")
+        sources.append(source)
+        refs.append(sentences.table[tgt].iat[r])
+    outputs = generate(loaded.model, loaded.tokenizer, prompts, max_new_tokens=64,
+                       batch_size=batch_size, progress=progress)
+    hyps = [g.text for g in outputs]
+    return {"pair": f"{src}-{tgt}", "n": len(hyps), "chrf": chrf(hyps, refs),
+            "bleu": bleu(hyps, refs, tgt),
+            "target_language_rate": target_language_rate(hyps, tgt, tuple(corpus.languages)),
+            "outputs": [{"source": s, "reference": r, "output": h}
+                        for s, r, h in zip(sources, refs, hyps)]}
+
+
+def zeroshot_cell(loaded: LoadedModel, task: zs.Task, lang: str, *, batch_size: int = 16,
+                  progress: Progress = no_progress) -> dict:
+    """Every item of ``task`` in ``lang`` scored: per-choice log-likelihoods, enough to
+    rebuild the result (and RankC against English) without the model."""
+    sub = task.subset(None, [lang])
+    scored = zs.evaluate_task(loaded.model, loaded.tokenizer, sub, batch_size=batch_size,
+                              progress=progress)
+    cell = zs.result_dict(scored)
+    for item, s in zip(cell["items"], scored.scored):
+        item["n_bytes"] = list(s.n_bytes)
+    return cell
+
+
+@dataclass
+class Clock:
+    """Measured seconds per kind of cell, for the estimate of the time left."""
+
+    seconds: dict[str, list[float]] = field(default_factory=dict)
+
+    def add(self, kind: str, s: float) -> None:
+        self.seconds.setdefault(kind, []).append(s)
+
+    def estimate(self, todo: list[str]) -> float | None:
+        if not self.seconds:
+            return None
+        overall = sum(sum(v) for v in self.seconds.values()) / sum(
+            len(v) for v in self.seconds.values())
+        return sum((sum(v) / len(v)) if (v := self.seconds.get(k)) else overall for k in todo)
+
+
+def _kind(evaluation: str) -> str:
+    return evaluation.split(":")[0] + ":" + evaluation.split(":")[1] \
+        if evaluation.startswith("zs:") else "mt"
+
+
+def _fmt_s(s: float | None) -> str:
+    if s is None:
+        return "?"
+    h, rest = divmod(int(s), 3600)
+    return f"{h}h{rest // 60:02d}m" if h else f"{rest // 60}m{rest % 60:02d}s"
+
+
+def run(loaded: LoadedModel, corpus: ParallelCorpus, out: str | Path,
+        grid: VerdictGrid = FULL, *, extra_tasks: tuple[str, ...] = (), batch_size: int = 16,
+        progress: Progress = no_progress, log: Callable[[str], None] = print,
+        should_stop: Callable[[], bool] | None = None, phases: tuple[str, ...] | None = None
+        ) -> dict:
+    """Measure every cell not measured yet (in priority order), then write the report.
+    ``log`` hears one line per cell with the progress and the estimated time left."""
+    out = Path(out)
+    grid = grid.validate()
+    grid = replace(grid, tasks=(*grid.tasks, *[t for t in extra_tasks if t not in grid.tasks]))
+    tasks = {t: zs.load_task(t).subset(grid.task_limit or None, None) for t in grid.tasks}
+    corpus.require("en", *grid.langs)
+    claim_folder(out, identity(loaded, corpus, list(tasks.values()), grid))
+    cells = Cells(out)
+    sentences = translation_sentences()
+    jobs = [j for j in grid.jobs() if phases is None or j.phase in phases]
+    todo = [(v.id, e) for j in jobs for v, evals in j.variants for e in evals
+            if not cells.has(v.id, e)]
+    todo = list(dict.fromkeys(todo))
+    clock = Clock()
+    total, done = len(todo), 0
+    started = time.perf_counter()
+    log(f"verdict: {total} cells to measure in {out}")
+    for job in jobs:
+        missing = [(v, e) for v, evals in job.variants for e in evals
+                   if not cells.has(v.id, e)]
+        if not missing:
+            continue
+        if should_stop is not None and should_stop():
+            raise Cancelled("Verdict stopped; finished cells are kept and a new run resumes.")
+        ranking = None
+        if job.spec is not None:
+            t0 = time.perf_counter()
+            calib = calibrate(loaded, corpus, job.spec, batch_size=8) \
+                if job.spec.needs_calibration else None
+            ranking = rank(loaded, job.spec, calib, batch_size=8)
+            clock.add("rank", time.perf_counter() - t0)
+        for variant, evals in job.variants:
+            wanted = [e for e in evals if (variant, e) in missing]
+            if not wanted:
+                continue
+            masks = None if ranking is None else ranking.masks(
+                0.5 if ":" in variant.pattern else float(variant.pattern),
+                variant.pattern if ":" in variant.pattern else "unstructured")
+            with pruned(loaded.model, masks):
+                for e in wanted:
+                    t0 = time.perf_counter()
+                    cell = _measure(loaded, corpus, sentences, tasks, grid, e, batch_size)
+                    cell.update(variant=asdict(variant), evaluation=e,
+                                sparsity_reached=masks.overall_sparsity() if masks else 0.0,
+                                seconds=round(time.perf_counter() - t0, 2))
+                    cells.put(variant.id, e, cell)
+                    clock.add(_kind(e), time.perf_counter() - t0)
+                    done += 1
+                    todo.remove((variant.id, e))
+                    left = clock.estimate([_kind(x[1]) for x in todo])
+                    log(f"[{done}/{total}] {variant.label} seed {variant.seed} {e}: "
+                        f"{cell['seconds']:.0f} s; elapsed "
+                        f"{_fmt_s(time.perf_counter() - started)}, left ~{_fmt_s(left)}")
+                    progress(f"{variant.label} {e}", done / max(total, 1))
+    from mlprune.verdict_report import build_report, write_report
+
+    report = build_report(out, grid)
+    write_report(report, out)
+    return report
+
+
+def _lang_of(evaluation: str) -> str:
+    if evaluation.startswith("zs:"):
+        return evaluation.split(":")[2]
+    return evaluation.split(":")[1].split("-")[1]
+
+
+def _measure(loaded: LoadedModel, corpus: ParallelCorpus, sentences: ParallelCorpus,
+             tasks: dict[str, zs.Task], grid: VerdictGrid, evaluation: str,
+             batch_size: int) -> dict:
+    kind, *rest = evaluation.split(":")
+    if kind == "zs":
+        task, lang = rest
+        return zeroshot_cell(loaded, tasks[task], lang, batch_size=batch_size)
+    src, tgt = rest[0].split("-")
+    return translation_cell(loaded, corpus, sentences, src, tgt, limit=grid.translation_limit,
+                            shots=grid.shots, batch_size=batch_size)
+
+
+def status(out: str | Path, grid: VerdictGrid = FULL) -> dict:
+    """How much of the grid a folder holds: cells done and to do per phase, and the measured
+    seconds of the finished ones."""
+    cells = Cells(Path(out))
+    phases: dict[str, dict] = {}
+    for job in grid.jobs():
+        p = phases.setdefault(job.phase, {"done": 0, "todo": 0, "seconds": 0.0})
+        for v, evals in job.variants:
+            for e in evals:
+                c = cells.get(v.id, e)
+                if c is None:
+                    p["todo"] += 1
+                else:
+                    p["done"] += 1
+                    p["seconds"] += c.get("seconds", 0.0)
+    return phases
+
+
+def iter_cells(out: str | Path) -> Iterator[dict]:
+    """Every measured cell of a folder."""
+    root = Path(out) / "cells"
+    for path in sorted(root.glob("*/*.json")):
+        yield json.loads(path.read_text(encoding="utf-8"))
+
+
+def grid_for(quick: bool, **changes) -> VerdictGrid:
+    """The full or quick grid with ``changes`` on top."""
+    return replace(QUICK if quick else FULL, **changes).validate()
+
+
+def default_out() -> Path:
+    """Where the README's verdict lives (cells and report ship with the project)."""
+    return Path(os.environ.get("MLPRUNE_VERDICT") or
+                Path(__file__).resolve().parents[1] / "bench" / "results" / "verdict")

@@ -1,0 +1,133 @@
+"""The verdict grid on a tiny model: every cell measured once, resumable, refused on another
+model, and a report whose claims start with pruned-vs-dense and carry their statistics."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import REPRODUCE_TASK
+from tiny import byte_tokenizer, tiny_model
+
+from mlprune import MlpruneError, verdict
+from mlprune import zeroshot as zs
+from mlprune.models import LoadedModel
+from mlprune.verdict_report import build_report, markdown
+
+
+def tiny_verdict_grid(folder) -> verdict.VerdictGrid:
+    task = folder / "tiny_task.jsonl"
+    task.write_text("".join(json.dumps(line) + "\n" for line in REPRODUCE_TASK),
+                    encoding="utf-8")
+    return verdict.VerdictGrid(langs=("fr",), sparsities=(0.2, 0.5), seeds=(0, 1), samples=2,
+                               tasks=(str(task),), wide=("wanda-mono-en",), paper_langs=("fr",),
+                               paper_samples=2, translation_patterns=("0.5",),
+                               translation_limit=2)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, corpus):
+    folder = tmp_path_factory.mktemp("verdict")
+    loaded = LoadedModel(tiny_model("llama"), byte_tokenizer(), "tiny-llama", "local")
+    grid, lines = tiny_verdict_grid(folder), []
+    report = verdict.run(loaded, corpus, folder / "run", grid, batch_size=4, log=lines.append)
+    return loaded, grid, folder / "run", report, lines
+
+
+def test_every_cell_is_measured_and_the_log_estimates_the_time_left(finished):
+    _, grid, out, report, lines = finished
+    cells = list(verdict.iter_cells(out))
+    assert len(cells) == len(grid.cells()) == report["cells"]["expected"]
+    assert lines[0].startswith(f"verdict: {len(cells)} cells")
+    assert all("left ~" in line for line in lines[1:]) and len(lines) == len(cells) + 1
+    # the headline curve: each calibration seed gives its own masks at each sparsity
+    mt = [c for c in cells if c["variant"]["method"] == "wanda-mt"
+          and c["variant"]["protocol"] == "one-shot" and c["evaluation"].endswith(":fr")]
+    assert {(c["variant"]["pattern"], c["variant"]["seed"]) for c in mt} == {
+        (p, s) for p in ("0.2", "0.5") for s in (0, 1)}
+    assert {round(c["sparsity_reached"], 1) for c in mt} == {0.2, 0.5}
+    # seeds are independent draws: two seeds of one method give different masks
+    a, b = (next(c for c in mt if c["variant"]["seed"] == s and c["variant"]["pattern"] == "0.5")
+            for s in (0, 1))
+    assert [i["logprob"] for i in a["items"]] != [i["logprob"] for i in b["items"]]
+
+
+def test_the_report_states_the_headline_claim_first_with_its_statistics(finished):
+    _, grid, out, report, _ = finished
+    first = report["claims"][0]
+    assert "beats the unpruned model" in first["claim"]
+    assert first["n"] == 6 and first["seeds"] == [1, 2]  # the fr items of the task; dense: 1
+    assert first["ci"][0] <= first["effect"] <= first["ci"][1]
+    assert 0 < first["p_value"] <= 1 and first["detectable"] >= 0
+    rows = report["comparisons"]["mt_vs_dense"]
+    assert [r["pattern"] for r in rows] == ["0.2", "0.5"]
+    assert all(r["p_holm"] >= r["p_value"] for r in rows)  # Holm only ever raises p
+    assert report["grid"]["seeds"] == [0, 1] and report["grid"]["langs"] == ["fr"]
+    assert report["items_per_language"][grid.tasks[0]]["fr"] == 6
+    curve = report["curves"]["fr"]["methods"]["wanda-mt"]
+    assert [p["sparsity"] for p in curve] == [0.2, 0.5] and set(curve[0]["seeds"]) == {0, 1}
+    assert report["translation"]["table"] and report["comparisons"]["paper_protocol"]
+    text = (out / "report.json").read_text()
+    json.loads(text, parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}"))
+    assert "| claim |" in markdown(report)
+
+
+def test_the_report_is_recomputed_from_the_cells_alone(finished):
+    _, grid, out, report, _ = finished
+    again = json.loads(zs.strict_json(build_report(out, grid)))
+    assert again["claims"] == json.loads(zs.strict_json(report["claims"]))
+
+
+def test_a_finished_grid_resumes_without_measuring_again(finished, corpus, monkeypatch):
+    loaded, grid, out, _, _ = finished
+
+    def fail(*a, **k):
+        raise AssertionError("a finished cell was measured again")
+
+    monkeypatch.setattr(verdict, "_measure", fail)
+    monkeypatch.setattr(verdict, "rank", fail)
+    lines = []
+    verdict.run(loaded, corpus, out, grid, log=lines.append)
+    assert lines == ["verdict: 0 cells to measure in " + str(out)]
+
+
+def test_a_deleted_cell_alone_is_measured_again(finished, corpus):
+    loaded, grid, out, _, _ = finished
+    victim = verdict.Cells(out).path("wanda-mt_fr_0.2_s1_one-shot", f"zs:{grid.tasks[0]}:fr")
+    before = victim.read_bytes()
+    victim.unlink()
+    lines = []
+    verdict.run(loaded, corpus, out, grid, log=lines.append)
+    assert len(lines) == 2 and "wanda-mt fr 20% seed 1" in lines[1]
+    # the same calibration draw gives the same masks: the cell comes back as it was
+    assert json.loads(victim.read_bytes())["items"] == json.loads(before)["items"]
+
+
+def test_another_model_is_refused_naming_what_differs(finished, corpus):
+    _, grid, out, _, _ = finished
+    other = LoadedModel(tiny_model("llama", seed=1), byte_tokenizer(), "tiny-llama", "local")
+    with pytest.raises(MlpruneError, match="another model"):
+        verdict.run(other, corpus, out, grid)
+
+
+def test_bad_grids_are_refused_in_one_sentence():
+    with pytest.raises(MlpruneError, match="non-English"):
+        verdict.VerdictGrid(langs=("en",)).validate()
+    with pytest.raises(MlpruneError, match="outside"):
+        verdict.VerdictGrid(sparsities=(0.0,)).validate()
+    with pytest.raises(MlpruneError, match="Unknown variant"):
+        verdict.VerdictGrid(wide=("nope",)).validate()
+
+
+def test_the_full_grid_runs_the_headline_first_and_names_every_cell_once():
+    grid = verdict.FULL
+    phases = [j.phase for j in grid.jobs()]
+    assert phases[0] == "dense" and phases[1] == "curve"
+    assert phases.index("wide") > max(i for i, p in enumerate(phases) if p == "curve")
+    cells = grid.cells()
+    assert len(cells) == len({(v.id, e) for v, e in cells})
+    # every calibration language is evaluated in itself, at every sparsity and seed
+    own = {(v.method, v.lang, v.pattern, v.seed) for v, e in cells
+           if v.method in ("wanda-mt", "wanda-mono") and v.protocol == "one-shot"
+           and e.startswith("zs:") and e.endswith(":" + v.lang)}
+    assert len(own) == 2 * 4 * 4 * 3
