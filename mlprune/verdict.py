@@ -47,6 +47,8 @@ from mlprune.prompts import split_rows
 from mlprune.prune import pruned
 
 DENSE = "dense"
+ANALYSIS = "analysis:overlap"  # the dense model's large dimensions, compared across sets
+OVERLAP_FRACTIONS = {"top_in_top": 0.05, "top_in_bottom": 0.4}  # ours; the paper's (40%)
 # Variants measured at 50% only and evaluated in every language (beyond the per-language
 # curve): what each is, as a spec's fields. The calibration language of wanda-owl is the
 # grid's first language (en->X demonstrations, like wanda-mt).
@@ -202,7 +204,7 @@ class VerdictGrid:
 
     def cells(self) -> list[tuple[Variant, str]]:
         """(variant, evaluation) of every cell, in run order (each once)."""
-        seen, out = set(), []
+        seen, out = {(DENSE, ANALYSIS)}, [(Variant(DENSE), ANALYSIS)]
         for job in self.jobs():
             for v, evals in job.variants:
                 for e in evals:
@@ -356,6 +358,44 @@ def zeroshot_cell(loaded: LoadedModel, task: zs.Task, lang: str, *, batch_size: 
     return cell
 
 
+def analysis_cell(loaded: LoadedModel, corpus: ParallelCorpus, grid: VerdictGrid, *,
+                  batch_size: int = 8) -> dict:
+    """Do translation directions share their large dimensions, and are they specific to
+    translation? For each seed: X->en translation and X monolingual prompt sets (the
+    calibration's size and shots) captured on the dense model, and two overlap measures
+    between them, averaged over layers: top-5% in top-5% and the paper's top-40% in
+    bottom-40%. Two draws of the same set give the ceiling an overlap can reach under
+    sampling noise (seed s against seed s+1); chance is the value of unrelated rankings."""
+    from mlprune.features import overlap
+    from mlprune.pipeline import cached_capture
+    from mlprune.prompts import monolingual_prompts, translation_prompts
+
+    def sets(seed: int) -> dict:
+        kw = dict(shots=grid.shots, samples=grid.samples, seed=seed)
+        out = {f"mt:{x}-en": translation_prompts(corpus, x, "en", **kw) for x in grid.langs}
+        out.update({f"mono:{x}": monolingual_prompts(corpus, x, **kw) for x in grid.langs})
+        return {k: cached_capture(loaded, ps, batch_size=batch_size) for k, ps in out.items()}
+
+    def mean(a, b, measure: str) -> float:
+        return float(overlap(a, b, OVERLAP_FRACTIONS[measure], "hidden_states")[measure].mean())
+
+    captured = {seed: sets(seed) for seed in grid.seeds}
+    per_seed = []
+    for i, seed in enumerate(grid.seeds):
+        here = captured[seed]
+        row: dict = {"seed": seed}
+        for measure in OVERLAP_FRACTIONS:
+            row[measure] = {a: {b: mean(here[a], here[b], measure) for b in here} for a in here}
+            if len(grid.seeds) > 1:  # the same set, another draw: the noise ceiling
+                other = captured[grid.seeds[(i + 1) % len(grid.seeds)]]
+                row[f"{measure}_same_set_other_seed"] = {k: mean(here[k], other[k], measure)
+                                                         for k in here}
+        per_seed.append(row)
+    return {"fractions": OVERLAP_FRACTIONS, "chance": {"top_in_top": 0.05,
+                                                        "top_in_bottom": 0.4},
+            "seeds": per_seed, "samples": grid.samples, "shots": grid.shots}
+
+
 @dataclass
 class Clock:
     """Measured seconds per kind of cell, for the estimate of the time left."""
@@ -407,7 +447,18 @@ def run(loaded: LoadedModel, corpus: ParallelCorpus, out: str | Path,
     clock = Clock()
     total, done = len(todo), 0
     started = time.perf_counter()
+    if not cells.has(DENSE, ANALYSIS) and (phases is None or "dense" in phases):
+        todo.insert(0, (DENSE, ANALYSIS))
+        total += 1
     log(f"verdict: {total} cells to measure in {out}")
+    if (DENSE, ANALYSIS) in todo:
+        t0 = time.perf_counter()
+        cells.put(DENSE, ANALYSIS, {**analysis_cell(loaded, corpus, grid), "evaluation": ANALYSIS,
+                                    "variant": asdict(Variant(DENSE)),
+                                    "seconds": round(time.perf_counter() - t0, 2)})
+        todo.remove((DENSE, ANALYSIS))
+        done += 1
+        log(f"[{done}/{total}] dense analysis (overlaps): {time.perf_counter() - t0:.0f} s")
     for job in jobs:
         missing = [(v, e) for v, evals in job.variants for e in evals
                    if not cells.has(v.id, e)]

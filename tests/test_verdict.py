@@ -39,7 +39,8 @@ def test_every_cell_is_measured_and_the_log_estimates_the_time_left(finished):
     cells = list(verdict.iter_cells(out))
     assert len(cells) == len(grid.cells()) == report["cells"]["expected"]
     assert lines[0].startswith(f"verdict: {len(cells)} cells")
-    assert all("left ~" in line for line in lines[1:]) and len(lines) == len(cells) + 1
+    assert "analysis" in lines[1] and all("left ~" in line for line in lines[2:])
+    assert len(lines) == len(cells) + 1
     # the headline curve: each calibration seed gives its own masks at each sparsity
     mt = [c for c in cells if c["variant"]["method"] == "wanda-mt"
           and c["variant"]["protocol"] == "one-shot" and c["evaluation"].endswith(":fr")]
@@ -67,6 +68,9 @@ def test_the_report_states_the_headline_claim_first_with_its_statistics(finished
     curve = report["curves"]["fr"]["methods"]["wanda-mt"]
     assert [p["sparsity"] for p in curve] == [0.2, 0.5] and set(curve[0]["seeds"]) == {0, 1}
     assert report["translation"]["table"] and report["comparisons"]["paper_protocol"]
+    shared = [c for c in report["claims"] if "shared across" in c["claim"]]
+    assert len(shared) == 0  # one calibration language: no pair of directions to compare
+    assert report["analysis"]["measures"]["top_in_top"]["n_seeds"] == 2
     text = (out / "report.json").read_text()
     json.loads(text, parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}"))
     assert "| claim |" in markdown(report)
