@@ -399,3 +399,35 @@ def report_figures(report: dict) -> list[tuple[str, go.Figure]]:
         out.append((f"Zero-shot: {task}", accuracy_by_language_figure(
             block["variants"], f"Zero-shot accuracy per language: {task}", q)))
     return out
+
+
+def verdict_curve_figure(block: dict, lang: str, dequantized_from: str | None = None,
+                         task_note: str = "both tasks pooled") -> go.Figure:
+    """Zero-shot accuracy in ``lang`` against sparsity: dense as a line, wanda-mt and
+    wanda-mono (calibrated in ``lang``) as the mean over seeds with a band from the lowest to
+    the highest seed (``block``: one language of the verdict report's ``curves``)."""
+    fig = go.Figure()
+    colours = {"wanda-mt": "#1f77b4", "wanda-mono": "#ff7f0e"}
+    for method, points in block["methods"].items():
+        if not points:
+            continue
+        xs = [p["sparsity"] for p in points]
+        colour = colours.get(method, "#2ca02c")
+        fig.add_trace(go.Scatter(x=xs + xs[::-1], y=[p["max"] for p in points]
+                                 + [p["min"] for p in points][::-1], fill="toself",
+                                 fillcolor=colour, opacity=0.2, line={"width": 0},
+                                 hoverinfo="skip", showlegend=False))
+        fig.add_trace(go.Scatter(x=xs, y=[p["mean"] for p in points], mode="lines+markers",
+                                 name=f"{method} ({max(len(p['seeds']) for p in points)} seeds)",
+                                 line={"color": colour},
+                                 customdata=[len(p["seeds"]) for p in points],
+                                 hovertemplate="%{x:.0%}: %{y:.1%} (mean of %{customdata} "
+                                               "seeds)<extra></extra>"))
+    if block.get("dense") is not None:
+        fig.add_hline(y=block["dense"], line_dash="dash", line_color="black",
+                      annotation_text=f"dense {block['dense']:.1%}",
+                      annotation_position="bottom left")
+    fig.update_layout(title=f"{lang}: zero-shot accuracy ({task_note})",
+                      xaxis_title="sparsity (unstructured, one-shot)", yaxis_title="accuracy",
+                      xaxis_tickformat=".0%", yaxis_tickformat=".0%", height=380)
+    return _note(fig, dequantized_from)

@@ -278,7 +278,8 @@ def identity(loaded: LoadedModel, corpus: ParallelCorpus, tasks: list[zs.Task],
     and the settings that change a cell's content (not which cells exist)."""
     settings = {k: getattr(grid, k) for k in ("samples", "shots", "task_limit", "paper_samples",
                                               "translation_limit")}
-    return {"model": loaded.name, "model_fingerprint": model_fingerprint(loaded),
+    return {"model": loaded.name, "dequantized_from": loaded.dequantized_from,
+            "model_fingerprint": model_fingerprint(loaded),
             "corpus": corpus.name, "corpus_hash": corpus_hash(corpus),
             "tasks": {t.name: task_hash(t) for t in tasks}, "settings": settings}
 
@@ -297,7 +298,7 @@ def claim_folder(out: Path, ident: dict) -> None:
             what = ", ".join(d.replace("_fingerprint", "").replace("_hash", "") for d in differs)
             raise MlpruneError(f"{out} holds cells measured with another {what} (see "
                                f"{manifest}); choose another --out or delete that folder.")
-        ident = {**old, "tasks": {**old.get("tasks", {}), **ident["tasks"]}}
+        ident = {**old, **ident, "tasks": {**old.get("tasks", {}), **ident["tasks"]}}
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(manifest, zs.strict_json(ident))
 

@@ -114,6 +114,13 @@ def compare(m: Measured, a: dict, b: dict, blocks: list[tuple[str, str, str]],
             seeds: list[int], score=_correct, resamples: int = 4000) -> dict | None:
     """b - a over ``blocks`` with the seeds both sides have (dense: one model), tested with the
     seeds x items bootstrap; None where a cell is missing."""
+    # a grid still running: keep the blocks both sides have for at least one seed, and the
+    # seeds each side has for all of them (the report names both)
+    blocks = [blk for blk in blocks if all(
+        _have(m, side, [blk], [0] if side["method"] == DENSE else seeds, score)
+        for side in (a, b))]
+    if not blocks:
+        return None
     seeds_a = [0] if a["method"] == DENSE else _have(m, a, blocks, seeds, score)
     seeds_b = [0] if b["method"] == DENSE else _have(m, b, blocks, seeds, score)
     if not seeds_a or not seeds_b:
@@ -128,7 +135,9 @@ def compare(m: Measured, a: dict, b: dict, blocks: list[tuple[str, str, str]],
             "detectable_diff": sig.detectable_diff, "seed_diff_min": sig.seed_diff_min,
             "seed_diff_max": sig.seed_diff_max, "seed_sd_b": sig.seed_sd_b,
             "n_items": sig.n_items, "n_strata": sig.n_strata, "seeds_a": seeds_a,
-            "seeds_b": seeds_b, "seeds_needed_for_target": plan.seeds_needed,
+            "seeds_b": seeds_b, "langs": sorted({el for _, _, el in blocks}),
+            "tasks": sorted({t for _, t, _ in blocks}),
+            "seeds_needed_for_target": plan.seeds_needed,
             "items_needed_for_target": plan.items_needed}
 
 
@@ -158,6 +167,7 @@ def build_report(out: str | Path, grid: VerdictGrid) -> dict:
     patterns = [str(s) for s in grid.sparsities]
     report: dict = {
         "model": manifest.get("model"), "model_fingerprint": manifest.get("model_fingerprint"),
+        "dequantized_from": manifest.get("dequantized_from"),
         "corpus": manifest.get("corpus"), "tasks": list(grid.tasks),
         "grid": {"langs": list(grid.langs), "seeds": seeds, "sparsities": list(grid.sparsities),
                  "samples": grid.samples, "shots": grid.shots, "task_limit": grid.task_limit,
@@ -418,7 +428,7 @@ def _claim(claim: str, paper: str, c: dict | None, *, p_key: str = "p_value",
             "effect": c["diff"], "ci": [c["ci_low"], c["ci_high"]], "p_value": c.get(p_key),
             "detectable": c["detectable_diff"], "holds": _verdict(c, p_key),
             "seeds": [len(c.get("seeds_a", [])), len(c.get("seeds_b", []))],
-            "n": c["n_items"], "unit": unit,
+            "n": c["n_items"], "langs": c.get("langs"), "unit": unit,
             "seeds_needed_for_2_points": c.get("seeds_needed_for_target"),
             "items_needed_for_2_points": c.get("items_needed_for_target")}
 
@@ -492,6 +502,34 @@ def _plabel(p: str) -> str:
     return p if ":" in p else f"{float(p):.0%}"
 
 
+def _n(c: dict) -> str:
+    """Items (and the languages they are in) behind a claim."""
+    if not c.get("n"):
+        return "-"
+    return f"{c['n']} ({', '.join(c['langs'])})" if c.get("langs") else str(c["n"])
+
+
+def claims_rows(report: dict) -> list[dict]:
+    """The claims table as display rows (the Paper page and the README show the same)."""
+    rows = []
+    for c in report["claims"]:
+        ci, eff, det = c.get("ci"), c.get("effect"), c.get("detectable")
+        scale = 1 if c.get("p_value") is None else 100
+        rows.append({
+            "claim": c["claim"], "paper": c["paper"], "found": c["found"],
+            "effect": "—" if eff is None else f"{eff * scale:+.1f}" if scale == 100
+            else f"{eff:.2f}",
+            "95% CI": "—" if not ci else (f"[{ci[0] * scale:+.1f}, {ci[1] * scale:+.1f}]"
+                                          if scale == 100 else f"{ci[0]:.2f}–{ci[1]:.2f}"),
+            "p": "—" if c.get("p_value") is None else
+            ("< 0.001" if c["p_value"] < 0.001 else f"{c['p_value']:.3f}"),
+            "detectable": "—" if det is None else f"{det * 100:.1f}",
+            "n": _n(c),
+            "holds here": {True: "yes", False: "no (opposite)" if c.get("p_value") is not None
+                           else "no", None: "cannot tell"}[c["holds"]]})
+    return rows
+
+
 # --------------------------------------------------------------------------- writing
 
 
@@ -502,7 +540,11 @@ def _fmt(x, spec: str) -> str:
 def markdown(report: dict) -> str:
     """The verdict as Markdown: the claims table, then each comparison."""
     g = report["grid"]
-    lines = [f"# The verdict: {report.get('model')}", "",
+    lines = [f"# The verdict: {report.get('model')}", ""]
+    if report.get("dequantized_from"):
+        lines += [f"Weights de-quantized from {report['dequantized_from']} (4-bit): every "
+                  "figure is that of the de-quantized model.", ""]
+    lines += [
              f"Seeds {g['seeds']}, sparsities {g['sparsities']}, calibration languages "
              f"{g['langs']} (wanda-mt on {g['mt_direction']}; wanda-mono on X), "
              f"{g['samples']} calibration prompts of {g['shots']} shots, one-shot rankings "
@@ -520,7 +562,7 @@ def markdown(report: dict) -> str:
             f"{'-' if not ci else f'[{ci[0] * 100:+.1f}, {ci[1] * 100:+.1f}]'} | "
             f"{_fmt(c.get('p_value'), '.3f')} | "
             f"{_fmt(None if c.get('detectable') is None else c['detectable'] * 100, '.1f')} | "
-            f"{'/'.join(map(str, c.get('seeds') or [])) or '-'} | {c.get('n') or '-'} | "
+            f"{'/'.join(map(str, c.get('seeds') or [])) or '-'} | {_n(c)} | "
             f"{holds} |")
     lines += ["", "p of the first two claims is Holm-adjusted over the sparsities tried. "
               "'detectable': the smallest difference this grid detects at p < 0.05 with 80% "

@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from mlprune import plots, reproduce, service, ui
+from mlprune import plots, reproduce, service, ui, verdict, verdict_report
 from mlprune.models import cache_dir
 
 JOB = "paper_job"
@@ -53,6 +53,27 @@ def show(report: dict, key: str) -> None:
     st.subheader("Figures")
     for i, (_, fig) in enumerate(plots.report_figures(report)):
         ui.plot(fig, key=f"{key}-fig-{i}")
+
+
+def show_verdict(report: dict | None) -> None:
+    """The verdict grid's claims and its accuracy-against-sparsity figure per language."""
+    if report is None:
+        st.info("No verdict report yet: `mlprune verdict` measures it (resumable; see the "
+                "README).")
+        return
+    text = service.dequant_text(report.get("dequantized_from"))
+    if text:
+        st.caption(f":material/warning: {text}")
+    g, cells = report["grid"], report["cells"]
+    st.caption(f"{report['model']} · seeds {g['seeds']} · sparsities {g['sparsities']} · "
+               f"calibration languages {g['langs']} · {cells['zeroshot'] + cells['translation']}"
+               f" of {cells['expected']} cells measured")
+    st.table(pd.DataFrame(verdict_report.claims_rows(report)).set_index("claim"))
+    cols = st.columns(2)
+    for i, (lang, block) in enumerate(report["curves"].items()):
+        with cols[i % 2]:
+            ui.plot(plots.verdict_curve_figure(block, lang, report.get("dequantized_from")),
+                    key=f"verdict-{lang}")
 
 
 def start_quick(out: Path) -> None:
@@ -97,8 +118,10 @@ st.markdown("The paper's grid on one model: the large dimensions while translati
             "translation after pruning (Table 1), zero-shot accuracy per language with paired "
             "tests, and each claim with what this model shows. `mlprune reproduce` makes the "
             "same report from the command line.")
-shipped, mine, opened = st.tabs(["The README's run", "Run the quick grid",
-                                 "Open a report folder"])
+verdict_tab, shipped, mine, opened = st.tabs(["The verdict", "The README's run",
+                                              "Run the quick grid", "Open a report folder"])
+with verdict_tab:
+    show_verdict(verdict_report.load_report(verdict.default_out()))
 with shipped:
     with ui.errors():
         show(reproduce.load_report(reproduce.shipped_report_dir()), "shipped")
