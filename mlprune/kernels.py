@@ -4,12 +4,22 @@
   at its pruned columns and zero them, or write saved values back. Torch needs four passes for
   this (int16 columns -> int64 positions, a gather, an indexed fill, and the positions' own
   memory), which ran at 3-13% of the read bandwidth (bench/live.py). Here it is one pass of a
-  few lines of C, compiled on first use with the system C compiler and cached in
-  ``MLPRUNE_CACHE``. Without a compiler (or with ``MLPRUNE_NATIVE=0``) both return False and
-  the caller keeps its torch path; results are identical, bit for bit (tested). No Python
-  or torch headers: plain C called through ctypes (which releases the GIL, so the callers'
-  threads run it in parallel), built in well under a second where a torch extension takes a
-  minute.
+  few lines of C, compiled on first use with the system C compiler (``CC``, flags allowed)
+  and cached in ``MLPRUNE_CACHE``. Without a compiler (or with ``MLPRUNE_NATIVE=0``) both
+  return False and the caller keeps its torch path; results are identical, bit for bit
+  (tested), and one logged line says why the fast path is off. No Python or torch headers:
+  plain C called through ctypes (which releases the GIL, so the callers' threads run it in
+  parallel), built in well under a second where a torch extension takes a minute. The C
+  code checks its own bounds (rows and every column, before anything moves).
+
+  Built at run time, not at install time: the package stays pure Python (one wheel for every
+  platform, installable without a compiler, with the torch path as the fallback), and a
+  cache folder shared by machines gets a library per compiler and platform. The price is a
+  file loaded from a cache, so the cache is guarded: the library is loaded only from a
+  folder of this user that no one else can write (others could plant code there that every
+  mlprune process, Ray workers included, would run), and only when its sha256 matches the
+  one recorded beside it; it is written with fsync and rename, and built again when torn
+  (loading a torn library kills the process with SIGBUS), emptied or replaced.
 
 - :class:`WeightMajorHead` computes a CPU model's output head (Gemma 3's 262k-token head is
   two thirds of a decoding step's weights) in the forms MKL runs fast: for one row, its
@@ -22,9 +32,12 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import logging
 import os
 import platform
+import shlex
 import shutil
+import stat
 import subprocess
 import tempfile
 import threading
@@ -35,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mlprune import cache_dir
+from mlprune import MlpruneError, cache_dir
 
 NATIVE_ENV = "MLPRUNE_NATIVE"  # "0" turns the compiled paths off (tests compare both)
 
@@ -44,13 +57,16 @@ _SOURCE = r"""
 
 /* Row r of the weights starts at w + r*ws0 and its column c is at + c*ws1 (elements). Row r
    of cols holds k column numbers (row stride cs0), row r of vals k values (row stride vs0).
-   take: vals <- w at the columns, then w <- 0 there. put: w <- vals at the columns. */
+   take: vals <- w at the columns, then w <- 0 there; a row is read whole before any of it is
+   zeroed, so a column named twice saves its value twice (put then restores it exactly).
+   put: w <- vals at the columns. */
 #define LOOPS(W, C)                                                                         \
 static void take_##W##_##C(W *restrict w, int64_t ws0, int64_t ws1, const C *restrict cols, int64_t cs0, \
                            int64_t k, int64_t r0, int64_t r1, W *restrict vals, int64_t vs0) { \
     for (int64_t r = r0; r < r1; r++) {                                                     \
         W *row = w + r * ws0; const C *c = cols + r * cs0; W *v = vals + r * vs0;           \
-        for (int64_t j = 0; j < k; j++) { W *p = row + (int64_t)c[j] * ws1; v[j] = *p; *p = 0; } \
+        for (int64_t j = 0; j < k; j++) v[j] = row[(int64_t)c[j] * ws1];                   \
+        for (int64_t j = 0; j < k; j++) row[(int64_t)c[j] * ws1] = 0;                      \
     }                                                                                       \
 }                                                                                           \
 static void put_##W##_##C(W *w, int64_t ws0, int64_t ws1, const C *cols, int64_t cs0,      \
@@ -64,6 +80,19 @@ static void put_##W##_##C(W *w, int64_t ws0, int64_t ws1, const C *cols, int64_t
 #define FOR_COLS(W) LOOPS(W, int16_t) LOOPS(W, int32_t) LOOPS(W, int64_t)
 FOR_COLS(uint16_t) FOR_COLS(uint32_t) FOR_COLS(uint64_t)
 
+/* 1 when every column of rows r0..r1 is in 0..n-1: a min and max in the columns' own type
+   (no early exit, so the loop vectorises; it reads the columns once, in order). */
+#define IN_RANGE(C)                                                                          \
+static int in_range_##C(const C *cols, int64_t cs0, int64_t k, int64_t r0, int64_t r1, int64_t n) { \
+    C lo = 0, hi = 0;                                                                        \
+    for (int64_t r = r0; r < r1; r++) {                                                      \
+        const C *c = cols + r * cs0;                                                         \
+        for (int64_t j = 0; j < k; j++) { C x = c[j]; lo = x < lo ? x : lo; hi = x > hi ? x : hi; } \
+    }                                                                                        \
+    return lo >= 0 && (int64_t)hi < n;                                                       \
+}
+IN_RANGE(int16_t) IN_RANGE(int32_t) IN_RANGE(int64_t)
+
 #define CALL(op, W, C) op##_##W##_##C((W *)w, ws0, ws1, (const C *)cols, cs0, k, r0, r1, (W *)vals, vs0)
 #define BY_COLS(op, W)                                        \
     switch (cs) {                                             \
@@ -73,9 +102,22 @@ FOR_COLS(uint16_t) FOR_COLS(uint32_t) FOR_COLS(uint64_t)
     }                                                         \
     return -1;
 
-/* es, cs: bytes per weight and per column number. Returns 0, or -1 for sizes it lacks. */
-int mlprune_move(int put, void *w, int es, int64_t ws0, int64_t ws1, const void *cols, int cs,
-                 int64_t cs0, int64_t k, int64_t r0, int64_t r1, void *vals, int64_t vs0) {
+/* es, cs: bytes per weight and per column number; the weights are rows x n_cols. Checks its
+   own bounds before it moves anything: returns 0, -1 for sizes it lacks, -2 for rows outside
+   the weights and -3 for a column outside them (nothing moved for either). */
+int mlprune_move(int put, void *w, int es, int64_t ws0, int64_t ws1, int64_t rows, int64_t n_cols,
+                 const void *cols, int cs, int64_t cs0, int64_t k, int64_t r0, int64_t r1,
+                 void *vals, int64_t vs0) {
+    if (r0 < 0 || r1 < r0 || r1 > rows || k < 0) return -2;
+    if (es != 2 && es != 4 && es != 8) return -1;
+    int ok;
+    switch (cs) {
+        case 2: ok = in_range_int16_t((const int16_t *)cols, cs0, k, r0, r1, n_cols); break;
+        case 4: ok = in_range_int32_t((const int32_t *)cols, cs0, k, r0, r1, n_cols); break;
+        case 8: ok = in_range_int64_t((const int64_t *)cols, cs0, k, r0, r1, n_cols); break;
+        default: return -1;
+    }
+    if (!ok) return -3;
     if (es == 2) { if (put) { BY_COLS(put, uint16_t) } else { BY_COLS(take, uint16_t) } }
     if (es == 4) { if (put) { BY_COLS(put, uint32_t) } else { BY_COLS(take, uint32_t) } }
     if (es == 8) { if (put) { BY_COLS(put, uint64_t) } else { BY_COLS(take, uint64_t) } }
@@ -84,41 +126,159 @@ int mlprune_move(int put, void *w, int es, int64_t ws0, int64_t ws1, const void 
 """
 
 _I64 = ctypes.c_int64
+_ARGTYPES = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, _I64, _I64, _I64, _I64,
+             ctypes.c_void_p, ctypes.c_int, _I64, _I64, _I64, _I64, ctypes.c_void_p, _I64]
 _LIBRARY: ctypes.CDLL | None = None
 _TRIED = False
 _GUARD = threading.Lock()
+_SAID: set[str] = set()  # reasons already logged: one line each per process
+
+log = logging.getLogger("mlprune")
+
+
+def _off(reason: str) -> None:
+    """Say once per process why the compiled moves are off (results are the same, only slower)."""
+    if reason not in _SAID:
+        _SAID.add(reason)
+        log.warning("mlprune's compiled mask moves are off (%s); torch's index ops are used "
+                    "instead, with the same results, more slowly.", reason)
+
+
+def _compiler() -> list[str] | None:
+    """The C compiler's command line: ``CC`` (flags allowed, split like a shell would), else
+    cc, gcc or clang from the PATH; None, saying why, where there is none."""
+    cc = os.environ.get("CC")
+    if cc:
+        try:
+            argv = shlex.split(cc)
+        except ValueError as e:
+            _off(f"CC={cc!r} cannot be split into a command ({e})")
+            return None
+        found = shutil.which(argv[0]) if argv else None
+        if found is None:
+            _off(f"the compiler in CC={cc!r} was not found")
+            return None
+        return [found, *argv[1:]]
+    found = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if found is None:
+        _off("no C compiler (cc, gcc or clang) on the PATH; set CC to use one")
+        return None
+    return [found]
+
+
+def _unsafe(folder: Path) -> str | None:
+    """Why ``folder`` must not hold a library this process loads (None where it may): it
+    must be a folder of this user that no one else can write into, in a parent no one else
+    can rename it out of. Made (private) here when missing."""
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            folder.mkdir(mode=0o700)  # private from the start: no window where others may write
+        except FileExistsError:
+            pass
+        st, parent = folder.stat(), folder.parent.stat()
+    except OSError as e:
+        return f"the cache folder {folder} cannot be made or read ({e})"
+    if not stat.S_ISDIR(st.st_mode):
+        return f"{folder} is not a folder"
+    if os.name != "posix":  # no owners and modes to check; the hash still guards the file
+        return None
+    if st.st_uid != os.getuid():
+        return f"the cache folder {folder} belongs to another user"
+    if st.st_mode & 0o022:
+        return (f"the cache folder {folder} is writable by other users, who could plant a "
+                f"library there (run: chmod go-w {folder})")
+    if parent.st_mode & 0o002 and not parent.st_mode & stat.S_ISVTX:
+        return f"{folder.parent} is writable by every user, who could swap {folder.name} out"
+    return None
+
+
+def _recorded(library: Path, record: Path) -> bool:
+    """Whether ``library`` is whole and ours: a file of this user, not writable by others,
+    whose sha256 is the one recorded beside it when it was built."""
+    try:
+        st = library.stat()
+        data = library.read_bytes()
+        want = record.read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return False
+    if os.name == "posix" and (st.st_uid != os.getuid() or st.st_mode & 0o022):
+        return False
+    return hashlib.sha256(data).hexdigest() == want
+
+
+def _write_durably(path: Path, data: bytes, mode: int) -> None:
+    """``data`` under ``path``: written to a temporary name, flushed to disk, then renamed, so a
+    reader (or a crash) never meets half a file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _build(folder: Path) -> Path | None:
-    """The compiled library in ``folder`` (built now if missing), or None without a compiler.
+    """The compiled library in ``folder`` (built now if missing or not as recorded), or None,
+    saying why, where it cannot be had safely.
 
-    Named by a hash of the source, compiler and platform; written to a temporary name and
-    renamed, so processes building at once never load half a file."""
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    if not compiler:
+    Named by a hash of the source, compiler and platform. Loaded only from a private folder
+    and only when its sha256 matches the one recorded beside it: a file torn by a crash (which
+    would kill the process at load with SIGBUS), an empty one or one put there by anyone else
+    is built over instead."""
+    compiler = _compiler()
+    if compiler is None:
         return None
     key = hashlib.sha256(f"{_SOURCE}|{compiler}|{platform.platform()}".encode()).hexdigest()[:16]
     target = folder / f"mlprune_move-{key}.so"
-    if target.is_file():
+    record = Path(f"{target}.sha256")
+    why = _unsafe(folder)
+    if why is not None:
+        _off(why)
+        return None
+    if _recorded(target, record):
         return target
-    folder.mkdir(parents=True, exist_ok=True)
+    if target.exists():
+        log.warning("mlprune: %s is not the library recorded beside it (torn, emptied or "
+                    "replaced); rebuilding it.", target)
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
         source, built = Path(tmp) / "move.c", Path(tmp) / "move.so"
         source.write_text(_SOURCE)
         # no -march=native: a cache folder may be shared by machines of different CPUs, and
         # scattered single-element moves gain nothing from wider vectors
-        result = subprocess.run([compiler, "-O3", "-funroll-loops", "-shared", "-fPIC", "-o", str(built), str(source)],
-                                capture_output=True, text=True, timeout=120)
+        result = subprocess.run([*compiler, "-O3", "-funroll-loops", "-shared", "-fPIC", "-o", str(built),
+                                 str(source)], capture_output=True, text=True, timeout=120)
         if result.returncode != 0 or not built.is_file():
+            first = (result.stderr.strip().splitlines() or ["no output"])[0]
+            _off(f"{shlex.join(compiler)} failed to build them: {first}")
             return None
-        os.replace(built, target)
+        data = built.read_bytes()
+    # the library first, then its hash: a reader between the two sees a mismatch and builds
+    # again, never a library it did not check
+    _write_durably(target, data, 0o700)
+    _write_durably(record, hashlib.sha256(data).hexdigest().encode(), 0o600)
+    try:  # the renames themselves survive a crash only once the folder is flushed too
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass  # a platform that cannot flush folders: the files are whole, at worst rebuilt
     return target
 
 
 def _library() -> ctypes.CDLL | None:
-    """The compiled moves, built on first use; None where they cannot be (then never retried)."""
+    """The compiled moves, built on first use; None where they cannot be (then never retried),
+    with one logged line saying why."""
     global _LIBRARY, _TRIED
     if os.environ.get(NATIVE_ENV, "1") == "0":
+        _off(f"{NATIVE_ENV}=0")
         return None
     if _TRIED:  # every call after the first: no lock on the mask moves' path
         return _LIBRARY
@@ -129,12 +289,12 @@ def _library() -> ctypes.CDLL | None:
                 if path is not None:
                     lib = ctypes.CDLL(str(path))
                     lib.mlprune_move.restype = ctypes.c_int
-                    lib.mlprune_move.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, _I64, _I64,
-                                                 ctypes.c_void_p, ctypes.c_int, _I64, _I64, _I64, _I64,
-                                                 ctypes.c_void_p, _I64]
+                    lib.mlprune_move.argtypes = _ARGTYPES
                     _LIBRARY = lib
-            except (OSError, subprocess.SubprocessError):
-                _LIBRARY = None  # no compiler that works here: the torch paths serve
+            except (OSError, AttributeError, subprocess.SubprocessError) as e:
+                # no compiler that works here, or a library without mlprune_move: torch serves
+                _off(f"{type(e).__name__}: {e}")
+                _LIBRARY = None
             finally:
                 _TRIED = True  # only now: a lock-free reader then sees the library as well
         return _LIBRARY
@@ -149,18 +309,28 @@ def _move(put: bool, weight: torch.Tensor, cols: torch.Tensor, values: torch.Ten
           r0: int, r1: int) -> bool:
     lib = _library()
     if (lib is None or weight.device.type != "cpu" or cols.device.type != "cpu"
-            or values.device.type != "cpu" or values.dtype != weight.dtype
+            or values.device.type != "cpu" or values.dtype != weight.dtype or weight.dim() != 2
             or cols.dtype not in (torch.int16, torch.int32, torch.int64)
             or cols.dim() != 2 or values.shape != cols.shape
             or (cols.shape[1] > 1 and (cols.stride(1) != 1 or values.stride(1) != 1))):
         return False
-    if not 0 <= r0 <= r1 <= cols.shape[0]:
-        raise ValueError(f"rows {r0}..{r1} are outside 0..{cols.shape[0]}")
+    # rows are checked here against the columns (the C code cannot see their length) and in
+    # the C code against the weights, with every column, before anything moves
+    if not 0 <= r0 <= r1 <= min(cols.shape[0], weight.shape[0]):
+        raise MlpruneError(f"Rows {r0} to {r1} of a mask move are outside the {cols.shape[0]} rows "
+                           f"of its columns or the {weight.shape[0]} rows of its weights.")
     if r0 == r1 or cols.shape[1] == 0:
         return True
     done = lib.mlprune_move(int(put), weight.data_ptr(), weight.element_size(), weight.stride(0),
-                            weight.stride(1), cols.data_ptr(), cols.element_size(), cols.stride(0),
-                            cols.shape[1], r0, r1, values.data_ptr(), values.stride(0))
+                            weight.stride(1), weight.shape[0], weight.shape[1], cols.data_ptr(),
+                            cols.element_size(), cols.stride(0), cols.shape[1], r0, r1,
+                            values.data_ptr(), values.stride(0))
+    if done == -3:
+        raise MlpruneError(f"A mask move names a column outside 0 to {weight.shape[1] - 1} in rows "
+                           f"{r0} to {r1}; nothing was moved.")
+    if done == -2:
+        raise MlpruneError(f"Rows {r0} to {r1} of a mask move are outside the weights' "
+                           f"{weight.shape[0]} rows; nothing was moved.")
     return done == 0
 
 
@@ -168,13 +338,15 @@ def take(weight: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, r0: int
     """For rows ``r0``..``r1``: ``values[r, j] = weight[r, cols[r, j]]``, then zero those weights.
 
     ``weight`` [out, in] (any strides), ``cols`` [out, k] integers and ``values`` [out, k] of the
-    weight's dtype, both with unit column stride. Columns must be in range (the caller checks).
+    weight's dtype, both with unit column stride. Rows and columns outside the weight raise
+    :class:`~mlprune.MlpruneError` before anything moves (checked here and in the C code).
     Returns False, changing nothing, where the compiled path cannot run."""
     return _move(False, weight, cols, values, r0, r1)
 
 
 def put(weight: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, r0: int, r1: int) -> bool:
-    """For rows ``r0``..``r1``: ``weight[r, cols[r, j]] = values[r, j]`` (the inverse of :func:`take`)."""
+    """For rows ``r0``..``r1``: ``weight[r, cols[r, j]] = values[r, j]`` (the inverse of
+    :func:`take`; the same checks)."""
     return _move(True, weight, cols, values, r0, r1)
 
 
