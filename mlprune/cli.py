@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -885,6 +886,10 @@ def _starting_line(argv: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # OpenMP's threads spin while they wait by default: on a machine whose cores are shared
+    # (a dashboard, a second job) that made each forward pass ~10x slower (bench/scoring.py).
+    # Set before torch is imported; a user's own setting wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     _starting_line(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     try:

@@ -66,7 +66,8 @@ def show_verdict(report: dict | None) -> None:
         st.caption(f":material/warning: {text}")
     g, cells = report["grid"], report["cells"]
     st.caption(f"{report['model']} · seeds {g['seeds']} · sparsities {g['sparsities']} · "
-               f"calibration languages {g['langs']} · {cells['zeroshot'] + cells['translation']}"
+               f"calibration languages {g['langs']} · "
+               f"{cells['zeroshot'] + cells['translation'] + cells.get('analysis', 0)}"
                f" of {cells['expected']} cells measured")
     st.table(pd.DataFrame(verdict_report.claims_rows(report)).set_index("claim"))
     cols = st.columns(2)
@@ -79,7 +80,8 @@ def show_verdict(report: dict | None) -> None:
 def start_quick(out: Path) -> None:
     with ui.errors():
         st.session_state[JOB] = service.start_reproduce(ui.model_spec(), ui.session_corpus(),
-                                                        out, reproduce.QUICK)
+                                                        out, reproduce.QUICK,
+                                                        owner=ui.session_owner())
         st.rerun()  # draw the page again as it is while the grid runs (Start disabled)
 
 
@@ -99,7 +101,9 @@ def progress(out: Path) -> None:
     def live() -> None:
         if running and job.done():
             st.rerun()  # it ended since the page was drawn: draw the report below it too
-        if running:
+        if running and job.queued:
+            ui.queued(job, "quick grid")
+        elif running:
             st.progress(min(1.0, job.fraction), text=f"Reproducing (quick grid): {job.stage}")
             st.caption(f"running for {job.seconds:.0f} s in a worker process; the other pages "
                        "stay live meanwhile.")

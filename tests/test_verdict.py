@@ -135,3 +135,17 @@ def test_the_full_grid_runs_the_headline_first_and_names_every_cell_once():
            if v.method in ("wanda-mt", "wanda-mono") and v.protocol == "one-shot"
            and e.startswith("zs:") and e.endswith(":" + v.lang)}
     assert len(own) == 2 * 4 * 4 * 3
+
+
+def test_the_readme_section_says_what_was_measured_and_what_is_still_running(finished):
+    from mlprune.verdict_report import readme_section
+
+    _, grid, _, report, _ = finished
+    text = readme_section(report, ["assets/verdict_fr.png"])
+    first_row = next(line for line in text.splitlines() if line.startswith("| Pruning with"))
+    assert "beats the unpruned model" in first_row and "(fr)" in first_row
+    n = report["cells"]["expected"]
+    assert f"{n} of {n} cells measured**." in text and "still running" not in text
+    assert "![verdict_fr](assets/verdict_fr.png)" in text
+    partial = {**report, "cells": {**report["cells"], "expected": n + 5}}
+    assert "the grid is still running" in readme_section(partial)
