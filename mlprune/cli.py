@@ -500,11 +500,13 @@ def cmd_verdict(args) -> None:
         print(markdown(report))
         return
     loaded, corpus = _load(args)
-    report = verdict.run(loaded, corpus, out, grid, extra_tasks=extra,
-                         batch_size=args.batch_size, phases=_csv(args.phases),
-                         log=lambda line: print(line, file=sys.stderr, flush=True))
-    from mlprune.verdict_report import markdown
+    done = verdict.run(loaded, corpus, out, grid, extra_tasks=extra,
+                       batch_size=args.batch_size, phases=_csv(args.phases),
+                       log=lambda line: print(line, file=sys.stderr, flush=True))
+    from mlprune.verdict_report import build_report, markdown, write_report
 
+    report = build_report(out, done["grid"])
+    write_report(report, out)
     print(markdown(report))
     print(f"wrote {out}/report.md and report.json", file=sys.stderr)
 

@@ -431,8 +431,9 @@ def run(loaded: LoadedModel, corpus: ParallelCorpus, out: str | Path,
         progress: Progress = no_progress, log: Callable[[str], None] = print,
         should_stop: Callable[[], bool] | None = None, phases: tuple[str, ...] | None = None
         ) -> dict:
-    """Measure every cell not measured yet (in priority order), then write the report.
-    ``log`` hears one line per cell with the progress and the estimated time left."""
+    """Measure every cell not measured yet, in priority order; returns what this run measured
+    and the grid with its tasks (the report is :func:`mlprune.verdict_report.build_report`'s,
+    from the cells). ``log`` hears one line per cell with the progress and the time left."""
     out = Path(out)
     grid = grid.validate()
     grid = replace(grid, tasks=(*grid.tasks, *[t for t in extra_tasks if t not in grid.tasks]))
@@ -497,11 +498,8 @@ def run(loaded: LoadedModel, corpus: ParallelCorpus, out: str | Path,
                         f"{cell['seconds']:.0f} s; elapsed "
                         f"{_fmt_s(time.perf_counter() - started)}, left ~{_fmt_s(left)}")
                     progress(f"{variant.label} {e}", done / max(total, 1))
-    from mlprune.verdict_report import build_report, write_report
-
-    report = build_report(out, grid)
-    write_report(report, out)
-    return report
+    return {"measured": done, "total": total, "seconds": time.perf_counter() - started,
+            "grid": grid}
 
 
 def _lang_of(evaluation: str) -> str:

@@ -12,7 +12,7 @@ from tiny import byte_tokenizer, tiny_model
 from mlprune import MlpruneError, verdict
 from mlprune import zeroshot as zs
 from mlprune.models import LoadedModel
-from mlprune.verdict_report import build_report, markdown
+from mlprune.verdict_report import build_report, markdown, write_report
 
 
 def tiny_verdict_grid(folder) -> verdict.VerdictGrid:
@@ -30,7 +30,10 @@ def finished(tmp_path_factory, corpus):
     folder = tmp_path_factory.mktemp("verdict")
     loaded = LoadedModel(tiny_model("llama"), byte_tokenizer(), "tiny-llama", "local")
     grid, lines = tiny_verdict_grid(folder), []
-    report = verdict.run(loaded, corpus, folder / "run", grid, batch_size=4, log=lines.append)
+    done = verdict.run(loaded, corpus, folder / "run", grid, batch_size=4, log=lines.append)
+    assert done["measured"] == done["total"] == len(grid.cells())
+    report = build_report(folder / "run", grid)
+    write_report(report, folder / "run")
     return loaded, grid, folder / "run", report, lines
 
 
