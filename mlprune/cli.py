@@ -271,11 +271,11 @@ def eval_tasks(args) -> None:
 
     dense = score(loaded.model, loaded.tokenizer, "scoring")
     report = {"model": loaded.name, "dequantized_from": loaded.dequantized_from,
-              "tasks": {r.task: r.to_dict() for r in dense}}
+              "tasks": {r.task: zs.result_dict(r) for r in dense}}
     if args.pruned:
         other = _load_model(args, args.pruned)
         sparse = score(other.model, other.tokenizer, "scoring pruned")
-        report.update(pruned=other.name, pruned_tasks={r.task: r.to_dict() for r in sparse},
+        report.update(pruned=other.name, pruned_tasks={r.task: zs.result_dict(r) for r in sparse},
                       comparison={})
         for a, b in zip(dense, sparse):
             rows = zs.compare_results(a, b, n_resamples=args.resamples, seed=args.seed)

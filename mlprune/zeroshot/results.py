@@ -120,13 +120,6 @@ class TaskResult:
         out[f"{t}_rankc_mean"] = self.mean_consistency()
         return out
 
-    def to_dict(self) -> dict:
-        """JSON-ready summary, with every item's per-choice log-likelihoods (non-finite numbers
-        stay NaN here; ``reports.strict_json`` writes them as null)."""
-        from mlprune.zeroshot.reports import result_dict
-
-        return result_dict(self)
-
 
 def evaluate_task(model: nn.Module, tokenizer, task: Task, *, norm: str = "token",
                   batch_size: int = 8, max_logits_mb: int = 256,
