@@ -10,6 +10,14 @@ translating and while reading) survives EOS separators: top-5% overlaps, transla
 
     python bench/protocol_effects.py [--limit 40] [--out bench/results/protocol_effects.json]
                                      [--paper-masks reproduce/masks/wanda-mt_50_.safetensors]
+                                     [--only left]
+
+The authors' padding is measured on both sides: on the right (as XGLM's and mGPT's tokenizers
+pad) and on the left (as BLOOM's and Llama's do, and the embedded Gemma's), where every real
+token follows 400-odd padding tokens it attends to, with no mask. ``--only TEXT`` measures
+only the runs whose label holds TEXT (and the clean run they are compared with), and skips the
+overlap section; ``--limit 4 --only left --out /tmp/check.json`` is a quick check that a run
+works. A saved row measured on another number of sentences is measured again.
 
 Each run's row (with its outputs) is saved as soon as it is measured, and its masks under
 MLPRUNE_CACHE/protocol_effects, so an interrupted run resumes; a row saved without outputs (by
@@ -40,9 +48,15 @@ RUNS = {
     "clean (newline, 16 prompts, sequential)": PruneSpec(),
     "EOS-separated demonstrations": PruneSpec(protocol="paper"),
     "one-shot instead of sequential": PruneSpec(mode="one-shot"),
-    "prompts padded to 512, padding counted": PruneSpec(pad_to=512),
+    "prompts padded to 512 on the right, padding counted": PruneSpec(pad_to=512,
+                                                                    pad_side="right"),
     "100 calibration prompts": PruneSpec(samples=100),
+    # appended, so the runs above keep their cached masks' file numbers
+    "prompts padded to 512 on the left, padding counted": PruneSpec(pad_to=512, pad_side="left"),
 }
+# rows saved under an earlier label (every --pad-to run was right-padded then)
+RENAMED = {"prompts padded to 512, padding counted":
+           "prompts padded to 512 on the right, padding counted"}
 
 
 def agreement(a, b) -> float:
@@ -61,12 +75,16 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results/protocol_effects.json")
     ap.add_argument("--paper-masks", default=None,
                     help="masks of the paper protocol's wanda-mt 50%% (from mlprune reproduce)")
+    ap.add_argument("--only", default=None, metavar="TEXT",
+                    help="measure only the runs whose label holds TEXT (e.g. left), beside the "
+                         "clean run, and skip the overlap section")
     args = ap.parse_args()
     loaded = load_model(None)
     corpus = builtin_corpus()
     out = Path(args.out)
     saved = json.loads(out.read_text()) if out.is_file() else {}
-    rows = {r["run"]: r for r in saved.get("runs", [])}
+    rows = {RENAMED.get(r["run"], r["run"]): {**r, "run": RENAMED.get(r["run"], r["run"])}
+            for r in saved.get("runs", [])}
     folder = cache_dir() / "protocol_effects"
     folder.mkdir(parents=True, exist_ok=True)
     runs = {label: (spec, None) for label, spec in RUNS.items()}
@@ -76,7 +94,10 @@ def main() -> None:
     clean_path = folder / "0.safetensors"
     clean_label = next(iter(runs))
     for i, (label, (spec, given)) in enumerate(runs.items()):
-        if "outputs" in rows.get(label, {}) and clean_path.is_file():
+        done = rows.get(label, {})
+        if "outputs" in done and done.get("limit", 40) == args.limit and clean_path.is_file():
+            continue
+        if args.only and i > 0 and args.only not in label:
             continue
         t = time.perf_counter()
         masks_path = clean_path if i == 0 else folder / f"{i}.safetensors"
@@ -85,7 +106,7 @@ def main() -> None:
             ev = evaluate_translation(loaded.model, loaded.tokenizer, corpus, "fr", "en",
                                       limit=args.limit)
         outputs = [o["output"] for o in ev["outputs"]]
-        row = {"run": label, "spec": dict(vars(spec)),
+        row = {"run": label, "spec": dict(vars(spec)), "limit": args.limit,
                "mask_agreement": agreement(MaskSet.load(clean_path), masks),
                "chrf": ev["chrf"], "bleu": ev["bleu"], "n": ev["n"],
                "target_language_rate": ev["target_language_rate"],
@@ -101,6 +122,9 @@ def main() -> None:
         print(f"{label}: agreement {row['mask_agreement']:.3f}, chrF {ev['chrf']:.1f}, "
               f"{row['seconds']} s", file=sys.stderr, flush=True)
     rows = list(rows.values())
+    if args.only:
+        print_table(loaded, rows, saved.get("translation_specific") or {})
+        return
 
     specific = {}
     for sep in ("newline", "eos"):
@@ -116,6 +140,12 @@ def main() -> None:
                          "top5_overlap_mt_vs_mono_en": float(m.loc["mt:fr-en", "mono:en"]),
                          "largest_dim_per_layer": tops}
 
+    print_table(loaded, rows, specific)
+    save(out, loaded, rows, specific)
+
+
+def print_table(loaded, rows: list[dict], specific: dict) -> None:
+    """The README's table of runs, and the overlaps of each separator."""
     print(f"\n{loaded.name}" + (f" (weights de-quantized from {loaded.dequantized_from})"
                                 if loaded.dequantized_from else ""))
     print("\n| run | mask agreement with clean | chrF fr→en | p vs clean | BLEU | p vs clean | n |"
@@ -127,7 +157,6 @@ def main() -> None:
     for sep, s in specific.items():
         print(f"\n{sep}: top-5% overlap translating fr→en vs reading fr "
               f"{s['top5_overlap_mt_vs_mono_fr']:.0%}, vs reading en {s['top5_overlap_mt_vs_mono_en']:.0%}")
-    save(out, loaded, rows, specific)
 
 
 def _p(p: float | None) -> str:

@@ -1,6 +1,7 @@
 """mlprune: see, tune and demo pruning of multilingual LLMs calibrated on translation."""
 
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,3 +28,10 @@ def cache_dir() -> Path:
     override with the MLPRUNE_CACHE environment variable."""
     root = os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "mlprune"
     return Path(root)
+
+
+def cache_name(text: str, limit: int = 48) -> str:
+    """``text`` (a prompt set's, a model's name: user text) as one harmless file-name part:
+    letters, digits, ``_`` and ``-`` only, so no separator or ``..`` can lead a cache path
+    out of its folder. Not unique: callers add a hash of what the entry holds."""
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", text)[:limit].strip("_") or "x"

@@ -8,10 +8,16 @@ layer, its *importance*, and prune important layers less:
   weights (all selected modules together) whose score exceeds M times the layer's mean score
   (M = 5 in OWL's scripts). OWL maps D linearly onto keep ratios spanning 2 * lambda and
   centres them on 1 - S (``(D - min D) / (max D - min D) * 2 * lambda``, minus its mean, plus
-  1 - S), so sparsities lie in S +- lambda and a layer with more outliers keeps more.
+  1 - S), so a layer with more outliers keeps more.
 - ``cwl``: M-Wanda's correlation-weighted layerwise sparsity (Choenni and Titov, EMNLP 2025;
   see :mod:`mlprune.mwanda`): the importance is how little the languages' activations agree in
-  that layer (1 - their mean correlation), mapped onto S +- lambda the same way.
+  that layer (1 - their mean correlation), mapped the same way.
+
+What lambda bounds is the *spread*: the layers' sparsities span 2 * lambda, from the least to
+the most important layer, and their mean is S. It is not each layer's distance from S (OWL's
+paper says S +- lambda; its code, and this mapping, centre on the mean, not the midpoint): with
+importance {0, 0, 0, 1}, lambda = 0.08 and S = 0.5 the sparsities are 0.54, 0.54, 0.54 and
+0.38, the last 0.12 = 1.5 * lambda below S. A layer can sit up to (nearly) 2 * lambda from S.
 
 Two changes from OWL's code, both so the target stays exact on any model: the offsets are
 centred with each layer's weight count as its weight (OWL averages layers equally, the same
@@ -32,7 +38,9 @@ MAX_LAYER_SPARSITY = 0.99  # a layer is never pruned whole, whatever its offset
 def spread(importance: dict[int, float], sizes: dict[int, int], strength: float) -> dict[int, float]:
     """Sparsity offsets from per-layer importance: importance min-max scaled onto
     [0, 2 * strength], centred on its size-weighted mean, negated (more important, pruned
-    less). All offsets are 0 when every layer is equally important."""
+    less). The offsets span exactly 2 * strength (each one lies within +- 2 * strength, not
+    +- strength: see the module notes). All offsets are 0 when every layer is equally
+    important."""
     if strength < 0:
         raise MlpruneError(f"The allocation range must be at least 0; got {strength}.")
     layers = list(importance)

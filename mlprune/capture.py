@@ -21,7 +21,13 @@ sequential calibration (layer l's statistics taken with layers < l already prune
 
 ``pad_to=N`` reproduces the authors' statistics, bug included: every prompt is padded (or cut)
 to N tokens, run without a padding mask as their calibration runs it, and every position,
-padding too, counts.
+padding too, counts. The padding goes on the tokenizer's own side (``padding_side``), as
+their ``tokenizer(..., padding="max_length")`` put it: on the left for BLOOM and Llama, whose
+real tokens then follow (and attend to) the padding, on the right for XGLM and mGPT;
+``pad_side="left"`` or ``"right"`` chooses it instead. One detail is not reproduced: for BLOOM,
+their layer-by-layer pass built ALiBi's positions from the padding mask
+(``build_alibi_tensor(attention_mask)``: left padding at position 0, real tokens counted from
+0), while here every position counts, padding included, as the model builds it unmasked.
 """
 
 from __future__ import annotations
@@ -242,10 +248,28 @@ def _plain_ids(tokenizer, texts: list[str]) -> list[list[int]]:
         return tokenizer(texts, add_special_tokens=False)["input_ids"]
 
 
+PAD_SIDES = ("tokenizer", "left", "right")
+
+
+def padding_side(tokenizer, side: str | None = None) -> str:
+    """The side padding goes: ``left`` or ``right`` as given, else (``None`` or
+    ``"tokenizer"``) the tokenizer's own ``padding_side`` (right when it has none)."""
+    if side in (None, "tokenizer"):
+        own = getattr(tokenizer, "padding_side", None)
+        return own if own in ("left", "right") else "right"
+    if side not in ("left", "right"):
+        raise MlpruneError(f"Unknown padding side '{side}': use {', '.join(PAD_SIDES)}.")
+    return side
+
+
 def batches(ids: list[list[int]], batch_size: int, pad_id: int,
-            pad_to: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Right-padded (input_ids, attention_mask) batches of similar lengths (less padding);
-    with ``pad_to``, every row is cut or padded to exactly that many tokens."""
+            pad_to: int | None = None, side: str = "right"
+            ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Padded (input_ids, attention_mask) batches of similar lengths (less padding), padded on
+    ``side`` (right by default); with ``pad_to``, every row is cut (its first ``pad_to``
+    tokens kept) or padded to exactly that many tokens."""
+    if side not in ("left", "right"):
+        raise MlpruneError(f"Unknown padding side '{side}': use left or right.")
     if pad_to is not None:
         ids = [s[:pad_to] for s in ids]
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
@@ -255,8 +279,9 @@ def batches(ids: list[list[int]], batch_size: int, pad_id: int,
         input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(chunk), width), dtype=torch.long)
         for row, seq in enumerate(chunk):
-            input_ids[row, : len(seq)] = torch.tensor(seq)
-            mask[row, : len(seq)] = 1
+            where = slice(0, len(seq)) if side == "right" else slice(width - len(seq), width)
+            input_ids[row, where] = torch.tensor(seq, dtype=torch.long)
+            mask[row, where] = 1
         yield input_ids, mask
 
 
@@ -432,14 +457,17 @@ def _check_pad_to(pad_to: int | None, model: nn.Module) -> None:
                            f"got {pad_to}.")
 
 
-def _forward_batches(ids: list[list[int]], batch_size: int, tokenizer, device, pad_to: int | None
+def _forward_batches(ids: list[list[int]], batch_size: int, tokenizer, device, pad_to: int | None,
+                     pad_side: str | None = None
                      ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]]:
     """(input_ids, attention_mask for the model, positions that count, the rows' indices in
     ``ids``) per batch. With ``pad_to`` the model gets no padding mask and every position
-    counts, as the authors ran it."""
+    counts, as the authors ran it, the padding on ``pad_side`` (:func:`padding_side`);
+    without, batches are padded on the right and the padding is masked out and not counted."""
     lengths = [min(len(s), pad_to) if pad_to else len(s) for s in ids]
     order = sorted(range(len(ids)), key=lambda i: lengths[i])  # as batches() orders them
-    chunks = batches([ids[i] for i in order], batch_size, pad_token_id(tokenizer), pad_to)
+    side = padding_side(tokenizer, pad_side) if pad_to else "right"
+    chunks = batches([ids[i] for i in order], batch_size, pad_token_id(tokenizer), pad_to, side)
     for start, (input_ids, mask) in zip(range(0, len(ids), batch_size), chunks):
         rows = torch.tensor(order[start:start + batch_size])
         if pad_to is None:
@@ -452,18 +480,20 @@ def _forward_batches(ids: list[list[int]], batch_size: int, tokenizer, device, p
 def capture(model: nn.Module, tokenizer, prompts: PromptSet | list[str], *, batch_size: int = 8,
             modules: list[str] | None = None, progress: Progress = no_progress,
             should_stop: Callable[[], bool] | None = None,
-            pad_to: int | None = None) -> ActivationStats:
+            pad_to: int | None = None, pad_side: str | None = None) -> ActivationStats:
     """Run every prompt once through the decoder and collect :class:`ActivationStats`.
 
     ``modules`` restricts the linear modules collected (default: all in the decoder layers).
     ``should_stop()`` is polled between batches; if it says so, :class:`Cancelled` is raised.
     ``progress`` is told "batch i/n" after each batch.
-    ``pad_to`` reproduces the authors' padded statistics (see the module notes).
+    ``pad_to`` reproduces the authors' padded statistics, padded on ``pad_side`` (default: the
+    tokenizer's ``padding_side``; see the module notes).
     """
     texts = prompts.texts if isinstance(prompts, PromptSet) else list(prompts)
     if not texts:
         raise MlpruneError("There are no prompts to run.")
     _check_pad_to(pad_to, model)
+    side = padding_side(tokenizer, pad_side)  # an unknown side fails before any work
     layers = decoder_layers(model)
     infos = linear_modules(model)
     selected = [infos[n] for n in (modules or infos)]
@@ -476,7 +506,7 @@ def capture(model: nn.Module, tokenizer, prompts: PromptSet | list[str], *, batc
                            activation_sources(model, [i.name for i in selected]))
     with collector, torch.inference_mode():
         for b, (input_ids, attention, counted, rows) in enumerate(
-                _forward_batches(ids, batch_size, tokenizer, device, pad_to)):
+                _forward_batches(ids, batch_size, tokenizer, device, pad_to, side)):
             if should_stop is not None and should_stop():
                 raise Cancelled("Capture cancelled; nothing was changed.")
             collector.start_batch(counted, groups.rows(rows))
@@ -486,7 +516,7 @@ def capture(model: nn.Module, tokenizer, prompts: PromptSet | list[str], *, batc
             progress(f"batch {b + 1}/{n_batches}", (b + 1) / n_batches)
     meta = _meta(prompts, tokenizer, model)
     if pad_to:
-        meta["pad_to"] = pad_to
+        meta.update(pad_to=pad_to, pad_side=side)
     tokens = groups.tokens(ids, pad_to)
     parts = []
     for g in range(groups.count):
@@ -620,10 +650,11 @@ class LayerRunner:
 
     def __init__(self, model: nn.Module, tokenizer, prompts: PromptSet | list[str],
                  batch_size: int = 8, pad_to: int | None = None,
-                 cache_device: str | torch.device | None = None):
+                 cache_device: str | torch.device | None = None, pad_side: str | None = None):
         self.model, self.layers = model, decoder_layers(model)
         self.infos = linear_modules(model)
         _check_pad_to(pad_to, model)
+        side = padding_side(tokenizer, pad_side)
         ids = prompt_ids(tokenizer, prompts, context_length(model))
         self.n_tokens = len(ids) * pad_to if pad_to else sum(len(s) for s in ids)
         self.groups = PromptGroups.of(prompts, len(ids))
@@ -641,7 +672,7 @@ class LayerRunner:
         try:
             with torch.inference_mode():
                 for input_ids, attention, counted, rows in _forward_batches(
-                        ids, batch_size, tokenizer, device, pad_to):
+                        ids, batch_size, tokenizer, device, pad_to, side):
                     self.masks.append(counted)
                     self.rows.append(self.groups.rows(rows))
                     base_model(model)(input_ids=input_ids, attention_mask=attention,

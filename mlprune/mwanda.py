@@ -23,7 +23,8 @@ each with its weight w_l; a_l[j] is the RMS of input column j over set l's token
   of log a_l (the columns of all the layer's selected modules, one vector per language; logs,
   because a few massive dimensions would otherwise make every correlation close to 1). The
   layer's importance is 1 - rho: layers where the languages' activations diverge are pruned
-  less, within target +- lambda, by OWL's mapping (:mod:`mlprune.allocation`).
+  less, by OWL's mapping (:mod:`mlprune.allocation`: sparsities spanning 2 * lambda around
+  the target as their mean).
 
 Score: |W_ij| * A_j * P_j, compared within each output row as Wanda's.
 """

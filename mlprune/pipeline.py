@@ -9,15 +9,16 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import json
 import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from mlprune import MlpruneError, Progress, no_progress
+from mlprune import MlpruneError, Progress, cache_name, no_progress
 from mlprune.allocation import ALLOCATIONS
-from mlprune.capture import ActivationStats, Cancelled, capture
+from mlprune.capture import PAD_SIDES, ActivationStats, Cancelled, capture, padding_side
 from mlprune.corpus import ParallelCorpus
 from mlprune.evaluate import evaluate_translation, paired_translation_test
 from mlprune.features import detected_dims
@@ -45,9 +46,9 @@ from mlprune.prune import (
     pruned,
     rank_modules,
     select_modules,
-    sequential_stats,
+    sequential_run,
 )
-from mlprune.store import ResultStore, is_store
+from mlprune.store import KEY, ResultStore, check_same_source, is_store
 
 
 def _setting(default, help: str, **cli):
@@ -79,8 +80,10 @@ class PruneSpec:
                                           "outlier scores pruned less, as OWL) or cwl "
                                           "(M-Wanda's, from cross-lingual correlation); "
                                           "unstructured only")
-    allocation_range: float = _setting(0.08, "owl/cwl: how far a layer's sparsity may move "
-                                             "from the target (OWL's lambda)", metavar="LAMBDA")
+    allocation_range: float = _setting(0.08, "owl/cwl: OWL's lambda: the layers' sparsities "
+                                             "span 2*LAMBDA, their mean the target (so one "
+                                             "layer may sit up to ~2*LAMBDA from it)",
+                                       metavar="LAMBDA")
     outlier_threshold: float = _setting(5.0, "owl: a score above M times its layer's mean "
                                              "score is an outlier (OWL's M)", metavar="M")
     mwanda_parts: str = _setting("variance,cwl,prob", "m-wanda: the parts used (drop one to "
@@ -108,6 +111,10 @@ class PruneSpec:
     pad_to: int | None = _setting(None, "pad every calibration prompt to N tokens and count "
                                         "the padding, as the authors' code did (a bug; off)",
                                   metavar="N")
+    pad_side: str = _setting("tokenizer", "with --pad-to: where the padding goes: tokenizer "
+                                          "(its own padding_side, as the authors' code padded: "
+                                          "left for BLOOM and Llama), left or right",
+                             metavar="SIDE")
 
     def validate(self) -> PruneSpec:
         """Check every field; returns the spec (one clear sentence for anything wrong)."""
@@ -157,6 +164,9 @@ class PruneSpec:
         get_protocol(self.protocol)
         if self.pad_to is not None and self.pad_to < 1:
             raise MlpruneError(f"--pad-to must be a positive number of tokens; got {self.pad_to}.")
+        if self.pad_side not in PAD_SIDES:
+            raise MlpruneError(f"Unknown padding side '{self.pad_side}': use "
+                               f"{', '.join(PAD_SIDES)}.")
         return self
 
     @property
@@ -219,12 +229,14 @@ PRESETS: dict[str, dict] = {
 
 @dataclass
 class Calibration:
-    """Statistics behind a ranking: the calibration set's, and the ratio method's second set."""
+    """Statistics behind a ranking: the calibration set's, and the ratio method's second set
+    (its prompts too, which a sequential pass replays through the pruned layers)."""
 
     prompts: PromptSet
     stats: ActivationStats
     other: ActivationStats | None = None
     seconds: float = 0.0
+    other_prompts: PromptSet | None = None
 
 
 @dataclass
@@ -250,25 +262,62 @@ def model_fingerprint(loaded: LoadedModel) -> str:
     return h.hexdigest()[:16]
 
 
+def corpus_hash(corpus: ParallelCorpus) -> str:
+    """A short id of a corpus's content (every sentence of every language, in order; its
+    name left out), computed once per corpus object."""
+    found = corpus.__dict__.get("_mlprune_hash")
+    if found is None:
+        found = hashlib.sha256(corpus.table.to_csv(index=False).encode()).hexdigest()[:16]
+        corpus.__dict__["_mlprune_hash"] = found
+    return found
+
+
+def task_hash(extra_eval: Callable | None) -> str | None:
+    """A short id of the zero-shot tasks an ``extra_eval`` scores (its ``tasks``: every item
+    and its normalisation), None when it scores none."""
+    tasks = getattr(extra_eval, "tasks", None)
+    if not tasks:
+        return None
+    what = [getattr(extra_eval, "norm", None),
+            [[t.name, [[it.id, it.lang, it.prompt, list(it.choices), it.label] for it in t.items]]
+             for t in tasks]]
+    return hashlib.sha256(json.dumps(what, ensure_ascii=False).encode()).hexdigest()[:16]
+
+
+def sweep_key(loaded: LoadedModel, corpus: ParallelCorpus,
+              extra_eval: Callable | None = None) -> dict:
+    """What a sweep's rows were measured on (:data:`KEY_COLUMNS`): the model's fingerprint,
+    the corpus's hash and the zero-shot tasks' hash (None without tasks). Every row and
+    every store carries it, so rows of another model or corpus are never taken for these."""
+    return {"model_fingerprint": model_fingerprint(loaded), "corpus_hash": corpus_hash(corpus),
+            "task_hash": task_hash(extra_eval)}
+
+
 STATS_VERSION = "3"  # bumped when ActivationStats gain fields: older cache entries are not read
 
 
 def cached_capture(loaded: LoadedModel, prompts: PromptSet, *, batch_size: int = 8,
                    progress: Progress = no_progress,
                    should_stop: Callable[[], bool] | None = None,
-                   pad_to: int | None = None) -> ActivationStats:
+                   pad_to: int | None = None, pad_side: str | None = None) -> ActivationStats:
     """Capture, saved to the cache folder as soon as it is done and read back next time,
-    so a crash later never costs the calibration again (a cached read reports no progress)."""
-    what = f"{STATS_VERSION}\x00{pad_to}\x00{prompts.key}{model_fingerprint(loaded)}"
+    so a crash later never costs the calibration again (a cached read reports no progress).
+    ``pad_to``/``pad_side``: :func:`~mlprune.capture.capture`'s."""
+    padding = pad_to
+    if pad_to is not None and padding_side(loaded.tokenizer, pad_side) == "left":
+        padding = f"{pad_to}:left"  # right-padded entries keep the key they had before sides
+    what = f"{STATS_VERSION}\x00{padding}\x00{prompts.key}{model_fingerprint(loaded)}"
     key = hashlib.sha256(what.encode()).hexdigest()
-    path = cache_dir() / "stats" / f"{prompts.name.replace(':', '_')}-{key[:20]}.safetensors"
+    # the name only helps a reader: it comes from corpus columns (user text), so it is made
+    # harmless; the hash is what identifies the entry
+    path = cache_dir() / "stats" / f"{cache_name(prompts.name)}-{key[:20]}.safetensors"
     if path.is_file():
         try:
             return ActivationStats.load(path)
         except MlpruneError:
             path.unlink(missing_ok=True)  # a damaged cache entry: capture again
     stats = capture(loaded.model, loaded.tokenizer, prompts, batch_size=batch_size,
-                    progress=progress, should_stop=should_stop, pad_to=pad_to)
+                    progress=progress, should_stop=should_stop, pad_to=pad_to, pad_side=pad_side)
     stats.save(path)
     return stats
 
@@ -286,7 +335,7 @@ def calibration_stats(loaded: LoadedModel, corpus: ParallelCorpus, calibration: 
     if not is_mix(calibration):
         prompts = calibration_prompts(corpus, calibration, spec.pair, **kw)
         stats = cached_capture(loaded, prompts, batch_size=batch_size, should_stop=should_stop,
-                               pad_to=spec.pad_to,
+                               pad_to=spec.pad_to, pad_side=spec.pad_side,
                                progress=lambda s, f: progress(f"{what} ({prompts.name}), {s}", f))
         return prompts, stats
     parts = calibration_mix(corpus, calibration, **kw)
@@ -294,6 +343,7 @@ def calibration_stats(loaded: LoadedModel, corpus: ParallelCorpus, calibration: 
     for i, (ps, _) in enumerate(parts):
         captured.append(cached_capture(
             loaded, ps, batch_size=batch_size, should_stop=should_stop, pad_to=spec.pad_to,
+            pad_side=spec.pad_side,
             progress=lambda s, f, i=i, n=ps.name: progress(
                 f"{what} ({n}, set {i + 1}/{len(parts)}), {s}", (i + f) / len(parts))))
     prompts = pooled_prompts(calibration, parts)
@@ -301,7 +351,7 @@ def calibration_stats(loaded: LoadedModel, corpus: ParallelCorpus, calibration: 
                                                                       "lang")},
             "prompts": calibration, "kind": "mix"}
     if spec.pad_to:
-        meta["pad_to"] = spec.pad_to
+        meta.update(pad_to=spec.pad_to, pad_side=padding_side(loaded.tokenizer, spec.pad_side))
     stats = ActivationStats.combine(captured, [w for _, w in parts], [ps.name for ps, _ in parts],
                                     meta=meta)
     return prompts, stats
@@ -334,12 +384,12 @@ def calibrate(loaded: LoadedModel, corpus: ParallelCorpus, spec: PruneSpec, *,
     prompts, stats = calibration_stats(loaded, corpus, spec.calibration, spec,
                                        batch_size=batch_size, progress=progress,
                                        should_stop=should_stop)
-    other = None
+    other = other_prompts = None
     if spec.method == "ratio":
-        _, other = calibration_stats(loaded, corpus, spec.other, spec, what="second set",
-                                     batch_size=batch_size, progress=progress,
-                                     should_stop=should_stop)
-    return Calibration(prompts, stats, other, time.perf_counter() - start)
+        other_prompts, other = calibration_stats(loaded, corpus, spec.other, spec,
+                                                 what="second set", batch_size=batch_size,
+                                                 progress=progress, should_stop=should_stop)
+    return Calibration(prompts, stats, other, time.perf_counter() - start, other_prompts)
 
 
 def rank(loaded: LoadedModel, spec: PruneSpec, calib: Calibration | None, *,
@@ -361,13 +411,17 @@ def rank(loaded: LoadedModel, spec: PruneSpec, calib: Calibration | None, *,
                           other=other, modules=modules, strength=spec.allocation_range,
                           threshold=spec.outlier_threshold, seed=spec.seed, mwanda=spec.mwanda)
     if spec.mode == "sequential" and spec.uses_activations:
-        stats = sequential_stats(
+        # the ratio method's second set is replayed through the pruned layers too, as the
+        # authors' prune_mt.py runs both sets through each pruned layer
+        run = sequential_run(
             loaded.model, loaded.tokenizer, calib.prompts, calib.stats, method=spec.method,
             sparsity=spec.sparsity, pattern=spec.pattern, other=other, invert=spec.invert,
             protect=protect, modules=modules, seed=spec.seed, batch_size=batch_size,
-            pad_to=spec.pad_to, allocation=allocation, mwanda=spec.mwanda,
-            checkpoint_dir=checkpoint_dir,
+            pad_to=spec.pad_to, pad_side=spec.pad_side, allocation=allocation,
+            mwanda=spec.mwanda, checkpoint_dir=checkpoint_dir,
+            other_prompts=calib.other_prompts if other is not None else None,
             progress=lambda s, f: progress(f"sequential calibration, {s}", f))
+        stats, other = run.stats, run.other if run.other is not None else other
     return rank_modules(loaded.model, stats, method=spec.method, other=other,
                         invert=spec.invert, protect=protect, modules=modules, seed=spec.seed,
                         allocation=allocation, mwanda=spec.mwanda, checkpoint_dir=checkpoint_dir,
@@ -400,9 +454,10 @@ def prune(loaded: LoadedModel, corpus: ParallelCorpus, spec: PruneSpec, *, batch
 # Per metric, the column holding the p-value of a row's difference from the dense row of the
 # same pair (empty on dense rows): sacrebleu's paired bootstrap, dense as system a.
 SIGNIFICANCE_COLUMNS = {"chrf": "chrf_p_vs_dense", "bleu": "bleu_p_vs_dense"}
+KEY_COLUMNS = ("model_fingerprint", "corpus_hash", "task_hash")  # sweep_key's: text
 SWEEP_COLUMNS = ["pair", "method", "sparsity", "pattern", "chrf", "bleu",
                  "target_language_rate", "perplexity", "n", "sparsity_reached",
-                 *SIGNIFICANCE_COLUMNS.values()]
+                 *SIGNIFICANCE_COLUMNS.values(), *KEY_COLUMNS]
 SWEEP_METHODS = {
     "wanda-mt": dict(method="wanda", calibration="mt"),
     "wanda-mono": dict(method="wanda", calibration="mono"),
@@ -462,14 +517,18 @@ def sweep(loaded: LoadedModel, corpus: ParallelCorpus, *, methods: list[str], sp
         check_sparsity(s)
     base = base or PruneSpec()
     pattern = "unstructured"
+    settings = sweep_settings(loaded, base, limit, extra_eval, corpus=corpus)
+    key = {k: settings[k] for k in KEY_COLUMNS}
     if store is not None:
         store = ResultStore.open(store)
-        store.claim(sweep_settings(loaded, base, limit, extra_eval))
+        store.claim(settings)
         done = store.rows()
     else:
-        done = read_sweep_rows(out_csv) if out_csv else []  # (first: it drops a torn last line)
-        if out_csv:
-            _check_header(out_csv, SWEEP_COLUMNS)
+        if out_csv:  # the writing path: refuse a CSV not a sweep's, drop a row torn by a crash
+            _resume_csv(out_csv)
+        done = read_sweep_rows(out_csv) if out_csv else []
+        for r in done:  # a CSV keeps no settings: each row says what it was measured on
+            check_same_source(out_csv, key, r)
     seen = {(r["pair"], r["method"], float(r["sparsity"]), r["pattern"]) for r in done}
     rows = list(done)
     total = len(methods) * len(sparsities) * len(pairs)
@@ -518,7 +577,7 @@ def sweep(loaded: LoadedModel, corpus: ParallelCorpus, *, methods: list[str], sp
                 row = {"pair": pair, "method": method, "sparsity": float(s), "pattern": pattern,
                        **{k: metrics[k] for k in ("chrf", "bleu", "target_language_rate", "perplexity", "n")},
                        "sparsity_reached": masks.overall_sparsity() if masks else 0.0, **p_values,
-                       **extra}
+                       **key, **extra}
                 rows.append(row)
                 if store is not None:
                     store.add(row)
@@ -532,14 +591,16 @@ def sweep(loaded: LoadedModel, corpus: ParallelCorpus, *, methods: list[str], sp
 
 
 def sweep_settings(loaded: LoadedModel, base: PruneSpec, limit: int | None,
-                   extra_eval: Callable | None = None) -> dict:
-    """What a sweep row's numbers depend on besides its cell: the model, the held-out
-    limit, the base spec's fields a cell does not set, and the extra columns."""
+                   extra_eval: Callable | None = None, *, corpus: ParallelCorpus) -> dict:
+    """What a sweep row's numbers depend on besides its cell: the model (its name and
+    fingerprint), the corpus (its hash), the held-out limit, the base spec's fields a cell
+    does not set, and the extra columns with their tasks' hash (:func:`sweep_key`)."""
     per_cell = {"pair", "sparsity", "pattern", "mode", *(k for fields in SWEEP_METHODS.values()
                                                          for k in fields)}
     settings = {"model": loaded.name, "dequantized_from": loaded.dequantized_from,
                 "limit": limit, "spec": {k: v for k, v in asdict(base).items() if k not in per_cell},
-                "extra": list(getattr(extra_eval, "columns", []))}
+                "extra": list(getattr(extra_eval, "columns", [])),
+                **sweep_key(loaded, corpus, extra_eval)}
     dtype = loaded.facts()["dtype"]
     if dtype != "float32":  # a bf16 sweep never resumes (or is mixed into) an fp32 one
         settings["dtype"] = dtype
@@ -547,38 +608,84 @@ def sweep_settings(loaded: LoadedModel, base: PruneSpec, limit: int | None,
 
 
 def read_sweep_rows(path: str | Path) -> list[dict]:
-    """The complete rows of a sweep CSV or results store (by its suffix: .sqlite, .db). A
-    CSV's last line cut short by a crash mid-write (no final newline) is cut off the file, so
-    it is measured again rather than read as a result."""
+    """The complete rows of a sweep CSV or results store (by its suffix: .sqlite, .db), read
+    without changing the file (a store is opened read-only). A CSV's last line without a
+    final newline (cut short by a crash, or being written) is left out: a resumed sweep
+    measures it again. Raises MlpruneError for a file that is not a sweep's results."""
     path = Path(path)
     if not path.is_file():
         return []
     if is_store(path):
-        return ResultStore(path).rows()
+        return ResultStore(path, readonly=True).rows()
     data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        data = data[: data.rfind(b"\n") + 1]
-        with path.open("r+b") as f:
-            f.truncate(len(data))
-    rows = list(csv.DictReader(io.StringIO(data.decode("utf-8"), newline="")))
-    for r in rows:
+    if b"\n" not in data and _torn_header(data):
+        return []  # a header cut short on the first write: no row yet
+    complete = data[: data.rfind(b"\n") + 1]  # bytes: a torn line may end mid-character
+    try:
+        reader = csv.DictReader(io.StringIO((complete or data).decode("utf-8-sig"), newline=""))
+        rows = list(reader) if complete else []  # one line and no newline: a header only
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise MlpruneError(f"{path} is not a sweep results CSV ({e}).") from e
+    missing = [c for c in KEY if c not in (reader.fieldnames or [])]
+    if missing:
+        raise MlpruneError(f"{path} is not a sweep results file: it has no column {missing[0]}.")
+    for line, r in enumerate(rows, start=2):
+        if None in r:
+            raise MlpruneError(f"Line {line} of {path} has more fields than its header.")
         for k, v in r.items():
-            if v == "":
+            if v == "" or v is None:
                 r[k] = None  # written for None (the dense rows' p-values)
-            elif k not in ("pair", "method", "pattern"):
+            elif k not in ("pair", "method", "pattern", *KEY_COLUMNS):  # text, even "1e5"
                 try:
                     r[k] = float(v)
                 except (TypeError, ValueError):
                     pass
+        bad = next((k for k in KEY if r[k] is None or (k == "sparsity"
+                                                      and not isinstance(r[k], float))), None)
+        if bad:
+            raise MlpruneError(f"Line {line} of {path} has no valid {bad}; it is not a sweep "
+                               "results file.")
     return rows
+
+
+def _torn_header(data: bytes) -> bool:
+    """Whether ``data`` (no newline in it) is the start of a sweep CSV's header, cut short on
+    the first write (header and first row go in one write)."""
+    mine = ",".join(SWEEP_COLUMNS).encode()
+    return mine.startswith(data) or data.startswith(mine)
+
+
+def _resume_csv(path: str | Path) -> None:
+    """(The sweep's writing path, before it appends.) Refuse a CSV that is not a sweep's, and
+    cut off a last row torn by a crash mid-write (no final newline) so that it is measured
+    again; a file that is not a sweep's is never changed."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    data = path.read_bytes()
+    cut = data.rfind(b"\n") + 1
+    if cut == len(data):
+        _check_header(path, SWEEP_COLUMNS)
+        return
+    if cut == 0 and not _torn_header(data):
+        raise MlpruneError(f"{path} is not a sweep CSV; give another CSV file to resume into.")
+    if cut:
+        _check_header(path, SWEEP_COLUMNS)
+    with path.open("r+b") as f:
+        f.truncate(cut)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _header(path: Path) -> list[str] | None:
     """The column names of a CSV file (None when it has none yet)."""
     if not path.is_file() or path.stat().st_size == 0:
         return None
-    with path.open(newline="", encoding="utf-8") as f:
-        return next(csv.reader(f), None)
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            return next(csv.reader(f), None)
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise MlpruneError(f"{path} is not a sweep results CSV ({e}).") from e
 
 
 def _check_header(path: str | Path, columns: list[str]) -> None:
@@ -586,6 +693,8 @@ def _check_header(path: str | Path, columns: list[str]) -> None:
     version's): appended rows would not line up with its header."""
     header = _header(Path(path))
     missing = [c for c in columns if header is not None and c not in header]
+    if any(c in missing for c in KEY):  # not even a cell's key: another program's file
+        raise MlpruneError(f"{path} is not a sweep CSV; give another CSV file to resume into.")
     if missing:
         raise MlpruneError(f"{path} was written without the column {missing[0]} (by an earlier "
                            "mlprune); give another CSV file to resume into.")

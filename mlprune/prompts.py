@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from mlprune import MlpruneError
 from mlprune.corpus import ParallelCorpus, code_snippets, language_name
+from mlprune.protocol import PROTOCOLS
 
 SPLIT_SEED = 20240917  # fixed: the test slice must not move when the calibration seed does
 TEST_FRACTION = 0.25
@@ -130,16 +131,27 @@ def translation_prompts(corpus: ParallelCorpus, src: str, tgt: str, *, shots: in
                        {"src": src, "tgt": tgt, "shots": shots, "seed": seed, "corpus": corpus.name})
 
 
+def mono_sentences(shots: int, separator: str = "newline") -> int:
+    """Sentences in a monolingual prompt of ``shots`` shots under the protocol whose separator
+    this is (:attr:`~mlprune.protocol.Protocol.mono_per_shot`): ``2 * shots`` for ``clean``
+    (as long as a translation prompt), ``shots`` for ``paper`` (the authors' get_mono)."""
+    per_shot = next((p.mono_per_shot for p in PROTOCOLS.values() if p.separator == separator), 2)
+    return per_shot * shots
+
+
 def monolingual_prompts(corpus: ParallelCorpus, lang: str, *, shots: int = 4, samples: int = 16,
                         seed: int = 0, separator: str = "newline") -> PromptSet:
-    """Prompts of ``2 * shots`` sentences in one language, as long as translation prompts."""
+    """Prompts of sentences in one language: ``2 * shots`` of them (as long as translation
+    prompts) with newline separators, ``shots`` with EOS separators, as the authors' get_mono
+    (:func:`mono_sentences`)."""
     corpus.require(lang)
     pool, _ = split_rows(corpus)
     _check_counts(shots, samples, len(pool), f"the corpus '{corpus.name}'")
     rng = random.Random(seed)
     name = language_name(lang)
     col = corpus.table[lang]
-    prompts = [[f"{name}: {col.iat[r]}" for r in rng.sample(pool, min(len(pool), 2 * shots))]
+    count = min(len(pool), mono_sentences(shots, separator))
+    prompts = [[f"{name}: {col.iat[r]}" for r in rng.sample(pool, count)]
                for _ in range(samples)]
     return _prompt_set(f"mono:{lang}", "mono", prompts, separator,
                        {"lang": lang, "shots": shots, "seed": seed, "corpus": corpus.name})

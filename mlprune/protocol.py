@@ -5,8 +5,10 @@ Kim, Suzuki, Hirasawa and Komachi's code (hwichan0720/pruning_for_multilingualit
 choices the paper does not discuss: demonstrations end with the EOS token, 100 calibration
 prompts, layer-by-layer (sequential) calibration, layers numbered as
 ``output_hidden_states`` numbers them, top-20 bars, an overlap of top-x% against bottom-x%,
-and prompts padded to 512 tokens with the padding inside the statistics. ``paper`` follows
-all of them except the padding, which is a bug: ``pad_to`` reproduces it on request.
+monolingual prompts of ``shots`` sentences, XNLI and MARC scored on a draw of 1000 items per
+language, and prompts padded to 512 tokens (on the tokenizer's side: left for BLOOM and
+Llama) with the padding inside the statistics. ``paper`` follows all of them except the
+padding, which is a bug: ``pad_to`` (and ``pad_side``) reproduces it on request.
 Every difference is listed in :data:`DIFFERENCES`, and its measured effect is in the README.
 """
 
@@ -28,13 +30,18 @@ class Protocol:
     top_n: int  # dimensions per layer in the top-dimensions (Figure 2) view
     overlap: str  # default overlap measure: "top_in_top" or "top_in_bottom" (the paper's)
     overlap_fraction: float  # x of top-x%
+    mono_per_shot: int = 2  # sentences per shot of a monolingual prompt: 2 (as long as a
+    #                         translation prompt) or 1 (the authors' get_mono: `shots` sentences)
+    task_sample: int | None = None  # XNLI/MARC items per language: all, or the authors' draw
+    #                                 (datasets' shuffle(seed=0).select(range(1000)))
 
 
 PROTOCOLS: dict[str, Protocol] = {
     "clean": Protocol("clean", separator="newline", numbering="sites", top_n=5,
                       overlap="top_in_top", overlap_fraction=0.05),
     "paper": Protocol("paper", separator="eos", numbering="hidden_states", top_n=20,
-                      overlap="top_in_bottom", overlap_fraction=0.4),
+                      overlap="top_in_bottom", overlap_fraction=0.4, mono_per_shot=1,
+                      task_sample=1000),
 }
 
 # Each way ``paper`` differs from ``clean``: (setting, clean, paper, why clean differs).
@@ -51,8 +58,15 @@ DIFFERENCES: list[tuple[str, str, str, str]] = [
     ("top dimensions shown per layer", "5", "20", "5 fit a table; 20 is Figure 2"),
     ("overlap measure", "top-5% in top-5%", "top-40% in bottom-40%",
      "the paper's measure is near zero for any two sets of one model; top-in-top shows sharing"),
-    ("padding in statistics", "excluded", "excluded (--pad-to 512 reproduces the authors')",
+    ("padding in statistics", "excluded",
+     "excluded (--pad-to 512 reproduces the authors', on the tokenizer's side; --pad-side)",
      "the authors pad every prompt to 512 tokens and count the padding: a bug"),
+    ("sentences per monolingual prompt", "2 x shots", "shots",
+     "as long as a translation prompt of the same shots, so the two compare token for token"),
+    ("XNLI / MARC items per language", "every test item",
+     "1000, drawn as the authors' (datasets' shuffle(seed=0), first 1000)",
+     "every item gives tighter intervals; the authors scored a 1000-item draw (evaluate.py's "
+     "debug mode, the one their xnli.sh and marc2.sh run)"),
     ("demonstration order", "random draws from the dev pool", "random draws from the dev pool",
      "the authors walk FLORES dev in order; the built-in pool has 120 sentences"),
 ]

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import threading
 import weakref
@@ -50,7 +51,7 @@ from torch.utils.weak import WeakTensorKeyDictionary
 
 from mlprune import MlpruneError, Progress, kernels, no_progress
 from mlprune.allocation import Allocation
-from mlprune.capture import ActivationStats, LayerRunner
+from mlprune.capture import ActivationStats, LayerRunner, padding_side
 from mlprune.models import LinearInfo, decoder_layers, linear_modules, offload_hook, onloaded
 from mlprune.mwanda import MWanda, cwl_importance
 from mlprune.mwanda import scores as mwanda_scores
@@ -553,18 +554,47 @@ class MaskSet:
 
     @classmethod
     def load(cls, path: str | Path) -> MaskSet:
-        """Read masks written by :meth:`save` (files without protected columns read as none)."""
+        """Read masks written by :meth:`save` (files without protected columns read as none).
+
+        Checked before anything uses them (:func:`check_mask_set`): a file whose columns are
+        out of range, repeated in a row or not integers is refused in one sentence."""
         tensors, meta = _read_safetensors(path, "masks")
         try:
             in_features = json.loads(meta["in_features"])
+            if not isinstance(in_features, dict):
+                raise TypeError("in_features is not a table of modules")
             pruned_cols = {n: tensors[n] for n in in_features}  # in saved (forward) order
             protected = {n: tensors[f"{_PROTECTED}{n}"] for n in in_features
                          if f"{_PROTECTED}{n}" in tensors}
-            return cls(pruned_cols, in_features, float(meta["target"]), meta["pattern"],
-                       json.loads(meta.get("meta", "{}")), protected)
+            masks = cls(pruned_cols, in_features, float(meta["target"]), meta["pattern"],
+                        json.loads(meta.get("meta", "{}")), protected)
         except (KeyError, ValueError, TypeError) as e:
             raise MlpruneError(f"{path} is not an mlprune masks file: its header is missing "
                                f"or damaged ({e}).") from e
+        check_mask_set(masks, f" in {path}")
+        return masks
+
+
+def check_mask_set(masks: MaskSet, source: str = "") -> None:
+    """Raise one sentence where ``masks`` cannot be masks of any model: a width that is not a
+    positive whole number, a target outside [0, 1], an unknown pattern, protected columns of
+    another shape, or pruned columns that are not [rows, k] integers, each in range and named
+    once per row (:func:`_check_column_values`). ``source`` (" in file") joins the sentence.
+    Whether they fit a model is checked when they are applied."""
+    if not isinstance(masks.target, float) or not 0 <= masks.target <= 1:  # NaN fails too
+        raise MlpruneError(f"The masks{source} have target {masks.target!r}, outside 0 to 1.")
+    Pattern.parse(masks.pattern)
+    if not isinstance(masks.meta, dict):
+        raise MlpruneError(f"The masks{source} carry a header meta that is not a table.")
+    for name, width in masks.in_features.items():
+        if type(width) is not int or width <= 0:
+            raise MlpruneError(f"The masks of {name}{source} give it {width!r} inputs, not a "
+                               "positive whole number.")
+        _check_column_values(name, masks.pruned_cols[name], width, source)
+        prot = masks.protected.get(name)
+        if prot is not None and (prot.dtype != torch.bool or tuple(prot.shape) != (width,)):
+            raise MlpruneError(f"The protected columns of {name}{source} are {prot.dtype} of shape "
+                               f"{tuple(prot.shape)}, not {width} booleans.")
 
 
 # Keys in saved files: protected columns of a module (masks and rankings), a module's row
@@ -669,6 +699,9 @@ class AppliedMasks:
         self._buffers: list[torch.Tensor] = []  # whole value buffers, handed on when restored
         # offloaded module -> (its hook, the weights map the hook had before, the columns)
         self._offloaded: dict[str, tuple[object, Mapping, torch.Tensor]] = {}
+        # set once restore() begins: a set still registered with it set is a restore that was
+        # interrupted, which dense work may finish (pruned(model, None))
+        self.restoring = False
         entry = REGISTRY.entry(model)
         previous, entry.applied = entry.applied, self
         try:
@@ -676,6 +709,7 @@ class AppliedMasks:
                 self._saved, previous._saved = previous._saved, {}
                 self._buffers, previous._buffers = previous._buffers, []
                 self._offloaded, previous._offloaded = previous._offloaded, {}
+            _check_fits(model, masks)
             self._change(model, masks.pruned_cols, entry.spare)
         except BaseException:
             self.restore()
@@ -693,6 +727,7 @@ class AppliedMasks:
         if model is None or REGISTRY.applied(model) is not self:
             raise MlpruneError("These masks are no longer applied; apply a new set instead.")
         merged = self.masks.merge(more)  # an overlap fails here, before any weight changes
+        _check_fits(model, more)
         try:
             self._change(model, merged.pruned_cols, spare=None)
         except BaseException:
@@ -788,7 +823,10 @@ class AppliedMasks:
             del self._saved[name]
 
     def restore(self) -> None:
-        """Put every pruned value back: the dense weights, bit for bit."""
+        """Put every pruned value back: the dense weights, bit for bit. An interrupted restore
+        stays registered and is finished by calling this again (each band is put back whole
+        before it is forgotten, and putting a value back twice writes the same bits)."""
+        self.restoring = True
         model = self._model()
         if model is not None:
             self._put_back(model, list(self._saved) + list(self._offloaded))
@@ -845,34 +883,122 @@ def _same_rows(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def _check_columns(name: str, cols: torch.Tensor, weight: torch.Tensor) -> None:
     """One sentence, before any weight changes, for columns that do not fit ``weight``: a
-    column out of range would name a weight of another row."""
+    column out of range would name a weight of another row, and one named twice in a row
+    would be saved as 0.0 the second time by a take that zeroes as it reads."""
     if cols.dim() != 2 or cols.shape[0] != weight.shape[0]:
         raise MlpruneError(f"The masks of {name} have shape {tuple(cols.shape)}, which does not "
                            f"fit its {weight.shape[0]} output rows.")
-    if cols.is_floating_point() or cols.is_complex() or cols.dtype == torch.bool:
-        raise MlpruneError(f"The masks of {name} hold {cols.dtype} values, not column numbers.")
-    lo, hi = _column_range(cols)
-    if (lo < 0 or hi >= weight.shape[1]) and cols._base is not None and cols.numel():
-        lo, hi = (int(x) for x in torch.aminmax(cols))  # the view itself may be in range
-    if lo < 0 or hi >= weight.shape[1]:
+    _check_column_values(name, cols, weight.shape[1])
+
+
+def _check_fits(model: nn.Module, masks: MaskSet) -> None:
+    """One sentence, before any weight changes, for masks of a module this model lacks or of
+    another width than this model's (masks made for another model)."""
+    infos = linear_modules(model)
+    for name in masks.pruned_cols:
+        info = infos.get(name)
+        if info is None:
+            raise MlpruneError(f"The masks name {name}, but this model has no module of that name: "
+                               "they were made for another model.")
+        width = masks.in_features.get(name)
+        if width != info.weight.shape[1]:
+            raise MlpruneError(f"The masks of {name} were made for {width} inputs, but it has "
+                               f"{info.weight.shape[1]}: they were made for another model.")
+
+
+_COLUMN_TYPES = (torch.int16, torch.int32, torch.int64)  # what rankings write and kernels move
+
+
+def _check_column_values(name: str, cols: torch.Tensor, width: int, source: str = "") -> None:
+    """One sentence unless ``cols`` is [rows, k] integers, each in 0..width-1 and named once
+    per row (any order: a ranking's columns come lowest score first). Read once per tensor
+    content (cached), so a slider's next set costs nothing here."""
+    if cols.dim() != 2:
+        raise MlpruneError(f"The masks of {name}{source} have shape {tuple(cols.shape)}, not "
+                           "[rows, pruned columns].")
+    if cols.dtype not in _COLUMN_TYPES:
+        raise MlpruneError(f"The masks of {name}{source} hold {cols.dtype} values, not column "
+                           "numbers (int16, int32 or int64).")
+    lo, hi, repeat = _column_facts(cols, width)
+    if lo < 0 or hi >= width:
         bad = lo if lo < 0 else hi
-        raise MlpruneError(f"The masks of {name} name column {bad}, but it has "
-                           f"{weight.shape[1]} inputs.")
+        raise MlpruneError(f"The masks of {name}{source} name column {bad}, but it has "
+                           f"{width} inputs.")
+    if repeat is not None:
+        raise MlpruneError(f"The masks of {name}{source} name column {repeat[1]} twice in row "
+                           f"{repeat[0]}; each pruned column must be named once.")
 
 
-# the lowest and highest column of a column tensor (or of the tensor it is a view of, such
-# as a ranking's row order), read once per content: (its version counter, lowest, highest)
-_COLUMN_RANGES = WeakTensorKeyDictionary()
+# facts about a column tensor (or the tensor it is a view of, such as a ranking's row order),
+# read once per content: (its version counter, lowest, highest, first repeat in a row or None)
+_COLUMN_FACTS = WeakTensorKeyDictionary()
 
 
-def _column_range(cols: torch.Tensor) -> tuple[int, int]:
-    """Lowest and highest column in ``cols`` or in the tensor it views (a bound of it)."""
-    root = cols if cols._base is None else cols._base
-    seen = _COLUMN_RANGES.get(root)
-    if seen is None or seen[0] != root._version:  # an in-place change bumps the version
-        lo, hi = (int(x) for x in torch.aminmax(root)) if root.numel() else (0, -1)
-        seen = _COLUMN_RANGES[root] = (root._version, lo, hi)
-    return seen[1], seen[2]
+def _column_facts(cols: torch.Tensor, width: int) -> tuple[int, int, tuple[int, int] | None]:
+    """Lowest and highest column of ``cols`` and its first (row, column) named twice in a row,
+    or None. A view whose rows are runs of the rows of the tensor it views (a ranking's row
+    order cut at a sparsity) takes that tensor's facts, read once for every sparsity."""
+    root = cols._base
+    if root is not None and _rows_within(cols, root):
+        lo, hi, repeat = _tensor_facts(root)
+        if lo >= 0 and hi < width and repeat is None:  # true of the rows, so of their runs
+            return lo, hi, None
+    return _tensor_facts(cols)
+
+
+def _tensor_facts(t: torch.Tensor) -> tuple[int, int, tuple[int, int] | None]:
+    seen = _COLUMN_FACTS.get(t)
+    if seen is None or seen[0] != t._version:  # an in-place change bumps the version
+        seen = _COLUMN_FACTS[t] = (t._version, *_scan_columns(t))
+    return seen[1:]
+
+
+def _rows_within(cols: torch.Tensor, root: torch.Tensor) -> bool:
+    """Whether every row of the view ``cols`` is a run of one row of the contiguous 2-D
+    ``root``: then a column is named twice in a row of ``cols`` only if in one of ``root``."""
+    if (root.dim() != 2 or cols.dtype != root.dtype or not root.is_contiguous()
+            or root.shape[1] == 0 or cols.numel() == 0):
+        return False
+    n = root.shape[1]
+    if (cols.shape[1] > 1 and cols.stride(1) != 1) or (cols.shape[0] > 1 and cols.stride(0) % n):
+        return False
+    row, col = divmod(cols.storage_offset() - root.storage_offset(), n)
+    last = row + (cols.shape[0] - 1) * (cols.stride(0) // n)
+    return 0 <= row and last < root.shape[0] and col + cols.shape[1] <= n
+
+
+def _scan_columns(cols: torch.Tensor) -> tuple[int, int, tuple[int, int] | None]:
+    """:func:`_tensor_facts` read from the data: per block of rows, a bitmap of the columns
+    seen (~3 ns a column; a row sort where columns are negative or huge)."""
+    if cols.dim() != 2 or cols.numel() == 0:
+        return (0, -1, None) if cols.numel() == 0 else (*(int(x) for x in torch.aminmax(cols)), None)
+    lo, hi = (int(x) for x in torch.aminmax(cols))
+    rows, k = cols.shape
+    if k < 2:
+        return lo, hi, None
+    data = cols.cpu().numpy()
+    bitmap = 0 <= lo and hi < 1 << 16
+    width = hi + 1 if bitmap else 0
+    step = max(1, (1 << 20) // max(k, width))
+    if bitmap:  # one flat index per block: ~4x faster than np.put_along_axis
+        seen = np.empty(step * width, dtype=np.bool_)
+        where = np.empty((step, k), dtype=np.intp)
+        starts = (np.arange(step, dtype=np.intp) * width)[:, None]
+    for r0 in range(0, rows, step):
+        block = data[r0:r0 + step]
+        if bitmap:
+            n = block.shape[0]
+            seen[:n * width] = False
+            np.add(block, starts[:n], out=where[:n])
+            seen[where[:n].reshape(-1)] = True
+            bad = np.flatnonzero(np.count_nonzero(seen[:n * width].reshape(n, width), axis=1) != k)
+        else:
+            ordered = np.sort(block, axis=1)
+            bad = np.flatnonzero((ordered[:, 1:] == ordered[:, :-1]).any(1))
+        if bad.size:
+            row = np.sort(block[bad[0]])
+            return lo, hi, (r0 + int(bad[0]), int(row[1:][row[1:] == row[:-1]][0]))
+    return lo, hi, None
 
 
 def _column_blocks(cols: torch.Tensor, start: int, buffer: torch.Tensor):
@@ -1079,16 +1205,38 @@ def restore(model: nn.Module) -> None:
 
 @contextmanager
 def pruned(model: nn.Module, masks: MaskSet | None):
-    """Run code on the pruned model under the model's lock, restoring it afterwards."""
+    """Run code on the pruned model under the model's lock, restoring it afterwards.
+
+    With ``masks=None`` the block gets the dense model, checked in the registry (the one
+    record of what is applied): a restore that was interrupted is finished first; masks
+    applied and not being restored (outside a block, or by an outer block of this thread)
+    raise, since undoing them would silently turn their owner's work dense."""
     with model_lock(model):
         if masks is None:
+            _ensure_dense(model)
             yield model
             return
-        applied = apply_masks(model, masks)
         try:
+            apply_masks(model, masks)
             yield model
         finally:
-            applied.restore()
+            restore(model)  # by the registry: also what an interrupt between apply and here left
+
+
+def _ensure_dense(model: nn.Module) -> None:
+    """Make sure no masks are applied to ``model`` (the caller holds its lock)."""
+    applied = REGISTRY.applied(model)
+    if applied is None:
+        return
+    if not applied.restoring:
+        raise MlpruneError(f"The model has masks applied to {len(applied.masks.pruned_cols)} modules "
+                           "outside this dense block; restore them (mlprune.prune.restore(model)) "
+                           "before dense work.")
+    logging.getLogger("mlprune").warning(
+        "mlprune: finishing a restore of masks that was interrupted, before dense work.")
+    applied.restore()
+    if REGISTRY.applied(model) is not None:  # cannot happen: restore() unregisters last
+        raise MlpruneError("The model's masks could not be restored; reload the model.")
 
 
 # --------------------------------------------------------------------------- sequential
@@ -1118,18 +1266,21 @@ def sequential_stats(model: nn.Module, tokenizer, texts: PromptSet | list[str],
                      seed: int = 0, batch_size: int = 8, pad_to: int | None = None,
                      allocation: Allocation | None = None, mwanda: MWanda | None = None,
                      checkpoint_dir: str | Path | None = None,
-                     progress: Progress = no_progress) -> ActivationStats:
+                     progress: Progress = no_progress, pad_side: str | None = None,
+                     other_prompts: PromptSet | list[str] | None = None) -> ActivationStats:
     """Statistics as Wanda takes them: layer l's inputs with layers < l already pruned.
 
     The model is left dense. The result ranks like any stats; its masks are exact at the
     sparsity and pattern it was taken with, and an approximation at others.
-    (:func:`sequential_stats_and_masks` also returns the masks the run applied.)
+    (:func:`sequential_run` also returns the masks the run applied and the second set's
+    statistics.)
     """
-    return sequential_stats_and_masks(
+    return sequential_run(
         model, tokenizer, texts, dense, method=method, sparsity=sparsity, pattern=pattern,
         other=other, invert=invert, protect=protect, modules=modules, seed=seed,
-        batch_size=batch_size, pad_to=pad_to, allocation=allocation, mwanda=mwanda,
-        checkpoint_dir=checkpoint_dir, progress=progress)[0]
+        batch_size=batch_size, pad_to=pad_to, pad_side=pad_side, allocation=allocation,
+        mwanda=mwanda, checkpoint_dir=checkpoint_dir, other_prompts=other_prompts,
+        progress=progress).stats
 
 
 def sequential_stats_and_masks(
@@ -1140,12 +1291,50 @@ def sequential_stats_and_masks(
         seed: int = 0, batch_size: int = 8, pad_to: int | None = None,
         allocation: Allocation | None = None, mwanda: MWanda | None = None,
         checkpoint_dir: str | Path | None = None,
-        progress: Progress = no_progress) -> tuple[ActivationStats, MaskSet]:
-    """:func:`sequential_stats`, and the one mask set it grew layer by layer (every selected
+        progress: Progress = no_progress, pad_side: str | None = None,
+        other_prompts: PromptSet | list[str] | None = None) -> tuple[ActivationStats, MaskSet]:
+    """:func:`sequential_stats` and the masks the run applied (:func:`sequential_run`'s
+    ``stats`` and ``masks``)."""
+    run = sequential_run(
+        model, tokenizer, texts, dense, method=method, sparsity=sparsity, pattern=pattern,
+        other=other, invert=invert, protect=protect, modules=modules, seed=seed,
+        batch_size=batch_size, pad_to=pad_to, pad_side=pad_side, allocation=allocation,
+        mwanda=mwanda, checkpoint_dir=checkpoint_dir, other_prompts=other_prompts,
+        progress=progress)
+    return run.stats, run.masks
+
+
+@dataclass
+class SequentialRun:
+    """What a sequential pass gives: the calibration set's statistics as each layer saw them,
+    the one mask set it grew, and the second set's statistics (the ratio method's), replayed
+    through the pruned layers too when its prompts were given, else as given (dense)."""
+
+    stats: ActivationStats
+    masks: MaskSet
+    other: ActivationStats | None = None
+
+
+def sequential_run(
+        model: nn.Module, tokenizer, texts: PromptSet | list[str], dense: ActivationStats, *,
+        method: str, sparsity: float, pattern: str | Pattern = "unstructured",
+        other: ActivationStats | None = None, invert: bool = False,
+        protect: dict[str, list[int]] | None = None, modules: list[str] | None = None,
+        seed: int = 0, batch_size: int = 8, pad_to: int | None = None,
+        pad_side: str | None = None, allocation: Allocation | None = None,
+        mwanda: MWanda | None = None, checkpoint_dir: str | Path | None = None,
+        other_prompts: PromptSet | list[str] | None = None,
+        progress: Progress = no_progress) -> SequentialRun:
+    """:func:`sequential_stats`, the one mask set it grew layer by layer (every selected
     module, each pruned at ``sparsity``/``pattern`` from the statistics it saw, or at its
     layer's share of ``sparsity`` under an ``allocation``, which :func:`allocate` computes
-    from the dense statistics before the pass). ``progress`` is told "layer i/n" as each
-    layer is done.
+    from the dense statistics before the pass), and the second set's statistics. ``progress``
+    is told "layer i/n" as each layer is done.
+
+    With ``other_prompts`` (the prompts ``other`` was captured on), the second set is replayed
+    beside the first, as the authors' ratio variant runs both sets through each pruned layer
+    (prune_mt.py, layerwrapper.py): layer l's ``other`` statistics are then taken with layers
+    < l pruned too, and layer l is ranked on both. Without, ``other`` stays as given.
 
     The run starts from the dense model (masks applied before are restored first) and applies
     one :class:`AppliedMasks` that each layer extends with its own masks, so only that layer's
@@ -1163,10 +1352,9 @@ def sequential_stats_and_masks(
     names = modules or list(infos)
     n_layers = dense.n_layers
     layers = decoder_layers(model)
+    replay = other_prompts is not None and other is not None
     # a mix is collected per part and combined with its weights after every layer
-    parts = dense.parts or [(dense.meta.get("prompts", "calibration"), 1.0, dense)]
-    sqnorms = [dict(p.input_sqnorms) for _, _, p in parts]
-    active = [dict(p.active_counts) for _, _, p in parts]
+    sets = [_SequentialSet(dense)] + ([_SequentialSet(other)] if replay else [])
     checkpoint = None
     if checkpoint_dir is not None:
         settings = {"method": method, "sparsity": sparsity, "pattern": str(Pattern.parse(pattern)),
@@ -1175,56 +1363,97 @@ def sequential_stats_and_masks(
                     "allocation": allocation.to_dict() if allocation is not None else None,
                     "mwanda": (sorted(mwanda.parts), mwanda.variance_weight, mwanda.prob_weight)
                     if mwanda is not None else None}
+        if pad_to is not None and padding_side(tokenizer, pad_side) == "left":
+            settings["pad_side"] = "left"  # (right-padded runs keep the key they had)
+        if replay:
+            settings["other_prompts"] = hashlib.sha256("\x00".join(
+                other_prompts.texts if isinstance(other_prompts, PromptSet) else other_prompts
+            ).encode()).hexdigest()
         checkpoint = LayerCheckpoint(checkpoint_dir, run_key(dense, other, texts, settings),
                                      n_layers)
     applied: AppliedMasks | None = None
     with model_lock(model):
         restore(model)
-        runner = LayerRunner(model, tokenizer, texts, batch_size, pad_to)
-        if runner.groups.count != len(parts):
-            raise MlpruneError("The prompts of the sequential pass are not the parts of the "
-                               "calibration mix its statistics were taken on.")
+        for one, prompts in zip(sets, (texts, other_prompts)):
+            one.runner = LayerRunner(model, tokenizer, prompts, batch_size, pad_to,
+                                     pad_side=pad_side)
+            if one.runner.groups.count != len(one.parts):
+                raise MlpruneError("The prompts of the sequential pass are not the parts of "
+                                   "the calibration mix its statistics were taken on.")
         try:
             for layer in range(n_layers):
                 here = [n for n in names if infos[n].layer == layer]
                 saved = checkpoint.read(layer) if checkpoint is not None else None
+                saved_other = checkpoint.read_other(layer) \
+                    if saved is not None and replay else None
+                if replay and saved is not None and saved_other is None:
+                    saved = None  # a layer saved without the second set: compute it again
                 with onloaded(layers[layer]):
                     masks = None
+                    found: list[tuple[dict, dict]] = []
+                    for k, one in enumerate(sets):
+                        if saved is not None:
+                            sq, act = saved[:2] if k == 0 else saved_other
+                        else:
+                            sq, act = one.runner.collect(layer, here) if here else ({}, {})
+                        one.update(sq, act)
+                        found.append((sq, act))
                     if saved is not None:
-                        sq, act, masks = saved
+                        masks = saved[2]
                     elif here:
-                        sq, act = runner.collect(layer, here)
-                    else:
-                        sq, act = {}, {}
-                    for g in range(len(parts)):
-                        sqnorms[g].update({n: v[g] for n, v in sq.items()})
-                        active[g].update({n: v[g] for n, v in act.items()})
-                    if saved is None and here:
-                        partial = _with_inputs(dense, sqnorms, active, runner.group_tokens)
-                        ranking = rank_modules(model, partial, method=method, other=other,
+                        partial = sets[0].partial()
+                        ranking = rank_modules(model, partial, method=method,
+                                               other=sets[1].partial() if replay else other,
                                                invert=invert, protect=protect, modules=here,
                                                seed=seed, allocation=allocation, mwanda=mwanda)
                         masks = ranking.masks(sparsity, pattern)
                     if checkpoint is not None and saved is None:
-                        checkpoint.write(layer, sq, act, masks)
+                        checkpoint.write(layer, *found[0], masks,
+                                         other=found[1] if replay else None)
                     if masks is not None:
                         if applied is None:
                             applied = apply_masks(model, masks)
                         else:
                             applied.extend(masks)
                     if layer < n_layers - 1:  # the last layer's output feeds no statistic
-                        runner.advance(layer)
+                        for one in sets:
+                            one.runner.advance(layer)
                 progress(f"layer {layer + 1}/{n_layers}", (layer + 1) / n_layers)
         finally:
             if applied is not None:
                 applied.restore()
-    meta = dict(dense.meta, mode="sequential", sequential_sparsity=sparsity,
-                sequential_pattern=str(Pattern.parse(pattern)))
-    stats = _with_inputs(dense, sqnorms, active, runner.group_tokens, meta)
+    done = {"mode": "sequential", "sequential_sparsity": sparsity,
+            "sequential_pattern": str(Pattern.parse(pattern))}
+    stats = sets[0].partial(dict(dense.meta, **done))
+    other_out = sets[1].partial(dict(other.meta, **done)) if replay else other
     if applied is None:  # no selected module in the stats' layers
         pat = Pattern.parse(pattern)
-        return stats, MaskSet({}, {}, pat.n / pat.m if pat.structured else sparsity, str(pat))
-    return stats, applied.masks
+        return SequentialRun(stats, MaskSet({}, {}, pat.n / pat.m if pat.structured
+                                            else sparsity, str(pat)), other_out)
+    return SequentialRun(stats, applied.masks, other_out)
+
+
+class _SequentialSet:
+    """One prompt set of a sequential pass: its dense statistics, its runner, and its module
+    statistics per part of its mix (one part for a single set), updated layer by layer."""
+
+    def __init__(self, dense: ActivationStats):
+        self.dense = dense
+        self.parts = dense.parts or [(dense.meta.get("prompts", "calibration"), 1.0, dense)]
+        self.sqnorms = [dict(p.input_sqnorms) for _, _, p in self.parts]
+        self.active = [dict(p.active_counts) for _, _, p in self.parts]
+        self.runner: LayerRunner | None = None
+
+    def update(self, sq: dict[str, torch.Tensor], act: dict[str, torch.Tensor]) -> None:
+        """Take one layer's [groups, in] module statistics."""
+        for g in range(len(self.parts)):
+            self.sqnorms[g].update({n: v[g] for n, v in sq.items()})
+            self.active[g].update({n: v[g] for n, v in act.items()})
+
+    def partial(self, meta: dict | None = None) -> ActivationStats:
+        """The dense statistics with every module statistic taken so far."""
+        return _with_inputs(self.dense, self.sqnorms, self.active, self.runner.group_tokens,
+                            meta)
 
 
 def run_key(dense: ActivationStats, other: ActivationStats | None,
@@ -1309,11 +1538,17 @@ class LayerCheckpoint:
         return found[0] if found is not None and all(n in found[0] for n in names) else None
 
     def write(self, layer: int, sqnorms: dict[str, torch.Tensor],
-              active: dict[str, torch.Tensor], masks: MaskSet | None) -> Path:
-        """Save one finished layer: its modules' [groups, in] statistics and its masks."""
+              active: dict[str, torch.Tensor], masks: MaskSet | None,
+              other: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None = None
+              ) -> Path:
+        """Save one finished layer: its modules' [groups, in] statistics and its masks (and
+        ``other``: the second set's statistics, (sqnorms, active), when it is replayed)."""
         tensors = {f"sq/{n}": v for n, v in sqnorms.items()}
         tensors.update({f"act/{n}": v for n, v in active.items()})
-        header: dict = {"layer": layer, "masks": None}
+        header: dict = {"layer": layer, "masks": None, "other": other is not None}
+        if other is not None:
+            tensors.update({f"osq/{n}": v for n, v in other[0].items()})
+            tensors.update({f"oact/{n}": v for n, v in other[1].items()})
         if masks is not None:
             tensors.update({f"cols/{n}": c for n, c in masks.pruned_cols.items()})
             tensors.update({f"{_PROTECTED}{n}": p for n, p in masks.protected.items()
@@ -1343,6 +1578,17 @@ class LayerCheckpoint:
                         {n: tensors[f"{_PROTECTED}{n}"] for n in names
                          if f"{_PROTECTED}{n}" in tensors})
         return sq, act, masks
+
+    def read_other(self, layer: int) -> tuple[dict[str, torch.Tensor],
+                                              dict[str, torch.Tensor]] | None:
+        """A saved layer's second-set statistics (sqnorms, active), or None when the layer
+        is not saved or was saved without them."""
+        found = self._load(layer)
+        if found is None or not found[1].get("other"):
+            return None
+        tensors = found[0]
+        return ({k[4:]: v for k, v in tensors.items() if k.startswith("osq/")},
+                {k[5:]: v for k, v in tensors.items() if k.startswith("oact/")})
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

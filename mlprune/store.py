@@ -86,6 +86,9 @@ def check_same_source(where: str | Path, mine: dict, theirs: dict) -> None:
     for key, other in SOURCE.items():
         if key not in mine or mine[key] == theirs.get(key):
             continue
+        if key == "model_fingerprint" and mine.get("model") == theirs.get("model") and any(
+                mine.get(k) != theirs.get(k) for k in ("dtype", "dequantized_from")):
+            continue  # the same model loaded otherwise: the precision is what to name
         if key not in theirs:
             raise MlpruneError(f"{where} holds rows recorded without the fingerprint of their "
                                "model, corpus and tasks (by an earlier mlprune); give another "

@@ -23,8 +23,10 @@ from contextlib import closing, contextmanager
 from typing import Any
 
 import streamlit as st
+from streamlit.runtime import Runtime
+from streamlit.runtime.scriptrunner import get_script_run_ctx
 
-from mlprune import MlpruneError, Progress, service
+from mlprune import MlpruneError, Progress, runners, service
 from mlprune.capture import Cancelled
 from mlprune.corpus import ParallelCorpus
 from mlprune.evaluate import Generation
@@ -96,6 +98,23 @@ def default_all(values: dict[str, object]) -> None:
 def session_id() -> str:
     """A random id of this browser session (names its sweep files)."""
     return st.session_state.setdefault("session_id", uuid.uuid4().hex[:12])
+
+
+def session_owner() -> Callable[[], bool]:
+    """Whether this browser session is still there, as a check any thread may call: a
+    worker job started by this session (``service.start_sweep(owner=...)``) is cancelled
+    once it has said no for a while (the tab was closed). Streamlit's own record of its
+    connected sessions answers, so no page has to keep a heartbeat going; without a
+    Streamlit server (a test, a bare run) the answer is always yes."""
+    ctx = get_script_run_ctx(suppress_warning=True)
+    session = ctx.session_id if ctx is not None else None
+
+    def alive() -> bool:
+        if session is None or not Runtime.exists():
+            return True
+        return bool(Runtime.instance().is_active_session(session))
+
+    return alive
 
 
 # --------------------------------------------------------------------------- model and corpus
@@ -205,6 +224,31 @@ def errors() -> Iterator[Outcome]:
         first = str(e).splitlines()[0] if str(e) else ""
         st.error(f"Something went wrong ({type(e).__name__}{': ' + first if first else ''}). "
                  "The details are in the server log.")
+
+
+@contextmanager
+def lock_wait(loaded: LoadedModel) -> Iterator[None]:
+    """Around a call that may wait for the shared model without a progress bar of its own:
+    while another tab holds the model, say what it is doing (cleared when the call returns)."""
+    text = service.waiting_text(loaded)
+    if text is None:
+        yield
+        return
+    note = st.empty()
+    note.info(text, icon=":material/hourglass_top:")
+    try:
+        yield
+    finally:
+        note.empty()
+
+
+def queued(job, what: str) -> None:
+    """A worker job still waiting in line (``job.queued``): its place, and why it waits."""
+    st.progress(0.0, text=f"The {what} waits for a worker process: {job.stage}")
+    st.caption(f"waiting for {job.seconds:.0f} s. At most {runners.default_pool().size} "
+               f"worker{'s' if runners.default_pool().size != 1 else ''} (each with its own "
+               f"copy of the model) run at once on this server ({runners.MAX_WORKERS_ENV}); "
+               f"the {what} starts when one is free. Cancel leaves the line.")
 
 
 def progress_bar(text: str) -> tuple[Any, Progress]:
@@ -336,6 +380,9 @@ def streamed_output(box, loaded: LoadedModel, state: service.SessionPruning, pro
     if found is not None:
         return found, 0.0
     start, pieces = time.perf_counter(), []
+    waiting = service.waiting_text(loaded)
+    if waiting:  # replaced by the first token once the model is free
+        box.caption(waiting)
     # closing(): a rerun that stops this page mid-answer stops generation at once, and the
     # model is dense and unlocked again before the next run starts
     with closing(state.stream(loaded, prompt, max_new_tokens)) as stream:

@@ -125,7 +125,8 @@ def figures(loaded, result: FeatureCapture, name: str, table: pd.DataFrame) -> N
         only = c3.toggle("Only the detected dimensions", key="w.tok_only_detected")
         dims = sorted(set(table["dim"].astype(int))) if only and len(table) else None
         with ui.errors():
-            tokens, mags = ui.shared().tokens(loaded, texts[idx])
+            with ui.lock_wait(loaded):
+                tokens, mags = ui.shared().tokens(loaded, texts[idx])
             ui.plot(plots.token_figure(tokens, mags, layer, dims,
                                        title=f"Which tokens carry the large values "
                                              f"({prompt_set_label(name)}, prompt {idx}, layer {layer})",

@@ -195,7 +195,8 @@ def preview(loaded, corpus, state: service.SessionPruning) -> None:
     pruned one streams in token by token, then both show where they differ."""
     src, tgt = parse_pair(state.spec.pair)
     item = eval_items(corpus, src, tgt, shots=state.spec.shots, limit=1)[0]
-    dense = ui.shared().dense_generations(loaded, [item.prompt], service.PREVIEW_TOKENS)[0]
+    with ui.lock_wait(loaded):
+        dense = ui.shared().dense_generations(loaded, [item.prompt], service.PREVIEW_TOKENS)[0]
     st.markdown(f"**Live preview**: {service.pair_label(state.spec.pair)}, a held-out "
                 f"sentence: *{item.source}*")
     label = f"{state.masks.pattern} {state.masks.target:.0%}"

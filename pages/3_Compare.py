@@ -66,7 +66,8 @@ def dense_and_pruned_outputs(loaded, corpus, state: service.SessionPruning | Non
     probabilities."""
     ui.default("w.cmp_max_new", service.PREVIEW_TOKENS)  # the Prune preview's outputs reused
     max_new = st.slider("Max new tokens", 8, 128, step=8, key="w.cmp_max_new")
-    dense = ui.shared().dense_generations(loaded, [prompt], max_new)[0]
+    with ui.lock_wait(loaded):
+        dense = ui.shared().dense_generations(loaded, [prompt], max_new)[0]
     candidates = tuple(corpus.languages)
     out = None
     c1, c2 = st.columns(2)
@@ -216,7 +217,8 @@ def intervention_choice(loaded, corpus, state: service.SessionPruning | None):
 def intervened_outputs(loaded, corpus, spec, prompt: str, target: str | None) -> None:
     """Dense and intervened outputs of the page's prompt, side by side."""
     max_new = int(st.session_state["w.cmp_max_new"])
-    dense = ui.shared().dense_generations(loaded, [prompt], max_new)[0]
+    with ui.lock_wait(loaded):
+        dense = ui.shared().dense_generations(loaded, [prompt], max_new)[0]
     bar, progress = ui.progress_bar("Intervening")
     out = ui.shared().intervened_generations(loaded, corpus, spec, [prompt], max_new,
                                              progress=progress)[0]

@@ -48,7 +48,7 @@ def start(corpus, config: dict, store: Path) -> None:
         job = service.start_sweep(ui.model_spec(), corpus, methods=config["methods"],
                                   sparsities=config["sparsities"], pairs=config["pairs"],
                                   base=base, limit=config["limit"], store=store,
-                                  extra=config["extra"])
+                                  extra=config["extra"], owner=ui.session_owner())
         st.session_state[JOB] = SweepRun(config, store, job)
         st.session_state["sweep_cancelled"] = False
         st.rerun()  # draw the page again as it is while the sweep runs (Run disabled)
@@ -87,7 +87,9 @@ def results(config: dict, store: Path, dequantized_from: str | None) -> None:
     def live() -> None:
         if running and run.job.done():
             st.rerun()  # it ended since the page was drawn: draw the whole page again
-        if running:
+        if running and run.job.queued:
+            ui.queued(run.job, "sweep")
+        elif running:
             other = "" if run.config == config else " (of other settings than those shown)"
             st.progress(min(1.0, run.job.fraction),
                         text=f"Sweeping in a worker process{other}: {run.job.stage}")
@@ -171,8 +173,9 @@ def main() -> None:
                                 "language); adds ~30 s per task and cell on 2 CPU cores.")
     config = {"methods": methods, "sparsities": sorted(sparsities), "pairs": chosen_pairs,
               "limit": int(limit), "samples": int(samples), "shots": int(shots), "extra": extra}
-    store = service.sweep_store(ui.session_id(), loaded, corpus, limit=config["limit"],
-                                samples=config["samples"], shots=config["shots"], extra=extra)
+    # named from the model, corpus and settings: a reloaded page finds the same sweep's rows
+    store = service.sweep_store(loaded, corpus, limit=config["limit"], samples=config["samples"],
+                                shots=config["shots"], extra=extra)
     cells = len(methods) * len(sparsities) * len(chosen_pairs)
     run = st.session_state.get(JOB)
     running = run is not None and not run.job.done()
@@ -183,6 +186,28 @@ def main() -> None:
     b3.caption("Rows already measured with these settings are kept and not measured again. "
                "The sweep runs in a worker process with its own copy of the model.")
     results(config, store, loaded.dequantized_from)
+    earlier(loaded, corpus, store)
+
+
+def reopen(found: dict) -> None:
+    """Set the widgets to an earlier sweep's settings (before they are drawn again)."""
+    config = service.sweep_config(found)
+    for name in ("methods", "sparsities", "pairs", "limit", "samples", "shots", "extra"):
+        if config[name] is not None:
+            st.session_state[f"w.sw_{name}"] = config[name]
+
+
+def earlier(loaded, corpus, store: Path) -> None:
+    """This model's and corpus's earlier sweeps (a reloaded page's, another session's)."""
+    found = [f for f in service.recent_sweeps(loaded, corpus) if f["path"] != store]
+    if not found:
+        return
+    with st.expander(f"Earlier sweeps of this model and corpus ({len(found)})"):
+        chosen = st.selectbox("Sweep", found, format_func=service.sweep_label,
+                              key="w.sw_earlier")
+        st.button("Show it", on_click=reopen, args=(chosen,),
+                  help="Sets the settings above to that sweep's; its rows are shown, and a run "
+                       "resumes it.")
 
 
 main()

@@ -42,9 +42,11 @@ TIMEOUT = 60  # AppTest's default is 3 s; a first tiny-model load or ranking tak
 
 @pytest.fixture
 def app_env(monkeypatch, tiny_folder, corpus_file):
-    """The app's default model is the tiny llama folder and its corpus the small en/fr file."""
+    """The app's default model is the tiny llama folder and its corpus the small en/fr file;
+    the Paper page's verdict tab reads no shipped verdict (a test gives it one)."""
     monkeypatch.setenv(service.MODEL_ENV, str(tiny_folder))
     monkeypatch.setenv(service.CORPUS_ENV, str(corpus_file))
+    monkeypatch.setenv("MLPRUNE_VERDICT", str(tiny_folder / "no-verdict-here"))
     return tiny_folder
 
 

@@ -49,3 +49,27 @@ def test_paper_page_runs_the_quick_grid(tmp_path, monkeypatch):
     mine = list((cache_dir() / "reproduce").glob("*/report.json"))
     assert len(mine) == 1
     assert len(at.dataframe) >= 1  # the new report is shown under the button
+
+
+@pytest.mark.usefixtures("app_env")
+def test_the_verdict_tab_shows_the_claims_and_one_figure_per_language(tmp_path, monkeypatch,
+                                                                        corpus):
+    from test_verdict import tiny_verdict_grid
+    from tiny import byte_tokenizer, tiny_model
+
+    from mlprune import verdict
+    from mlprune.models import LoadedModel
+    from mlprune.verdict_report import build_report, write_report
+
+    grid = replace(tiny_verdict_grid(tmp_path), paper_langs=(), translation_patterns=())
+    loaded = LoadedModel(tiny_model("llama"), byte_tokenizer(), "tiny-llama", "local")
+    verdict.run(loaded, corpus, tmp_path / "v", grid, log=lambda line: None)
+    report = build_report(tmp_path / "v", grid)
+    write_report(report, tmp_path / "v")
+    monkeypatch.setenv("MLPRUNE_VERDICT", str(tmp_path / "v"))
+    monkeypatch.setenv(reproduce.REPORT_ENV, str(tmp_path / "none"))
+    at = goto(run(new_app()), "5_Paper")
+    claims = at.table[0].value
+    assert list(claims.index) == [c["claim"] for c in report["claims"]]
+    assert "beats the unpruned model" in claims.index[0]
+    assert len(charts(at)) == len(report["curves"]) == 1

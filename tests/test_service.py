@@ -237,10 +237,9 @@ def test_a_cancelled_sweep_keeps_its_rows(tmp_path, loaded, corpus):
 
 def test_sweep_files_and_extra_columns(loaded, corpus, monkeypatch):
     where = dict(limit=4, samples=8, shots=4, extra=[])
-    path = service.sweep_store("s1", loaded, corpus, **where)
-    assert path == service.sweep_store("s1", loaded, corpus, **where) and path.suffix == ".sqlite"
-    assert path != service.sweep_store("s2", loaded, corpus, **where)  # another session
-    assert path != service.sweep_store("s1", loaded, corpus, **{**where, "limit": 5})
+    path = service.sweep_store(loaded, corpus, **where)
+    assert path == service.sweep_store(loaded, corpus, **where) and path.suffix == ".sqlite"
+    assert path != service.sweep_store(loaded, corpus, **{**where, "limit": 5})
     assert service.sweep_extra_eval([]) is None
     monkeypatch.setitem(service.SWEEP_EXTRA_EVALS, "a", lambda m, meth, s: {"a": s})
     monkeypatch.setitem(service.SWEEP_EXTRA_EVALS, "b", lambda m, meth, s: {"b": meth})

@@ -14,6 +14,11 @@ A task source is one string (the ``--task`` argument of ``mlprune eval``):
 - ``xnli``, ``marc``: the same data from the hub through ``datasets`` (facebook/xnli;
   SetFit/amazon_reviews_multi_{lang}, the copy the paper used), test split.
 - ``FILE`` with ``template="xnli"`` or ``"marc"``: the same as ``xnli:FILE``.
+
+XNLI and MARC (any of the three forms) can be cut to the authors' draw: ``sample=1000`` keeps,
+per language, the 1000 items their evaluate.py scored (``datasets``' ``shuffle(seed=0)``, then
+the first 1000: :meth:`Task.sample`); ``--protocol paper`` asks for it
+(:attr:`mlprune.protocol.Protocol.task_sample`). Task files of items are never sampled.
 """
 
 from __future__ import annotations
@@ -55,13 +60,36 @@ FIELDS = {
 }
 
 
+PAPER_SEED = 0  # the seed of the authors' draw (evaluate.py: dataset.shuffle(seed=0))
+
+
 def load_task(source: str | Path, *, template: str | None = None,
-              langs: Iterable[str] | None = None, split: str = "test") -> Task:
+              langs: Iterable[str] | None = None, split: str = "test",
+              sample: int | None = None) -> Task:
     """A task from a source string (see the module docstring), validated.
 
     ``template`` (``xnli`` or ``marc``) reads a file of raw records instead of items.
     ``langs`` and ``split`` only choose what is downloaded from the hub.
+    ``sample``: XNLI and MARC records keep that many items per language, drawn as the
+    authors drew theirs (:meth:`Task.sample` with seed 0; after MARC's 3-star reviews are
+    dropped, as their MARC-2 files were made); other sources are returned whole.
     """
+    task = _load_task(source, template=template, langs=langs, split=split)
+    if sample is not None and _is_records(source, template):
+        task = task.sample(sample, seed=PAPER_SEED)
+    return task
+
+
+def _is_records(source: str | Path, template: str | None) -> bool:
+    """Whether a source is read as XNLI or MARC records (rendered with a template)."""
+    text = str(source)
+    name, sep, rest = text.partition(":")
+    return bool(template) or (bool(sep) and name in TEMPLATES and bool(rest)) or \
+        (text in TEMPLATES and not Path(text).exists())
+
+
+def _load_task(source: str | Path, *, template: str | None, langs: Iterable[str] | None,
+               split: str) -> Task:
     text = str(source)
     if template is not None and template not in TEMPLATES:
         raise MlpruneError(f"No template '{template}'; use {' or '.join(TEMPLATES)}.")

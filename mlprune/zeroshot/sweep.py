@@ -89,13 +89,16 @@ class SweepEval:
 
 def sweep_eval(tasks: Sequence[str | Path | Task], *, limit: int | None = None,
                langs: Iterable[str] | None = None, norm: str = "token", batch_size: int = 8,
-               n_resamples: int = 2_000, seed: int = 0) -> SweepEval:
+               n_resamples: int = 2_000, seed: int = 0,
+               sample: int | None = None) -> SweepEval:
     """Build the zero-shot ``extra_eval`` callback for ``pipeline.sweep`` (CLI and dashboard).
 
     ``tasks`` are built-in names, JSONL paths or loaded tasks; ``limit`` keeps that many items
-    per language.
+    per language; ``sample``: XNLI and MARC sources are cut to the authors' draw of that many
+    items per language first (:func:`~mlprune.zeroshot.loaders.load_task`; the paper
+    protocol's 1000).
     """
-    loaded_tasks = [t if isinstance(t, Task) else load_task(t) for t in tasks]
+    loaded_tasks = [t if isinstance(t, Task) else load_task(t, sample=sample) for t in tasks]
     langs = list(langs) if langs is not None else None
     return SweepEval([t.subset(limit, langs) for t in loaded_tasks], norm=norm,
                      batch_size=batch_size, n_resamples=n_resamples, seed=seed)

@@ -73,7 +73,13 @@ class Task:
         return len(self.items)
 
     def subset(self, limit: int | None = None, langs: Iterable[str] | None = None) -> Task:
-        """The first ``limit`` item ids (kept in every language) and only ``langs``."""
+        """Only ``langs``, and at most ``limit`` items in each language.
+
+        Each language keeps its first ``limit`` items in one common order, the order in which
+        ids first appear in the task, so items shared across languages (the same id:
+        translations of each other) stay aligned: a parallel task keeps the same ``limit``
+        ids everywhere, and a task whose ids differ per language still gets ``limit`` items
+        in every language (not ``limit`` ids shared out among them)."""
         items = self.items
         if langs is not None:
             wanted = [lang.strip() for lang in langs if lang.strip()]
@@ -85,8 +91,12 @@ class Task:
         if limit is not None:
             if limit < 1:
                 raise MlpruneError("The item limit must be at least 1.")
-            keep = set(list(dict.fromkeys(it.id for it in items))[:limit])
-            items = [it for it in items if it.id in keep]
+            rank = {item_id: k for k, item_id in enumerate(dict.fromkeys(it.id for it in items))}
+            keep: set[tuple[str, str]] = set()
+            for lang in dict.fromkeys(it.lang for it in items):
+                ids = sorted((it.id for it in items if it.lang == lang), key=rank.__getitem__)
+                keep.update((item_id, lang) for item_id in ids[:limit])
+            items = [it for it in items if (it.id, it.lang) in keep]
         return Task(self.name, list(items))
 
     def sample(self, n: int, seed: int = 0) -> Task:
