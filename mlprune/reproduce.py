@@ -173,7 +173,8 @@ def run(loaded: LoadedModel, corpus: ParallelCorpus, out: str | Path, grid: Grid
     out = Path(out)
     src, tgt = parse_pair(grid.pair)
     corpus.require(src, tgt, *grid.langs, "en")
-    tasks = [zs.load_task(t).subset(grid.task_limit or None, None)
+    sample = get_protocol("paper").task_sample  # XNLI/MARC: the authors' 1000-item draw
+    tasks = [zs.load_task(t, sample=sample).subset(grid.task_limit or None, None)
              for t in (*grid.tasks, *extra_tasks)]
     _claim_folder(out, grid, extra_tasks)
     cells = Cells(out)
