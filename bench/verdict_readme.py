@@ -30,7 +30,8 @@ def render_png(fig, path: Path, width: int = 760, height: int = 420) -> bool:
     with tempfile.TemporaryDirectory() as tmp:
         page = Path(tmp) / "fig.html"
         fig.update_layout(width=width, height=height)
-        page.write_text(fig.to_html(include_plotlyjs=True, full_html=True), encoding="utf-8")
+        page.write_text(fig.to_html(include_plotlyjs=True, full_html=True,
+                                    config={"displayModeBar": False}), encoding="utf-8")
         subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu",
                         "--hide-scrollbars", f"--window-size={width},{height}",
                         "--virtual-time-budget=4000", f"--screenshot={path}", page.as_uri()],

@@ -426,7 +426,7 @@ def verdict_curve_figure(block: dict, lang: str, dequantized_from: str | None = 
     if block.get("dense") is not None:
         fig.add_hline(y=block["dense"], line_dash="dash", line_color="black",
                       annotation_text=f"dense {block['dense']:.1%}",
-                      annotation_position="bottom left")
+                      annotation_position="bottom right")
     fig.update_layout(title=f"{lang}: zero-shot accuracy ({task_note})",
                       xaxis_title="sparsity (unstructured, one-shot)", yaxis_title="accuracy",
                       xaxis_tickformat=".0%", yaxis_tickformat=".0%", height=380)
