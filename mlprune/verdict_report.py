@@ -602,17 +602,18 @@ def readme_section(report: dict, figures: list[str] = ()) -> str:
              f"one-shot. **{measured} of {cells['expected']} cells measured**"
              + (": the grid is still running, and each row names the seeds and languages it "
                 "rests on." if measured < cells["expected"] else "."), "",
-             "| claim | paper | found here | effect (points) | 95% CI | p | detectable | n (langs) "
-             "| holds |", "|---|---|---|---|---|---|---|---|---|"]
+             "| claim | paper | found here | effect (points) | 95% CI | p | detectable | seeds a/b "
+             "| n (langs) | holds |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in claims_rows(report):
         lines.append(f"| {r['claim']} | {r['paper']} | {r['found']} | {r['effect']} | "
-                     f"{r['95% CI']} | {r['p']} | {r['detectable']} | {r['n']} | "
-                     f"{r['holds here']} |")
+                     f"{r['95% CI']} | {r['p']} | {r['detectable']} | {r['seeds a/b']} | "
+                     f"{r['n']} | {r['holds here']} |")
     lines += ["", "Effects are b − a in accuracy points (RankC ×100); the CI and p come from a "
               "bootstrap over seeds and items together; p of the first two rows is "
               "Holm-adjusted over the sparsities; 'detectable' is the smallest difference the "
-              "grid detects at p < 0.05 with 80% power. Sharing rows use mlprune's stated rule "
-              "(see the report). Full report: "
+              "grid detects at p < 0.05 with 80% power. Sharing rows give a fraction (0: chance, "
+              "1: as shared as two draws of one prompt set) and use mlprune's stated rule, "
+              "not the paper's (see the report). Full report: "
               "[bench/results/verdict/report.md](bench/results/verdict/report.md).", ""]
     lines += [f"![{Path(f).stem}]({f})" for f in figures]
     return "\n".join(lines) + "\n"
