@@ -50,6 +50,14 @@ def server(tmp_path_factory):
     port = free_port()
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.pop("MLPRUNE_MODEL", None)  # the embedded default, as a user gets it
+    # A cache of its own, sharing only the converted model: sweeps are found again by model,
+    # corpus and settings, so an earlier run's finished sweep would end this one at once.
+    from mlprune import cache_dir
+
+    cache = tmp_path_factory.mktemp("server-cache")
+    if (cache_dir() / "gguf").is_dir():
+        (cache / "gguf").symlink_to(cache_dir() / "gguf", target_is_directory=True)
+    env["MLPRUNE_CACHE"] = str(cache)
     if not builtin_corpus_present():  # an install without the corpus file: use the tests'
         sys.path.insert(0, str(ROOT / "tests"))
         from conftest import EN, FR
