@@ -444,32 +444,29 @@ def _best(rows: list[dict]) -> dict | None:
         max(rows, key=lambda r: r["diff"])
 
 
+def _curve_claim(claim: str, paper: str, rows: list[dict], against: str = "") -> dict:
+    """A claim tested at each sparsity of the curve: the best row (Holm-adjusted p) and every
+    sparsity's difference."""
+    best = _best(rows)
+    c = _claim(claim, paper, best, p_key="p_holm")
+    if best is not None:
+        c["found"] = (f"best at {float(best['pattern']):.0%}: {best['mean_b']:.1%} vs {against}"
+                      f"{best['mean_a']:.1%}; at each sparsity: " + ", ".join(
+                          f"{float(r['pattern']):.0%} {_points(r['diff'])}" for r in rows))
+        c["sparsity"] = float(best["pattern"])
+    return c
+
+
 def claims(report: dict, grid: VerdictGrid) -> list[dict]:
     """The paper's claims, headline first, each with what this grid found."""
     comps = report["comparisons"]
     out = []
-    best = _best(comps["mt_vs_dense"])
-    c = _claim("Pruning with translation calibration beats the unpruned model in non-English "
-               "zero-shot accuracy (any sparsity, Holm-corrected)",
-               "yes (the abstract's headline)", best, p_key="p_holm")
-    if best is not None:
-        c["found"] = (f"best at {float(best['pattern']):.0%}: {best['mean_b']:.1%} vs dense "
-                      f"{best['mean_a']:.1%}; at each sparsity: " + ", ".join(
-                          f"{float(r['pattern']):.0%} {_points(r['diff'])}"
-                          for r in comps["mt_vs_dense"]))
-        c["sparsity"] = float(best["pattern"])
-    out.append(c)
-    best = _best(comps["mt_vs_mono"])
-    c = _claim("wanda-mt beats wanda-mono in non-English zero-shot accuracy (same languages, "
-               "same sparsity; Holm over sparsities)", "yes (zero-shot XNLI, MARC)", best,
-               p_key="p_holm")
-    if best is not None:
-        c["found"] = (f"best at {float(best['pattern']):.0%}: {best['mean_b']:.1%} vs "
-                      f"{best['mean_a']:.1%}; at each sparsity: " + ", ".join(
-                          f"{float(r['pattern']):.0%} {_points(r['diff'])}"
-                          for r in comps["mt_vs_mono"]))
-        c["sparsity"] = float(best["pattern"])
-    out.append(c)
+    out.append(_curve_claim("Pruning with translation calibration beats the unpruned model in "
+                            "non-English zero-shot accuracy (any sparsity, Holm-corrected)",
+                            "yes (the abstract's headline)", comps["mt_vs_dense"], "dense "))
+    out.append(_curve_claim("wanda-mt beats wanda-mono in non-English zero-shot accuracy (same "
+                            "languages, same sparsity; Holm over sparsities)",
+                            "yes (zero-shot XNLI, MARC)", comps["mt_vs_mono"]))
     rc = comps["rankc_mt_vs_mono"][0] if comps["rankc_mt_vs_mono"] else None
     out.append(_claim("RankC consistency with English improves (wanda-mt vs wanda-mono, 50%)",
                       "yes (Table 3)", rc, unit="RankC x100",
