@@ -503,7 +503,7 @@ def _plabel(p: str) -> str:
 def _n(c: dict) -> str:
     """Items (and the languages they are in) behind a claim."""
     if not c.get("n"):
-        return "-"
+        return "—"  # a bare "-" renders as a list bullet in Streamlit's table
     return f"{c['n']} ({', '.join(c['langs'])})" if c.get("langs") else str(c["n"])
 
 
