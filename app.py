@@ -33,10 +33,10 @@ CORPORA = {"builtin": "Built-in corpus", "upload": "Upload a file (TSV, CSV, JSO
 def model_section() -> None:
     st.header("Model")
     current, precision = split_precision(ui.model_spec())
-    ui.default("w.model_source", service.source_of(current))
+    ui.default("w.model_source", ui.source_of(current))
     ui.default("w.model_precision", precision or "")
     for kind in PLACEHOLDERS:
-        ui.default(f"w.model_{kind}", current if service.source_of(current) == kind else "")
+        ui.default(f"w.model_{kind}", current if ui.source_of(current) == kind else "")
     source = st.radio("Where the model comes from", list(SOURCES), format_func=SOURCES.get,
                       key="w.model_source", horizontal=True)
     if source == "embedded":
@@ -81,7 +81,7 @@ def model_section() -> None:
     seconds = ui.shared().load_seconds(ui.model_spec())
     st.caption(f"Source: {facts['source']} ({ui.model_spec()})"
                + (f"; loaded in {seconds:.1f} s" if seconds is not None else ""))
-    note = service.dequant_text(loaded.dequantized_from)
+    note = ui.dequant_text(loaded.dequantized_from)
     if note:
         st.warning(note)
 

@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 from mlprune import plots, verdict
+from mlprune.storage import atomic_write_text
 from mlprune.verdict_report import build_report, readme_section, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,7 +59,7 @@ def main() -> None:
     section = readme_section(report, figures)
     text = re.sub(r"(<!-- verdict:start -->\n).*?(<!-- verdict:end -->)",
                   lambda m: m.group(1) + section + m.group(2), text, flags=re.S)
-    readme.write_text(text, encoding="utf-8")
+    atomic_write_text(readme, text)  # a README is never left half-written
     print(section)
 
 

@@ -2,6 +2,8 @@
 
 import os
 import re
+import sys
+import types
 from collections.abc import Callable
 from pathlib import Path
 
@@ -35,3 +37,26 @@ def cache_name(text: str, limit: int = 48) -> str:
     letters, digits, ``_`` and ``-`` only, so no separator or ``..`` can lead a cache path
     out of its folder. Not unique: callers add a hash of what the entry holds."""
     return re.sub(r"[^A-Za-z0-9_-]+", "_", text)[:limit].strip("_") or "x"
+
+
+class _PatchablePackage(types.ModuleType):
+    """A package that is one namespace for patching, as it was when it was one file: setting
+    a name on it (``monkeypatch.setattr(prune, "scores", ...)``) also sets it in each of its
+    modules that holds the same object under that name, so that their functions look up the
+    new value (and setting it back restores them)."""
+
+    def __setattr__(self, name: str, value) -> None:
+        missing = object()
+        old = self.__dict__.get(name, missing)
+        if old is not missing:
+            for module in self.__dict__.get("_patched_modules", ()):
+                if module.__dict__.get(name, missing) is old:
+                    setattr(module, name, value)
+        super().__setattr__(name, value)
+
+
+def patchable_package(name: str, modules: tuple[types.ModuleType, ...]) -> None:
+    """Make the package ``name`` (already imported) pass names set on it to ``modules``."""
+    package = sys.modules[name]
+    package.__dict__["_patched_modules"] = modules
+    package.__class__ = _PatchablePackage

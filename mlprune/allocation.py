@@ -30,8 +30,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from mlprune import MlpruneError
+from mlprune.spec import ALLOCATIONS  # noqa: F401  (the spec's vocabulary, re-exported)
 
-ALLOCATIONS = ("uniform", "owl", "cwl")
 MAX_LAYER_SPARSITY = 0.99  # a layer is never pruned whole, whatever its offset
 
 

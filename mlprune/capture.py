@@ -1,20 +1,19 @@
-"""One pass of forward hooks over calibration prompts -> ActivationStats.
+"""One pass of forward hooks over calibration prompts -> :class:`~mlprune.stats.ActivationStats`.
 
 Collected, with padding excluded from every statistic and the LM head never run:
-- per residual-stream site, the magnitude of each dimension: the L2 norm over a prompt's
-  tokens, averaged over prompts (the paper's analysis). Sites have readable names:
-  ``embed`` (the embedding output, what layer 0 reads), ``layers.{i}.resid_post`` (layer i's
-  output) and ``final_norm`` (the last layer's output after the model's final norm);
+- per residual-stream site (:mod:`mlprune.sites`), the magnitude of each dimension: the L2
+  norm over a prompt's tokens, averaged over prompts (the paper's analysis). Sites have
+  readable names: ``embed`` (the embedding output, what layer 0 reads),
+  ``layers.{i}.resid_post`` (layer i's output) and ``final_norm`` (the last layer's output
+  after the model's final norm);
 - per linear module, the running squared L2 norm of each input column (Wanda's ||X_j||^2),
   accumulated in fp32 so that fp16/bf16 activations cannot overflow;
 - per MLP output projection (``down``), how many tokens activate each hidden neuron: the gate's
   output above 0 where the MLP is gated (as LAPE counts it), else the neuron's value above 0
   (M-Wanda's activation probability).
 
-A calibration *mix* (several prompt sets, each with a weight) is summarised by
-:meth:`ActivationStats.combine`: per token, each statistic is the weighted mean of the sets'
-own per-token statistics, so a set's weight, not its token count, decides its share. A pooled
-mix prompt set (``PromptSet.parts``) is collected per part in the same pass and combined alike.
+A pooled mix prompt set (``PromptSet.parts``) is collected per part in the same pass and
+combined as :meth:`ActivationStats.combine` combines a mix.
 
 ``LayerRunner`` replays the decoder one layer at a time from captured inputs, which is what
 sequential calibration (layer l's statistics taken with layers < l already pruned) needs.
@@ -32,19 +31,18 @@ their layer-by-layer pass built ALiBi's positions from the padding mask
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mlprune import MlpruneError, Progress, no_progress
+from mlprune.hooks import Hooks
 from mlprune.models import (
     LinearInfo,
+    base_model,
     decoder_layers,
     hidden_size,
     input_device,
@@ -53,244 +51,25 @@ from mlprune.models import (
 )
 from mlprune.prompts import PromptSet
 
-NUMBERINGS = ("sites", "hidden_states")
+# Re-exported: the statistics and the tokenization helpers lived here first, and other
+# modules (and scripts) import them from here.
+from mlprune.stats import NUMBERINGS, ActivationStats, check_finite  # noqa: F401
+from mlprune.tokens import (  # noqa: F401
+    PAD_SIDES,
+    batches,
+    context_length,
+    encode,
+    pad_token_id,
+    padding_side,
+    prompt_ids,
+)
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 class Cancelled(MlpruneError):
     """The user stopped a long computation; the model is left as it was."""
-
-
-@dataclass
-class ActivationStats:
-    """What one prompt set does to a model, per layer and per linear module."""
-
-    hidden_norms: torch.Tensor  # [layers, hidden] fp32: layers.{i}.resid_post
-    input_sqnorms: dict[str, torch.Tensor]  # module name -> [in_features] fp32, summed over tokens
-    n_tokens: int
-    n_prompts: int
-    meta: dict = field(default_factory=dict)
-    embed_norms: torch.Tensor | None = None  # [hidden]: the embedding output (layer 0's input)
-    final_norms: torch.Tensor | None = None  # [hidden]: after the final norm
-    # down module name -> [in_features]: tokens on which each MLP neuron was active
-    active_counts: dict[str, torch.Tensor] = field(default_factory=dict)
-    # a mix's parts, (name, normalised weight, stats), when these stats combine several sets;
-    # kept in memory only (each part is cached on its own)
-    parts: list[tuple[str, float, ActivationStats]] = field(default_factory=list, repr=False)
-
-    @property
-    def n_layers(self) -> int:
-        return self.hidden_norms.shape[0]
-
-    def sites(self) -> dict[str, torch.Tensor]:
-        """Magnitudes per residual-stream site, by name, in stream order."""
-        out = {} if self.embed_norms is None else {"embed": self.embed_norms}
-        out.update({f"layers.{i}.resid_post": self.hidden_norms[i] for i in range(self.n_layers)})
-        if self.final_norms is not None:
-            out["final_norm"] = self.final_norms
-        return out
-
-    def layer_view(self, numbering: str = "sites") -> tuple[list[str], torch.Tensor]:
-        """Rows of magnitudes and their site names, as a numbering lays them out.
-
-        ``sites``: one row per layer output (row i = ``layers.{i}.resid_post``).
-        ``hidden_states``: as ``output_hidden_states`` numbers them, L + 1 rows: 0 is
-        ``embed``, i is ``layers.{i-1}.resid_post``, and L, the last, is ``final_norm``.
-        """
-        if numbering == "sites":
-            return [f"layers.{i}.resid_post" for i in range(self.n_layers)], self.hidden_norms
-        if numbering != "hidden_states":
-            raise MlpruneError(f"Unknown layer numbering '{numbering}': use {' or '.join(NUMBERINGS)}.")
-        if self.embed_norms is None or self.final_norms is None:
-            raise MlpruneError("These statistics predate the embedding and final-norm sites; "
-                               "capture them again.")
-        names = ["embed"] + [f"layers.{i}.resid_post" for i in range(self.n_layers - 1)] \
-            + ["final_norm"]
-        rows = torch.cat([self.embed_norms[None], self.hidden_norms[:-1], self.final_norms[None]])
-        return names, rows
-
-    def input_norms(self, name: str) -> torch.Tensor:
-        """||X_j|| per input column of a module, per token (RMS) so sets of any size compare."""
-        return (self.input_sqnorms[name] / max(self.n_tokens, 1)).sqrt()
-
-    def active_share(self, name: str) -> torch.Tensor:
-        """Share of tokens on which each MLP neuron (input column of a down module) was active."""
-        if name not in self.active_counts:
-            raise MlpruneError(f"These statistics hold no activation counts for {name} (they "
-                               "predate them, or it is no MLP output projection); capture again.")
-        return self.active_counts[name] / max(self.n_tokens, 1)
-
-    @classmethod
-    def combine(cls, stats: list[ActivationStats], weights: list[float],
-                names: list[str] | None = None, meta: dict | None = None) -> ActivationStats:
-        """The statistics of a calibration mix: per token, the weighted mean of each set's
-        statistics (weights normalised to sum to 1).
-
-        Per input column, the mean squared input is ``sum_k w_k * sqnorm_k / n_tokens_k`` (so
-        ``input_norms`` is its square root), the active share likewise; per residual site,
-        the magnitudes are ``sum_k w_k * magnitude_k``. ``parts`` keeps each set with its
-        weight, for methods that compare the sets (M-Wanda).
-        """
-        if not stats or len(stats) != len(weights):
-            raise MlpruneError("A calibration mix needs one weight per prompt set.")
-        if any(not w >= 0 or w == float("inf") for w in weights) or sum(weights) <= 0:
-            raise MlpruneError("Mix weights must be finite, at least 0, and not all 0.")
-        total_w = float(sum(weights))
-        w = [float(x) / total_w for x in weights]
-        names = names or [s.meta.get("prompts", f"set {i}") for i, s in enumerate(stats)]
-        n_tokens = sum(s.n_tokens for s in stats)
-
-        def per_token(tables: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-            shared = [k for k in tables[0] if all(k in t for t in tables)]
-            return {k: n_tokens * sum(wk * t[k] / max(s.n_tokens, 1)
-                                      for wk, t, s in zip(w, tables, stats)) for k in shared}
-
-        def mixed(values: list[torch.Tensor | None]) -> torch.Tensor | None:
-            if any(v is None for v in values):
-                return None
-            return sum(wk * v for wk, v in zip(w, values))
-
-        first = stats[0].meta
-        meta = meta if meta is not None else {
-            **{k: first[k] for k in ("model", "separator", "shots", "seed", "corpus") if k in first},
-            "prompts": "mix", "kind": "mix"}
-        meta = {**meta, "components": [
-            {"prompts": n, "weight": wk, "n_tokens": s.n_tokens, "n_prompts": s.n_prompts}
-            for n, wk, s in zip(names, w, stats)]}
-        return cls(hidden_norms=mixed([s.hidden_norms for s in stats]),
-                   input_sqnorms=per_token([s.input_sqnorms for s in stats]),
-                   n_tokens=n_tokens, n_prompts=sum(s.n_prompts for s in stats), meta=meta,
-                   embed_norms=mixed([s.embed_norms for s in stats]),
-                   final_norms=mixed([s.final_norms for s in stats]),
-                   active_counts=per_token([s.active_counts for s in stats]),
-                   parts=list(zip(names, w, stats)))
-
-    def save(self, path: str | Path) -> Path:
-        """Write one safetensors file (tensors + JSON metadata), atomically."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {"hidden_norms": self.hidden_norms.contiguous()}
-        for site, norms in (("embed_norms", self.embed_norms), ("final_norms", self.final_norms)):
-            if norms is not None:
-                tensors[site] = norms.contiguous()
-        tensors.update({f"in.{k}": v.contiguous() for k, v in self.input_sqnorms.items()})
-        tensors.update({f"act.{k}": v.contiguous() for k, v in self.active_counts.items()})
-        header = {"n_tokens": self.n_tokens, "n_prompts": self.n_prompts, "meta": self.meta}
-        tmp = path.with_name(path.name + ".partial")
-        save_file(tensors, str(tmp), metadata={"mlprune": json.dumps(header)})
-        os.replace(tmp, path)
-        return path
-
-    @classmethod
-    def load(cls, path: str | Path) -> ActivationStats:
-        """Read stats written by :meth:`save` (files from before activation counts read as
-        having none)."""
-        from safetensors import safe_open
-
-        path = Path(path)
-        if not path.is_file():
-            raise MlpruneError(f"No statistics file at {path}.")
-        try:
-            with safe_open(str(path), "pt") as f:
-                header = json.loads(f.metadata()["mlprune"])
-            tensors = load_file(str(path))
-        except Exception as e:
-            raise MlpruneError(f"{path} is not an mlprune statistics file ({e}).") from e
-        return cls(
-            hidden_norms=tensors.pop("hidden_norms"),
-            embed_norms=tensors.pop("embed_norms", None),
-            final_norms=tensors.pop("final_norms", None),
-            input_sqnorms={k[3:]: v for k, v in tensors.items() if k.startswith("in.")},
-            active_counts={k[4:]: v for k, v in tensors.items() if k.startswith("act.")},
-            n_tokens=header["n_tokens"], n_prompts=header["n_prompts"], meta=header["meta"],
-        )
-
-
-# --------------------------------------------------------------------------- tokenisation
-
-
-def encode(tokenizer, texts: list[str], max_length: int | None = None) -> list[list[int]]:
-    """Token ids per text. Special tokens typed as text stay text (never become control tokens)."""
-    kwargs = {"add_special_tokens": True}
-    try:
-        ids = tokenizer(texts, split_special_tokens=True, **kwargs)["input_ids"]
-    except TypeError:  # tokenizers without split_special_tokens
-        ids = tokenizer(texts, **kwargs)["input_ids"]
-    if max_length:
-        ids = [seq[:max_length] for seq in ids]
-    return ids
-
-
-def prompt_ids(tokenizer, prompts: PromptSet | list[str],
-               max_length: int | None = None) -> list[list[int]]:
-    """Token ids of every prompt. EOS-separated prompt sets get the tokenizer's EOS id after
-    each line (a token id: the text of a line is never parsed for special tokens)."""
-    if not isinstance(prompts, PromptSet) or prompts.segments is None:
-        return encode(tokenizer, prompts.texts if isinstance(prompts, PromptSet) else list(prompts),
-                      max_length)
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise MlpruneError("This tokenizer has no EOS token, which EOS-separated prompts need.")
-    start = encode(tokenizer, [""])[0]  # what the tokenizer puts before any text (e.g. BOS)
-    out = []
-    for lines in prompts.segments:
-        seq = list(start)
-        for line in _plain_ids(tokenizer, lines):
-            seq += line + [eos]
-        out.append(seq[:max_length] if max_length else seq)
-    return out
-
-
-def _plain_ids(tokenizer, texts: list[str]) -> list[list[int]]:
-    """Token ids of texts with no special tokens added and none parsed from the text."""
-    try:
-        return tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
-    except TypeError:  # tokenizers without split_special_tokens
-        return tokenizer(texts, add_special_tokens=False)["input_ids"]
-
-
-PAD_SIDES = ("tokenizer", "left", "right")
-
-
-def padding_side(tokenizer, side: str | None = None) -> str:
-    """The side padding goes: ``left`` or ``right`` as given, else (``None`` or
-    ``"tokenizer"``) the tokenizer's own ``padding_side`` (right when it has none)."""
-    if side in (None, "tokenizer"):
-        own = getattr(tokenizer, "padding_side", None)
-        return own if own in ("left", "right") else "right"
-    if side not in ("left", "right"):
-        raise MlpruneError(f"Unknown padding side '{side}': use {', '.join(PAD_SIDES)}.")
-    return side
-
-
-def batches(ids: list[list[int]], batch_size: int, pad_id: int,
-            pad_to: int | None = None, side: str = "right"
-            ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Padded (input_ids, attention_mask) batches of similar lengths (less padding), padded on
-    ``side`` (right by default); with ``pad_to``, every row is cut (its first ``pad_to``
-    tokens kept) or padded to exactly that many tokens."""
-    if side not in ("left", "right"):
-        raise MlpruneError(f"Unknown padding side '{side}': use left or right.")
-    if pad_to is not None:
-        ids = [s[:pad_to] for s in ids]
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    for start in range(0, len(order), batch_size):
-        chunk = [ids[i] for i in order[start:start + batch_size]]
-        width = pad_to or max(len(s) for s in chunk)
-        input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, seq in enumerate(chunk):
-            where = slice(0, len(seq)) if side == "right" else slice(width - len(seq), width)
-            input_ids[row, where] = torch.tensor(seq, dtype=torch.long)
-            mask[row, where] = 1
-        yield input_ids, mask
-
-
-def context_length(model: nn.Module) -> int | None:
-    cfg = model.config
-    for key in ("max_position_embeddings", "n_positions", "seq_length"):
-        if getattr(cfg, key, None):
-            return int(getattr(cfg, key))
-    return None
 
 
 # --------------------------------------------------------------------------- hooks
@@ -325,25 +104,29 @@ class _Collector:
         self._last: tuple[torch.Tensor, torch.Tensor] | None = None
         self._rows: torch.Tensor | None = None
         self._rows_on: dict[torch.device, torch.Tensor] = {}
-        self._handles: list = []
+        self._hooks = Hooks()
 
     def __enter__(self):
-        if self.layers:
-            self._handles.append(self.layers[0].register_forward_pre_hook(self._embed_hook,
-                                                                          with_kwargs=True))
-        for i, layer in enumerate(self.layers):
-            self._handles.append(layer.register_forward_hook(self._layer_hook(i)))
-        for info in self.linears:
-            self._handles.append(info.module.register_forward_pre_hook(self._linear_hook(info.name)))
-        for name, gate in self.gates.items():
-            if gate is not None:
-                self._handles.append(gate.register_forward_hook(self._gate_hook(name)))
+        try:
+            self._register(self._hooks)
+        except BaseException:  # never leave half the hooks on the model
+            self._hooks.remove()
+            raise
         return self
 
+    def _register(self, hooks: Hooks) -> None:
+        if self.layers:
+            hooks.forward_pre(self.layers[0], self._embed_hook, with_kwargs=True)
+        for i, layer in enumerate(self.layers):
+            hooks.forward(layer, self._layer_hook(i))
+        for info in self.linears:
+            hooks.forward_pre(info.module, self._linear_hook(info.name))
+        for name, gate in self.gates.items():
+            if gate is not None:
+                hooks.forward(gate, self._gate_hook(name))
+
     def __exit__(self, *exc):
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+        self._hooks.remove()
         self._last = None
 
     def start_batch(self, mask: torch.Tensor, group: torch.Tensor | None = None) -> None:
@@ -444,12 +227,6 @@ def activation_sources(model: nn.Module, names: list[str]) -> dict[str, nn.Modul
     return out
 
 
-def base_model(model: nn.Module) -> nn.Module:
-    """The decoder without the LM head, so calibration never computes vocabulary logits."""
-    base = getattr(model, "base_model", None)
-    return base if isinstance(base, nn.Module) and base is not model else model
-
-
 def _check_pad_to(pad_to: int | None, model: nn.Module) -> None:
     limit = context_length(model)
     if pad_to is not None and not (0 < pad_to <= (limit or pad_to)):
@@ -457,8 +234,8 @@ def _check_pad_to(pad_to: int | None, model: nn.Module) -> None:
                            f"got {pad_to}.")
 
 
-def _forward_batches(ids: list[list[int]], batch_size: int, tokenizer, device, pad_to: int | None,
-                     pad_side: str | None = None
+def _forward_batches(ids: list[list[int]], batch_size: int, tokenizer: PreTrainedTokenizerBase,
+                     device: torch.device, pad_to: int | None, pad_side: str | None = None
                      ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]]:
     """(input_ids, attention_mask for the model, positions that count, the rows' indices in
     ``ids``) per batch. With ``pad_to`` the model gets no padding mask and every position
@@ -477,10 +254,10 @@ def _forward_batches(ids: list[list[int]], batch_size: int, tokenizer, device, p
                    rows)
 
 
-def capture(model: nn.Module, tokenizer, prompts: PromptSet | list[str], *, batch_size: int = 8,
-            modules: list[str] | None = None, progress: Progress = no_progress,
-            should_stop: Callable[[], bool] | None = None,
-            pad_to: int | None = None, pad_side: str | None = None) -> ActivationStats:
+def capture(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: PromptSet | list[str], *,
+            batch_size: int = 8, modules: list[str] | None = None, progress: Progress = no_progress,
+            should_stop: Callable[[], bool] | None = None, pad_to: int | None = None,
+            pad_side: str | None = None) -> ActivationStats:
     """Run every prompt once through the decoder and collect :class:`ActivationStats`.
 
     ``modules`` restricts the linear modules collected (default: all in the decoder layers).
@@ -547,6 +324,7 @@ class PromptGroups:
 
     @classmethod
     def of(cls, prompts: PromptSet | list[str], n: int) -> PromptGroups:
+        """The groups of ``n`` prompts: a pooled mix set's parts, else one group."""
         parts = prompts.parts if isinstance(prompts, PromptSet) else None
         if not parts:
             return cls([0] * n, [], [1.0])
@@ -557,6 +335,7 @@ class PromptGroups:
 
     @property
     def count(self) -> int:
+        """How many groups there are."""
         return len(self.weights)
 
     def rows(self, rows: torch.Tensor) -> torch.Tensor | None:
@@ -564,6 +343,7 @@ class PromptGroups:
         return None if self.count == 1 else torch.tensor(self.group_of)[rows]
 
     def prompts(self, g: int) -> int:
+        """How many prompts group ``g`` holds."""
         return sum(1 for x in self.group_of if x == g)
 
     def tokens(self, ids: list[list[int]], pad_to: int | None) -> list[int]:
@@ -574,13 +354,7 @@ class PromptGroups:
         return out
 
 
-def pad_token_id(tokenizer) -> int:
-    """The id batches are padded with: the tokenizer's pad token, else its EOS (else 0)."""
-    pad = tokenizer.pad_token_id
-    return pad if pad is not None else (tokenizer.eos_token_id or 0)
-
-
-def _meta(prompts, tokenizer, model) -> dict:
+def _meta(prompts, tokenizer: PreTrainedTokenizerBase, model) -> dict:
     meta = {"model": getattr(model.config, "_name_or_path", "") or type(model).__name__}
     if isinstance(prompts, PromptSet):
         meta.update({"prompts": prompts.name, "kind": prompts.kind, **prompts.meta,
@@ -590,22 +364,11 @@ def _meta(prompts, tokenizer, model) -> dict:
     return meta
 
 
-def check_finite(stats: ActivationStats) -> None:
-    """Raise one clear sentence if any statistic is NaN or infinite."""
-    if not torch.isfinite(stats.hidden_norms).all():
-        bad = (~torch.isfinite(stats.hidden_norms)).any(dim=1).nonzero().flatten().tolist()
-        raise MlpruneError(f"Hidden-state magnitudes are NaN or infinite in layers {bad}: "
-                           "the model overflows on these prompts (try float32).")
-    for name, v in stats.input_sqnorms.items():
-        if not torch.isfinite(v).all():
-            raise MlpruneError(f"Input norms of {name} are NaN or infinite: the model overflows "
-                               "on these prompts (try float32).")
-
-
 # --------------------------------------------------------------------------- token view
 
 
-def token_magnitudes(model: nn.Module, tokenizer, text: str) -> tuple[list[str], torch.Tensor]:
+def token_magnitudes(model: nn.Module, tokenizer: PreTrainedTokenizerBase,
+                     text: str) -> tuple[list[str], torch.Tensor]:
     """Tokens of one prompt and |h[layer, token, dim]| of the residual stream (bf16, CPU;
     fp16 would overflow to inf at the ~1e5 magnitudes real models reach)."""
     ids = encode(tokenizer, [text], context_length(model))[0]
@@ -616,14 +379,11 @@ def token_magnitudes(model: nn.Module, tokenizer, text: str) -> tuple[list[str],
         h = output[0] if isinstance(output, tuple) else output
         out.append(h[0].detach().abs().to(torch.bfloat16).cpu())
 
-    handles = [layer.register_forward_hook(hook) for layer in layers]
-    try:
-        with torch.inference_mode():
-            device = input_device(model)
-            base_model(model)(input_ids=torch.tensor([ids], device=device), use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
+    with Hooks() as hooks, torch.inference_mode():
+        for layer in layers:
+            hooks.forward(layer, hook)
+        device = input_device(model)
+        base_model(model)(input_ids=torch.tensor([ids], device=device), use_cache=False)
     tokens = [tokenizer.decode([t]) for t in ids]
     return tokens, torch.stack(out)
 
@@ -648,8 +408,8 @@ class LayerRunner:
     device as it runs, and accelerate's hook on a layer moves it on to that layer's device.
     """
 
-    def __init__(self, model: nn.Module, tokenizer, prompts: PromptSet | list[str],
-                 batch_size: int = 8, pad_to: int | None = None,
+    def __init__(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase,
+                 prompts: PromptSet | list[str], batch_size: int = 8, pad_to: int | None = None,
                  cache_device: str | torch.device | None = None, pad_side: str | None = None):
         self.model, self.layers = model, decoder_layers(model)
         self.infos = linear_modules(model)
@@ -666,20 +426,14 @@ class LayerRunner:
         self.rows: list[torch.Tensor | None] = []  # each batch's rows' groups
         self.hidden: list[torch.Tensor] = []
         self.calls: list[list[tuple[tuple, dict]]] = [[] for _ in self.layers]
-        handles = []
-        for i, layer in enumerate(self.layers):
-            handles.append(layer.register_forward_pre_hook(self._recorder(i), with_kwargs=True))
-        try:
-            with torch.inference_mode():
-                for input_ids, attention, counted, rows in _forward_batches(
-                        ids, batch_size, tokenizer, device, pad_to, side):
-                    self.masks.append(counted)
-                    self.rows.append(self.groups.rows(rows))
-                    base_model(model)(input_ids=input_ids, attention_mask=attention,
-                                      use_cache=False)
-        finally:
-            for h in handles:
-                h.remove()
+        with Hooks() as hooks, torch.inference_mode():
+            for i, layer in enumerate(self.layers):
+                hooks.forward_pre(layer, self._recorder(i), with_kwargs=True)
+            for input_ids, attention, counted, rows in _forward_batches(
+                    ids, batch_size, tokenizer, device, pad_to, side):
+                self.masks.append(counted)
+                self.rows.append(self.groups.rows(rows))
+                base_model(model)(input_ids=input_ids, attention_mask=attention, use_cache=False)
 
     def _recorder(self, i: int):
         def hook(module, args, kwargs):

@@ -22,17 +22,18 @@ from torch import nn
 from transformers import (
     LogitsProcessor,
     LogitsProcessorList,
+    PreTrainedTokenizerBase,
     StoppingCriteria,
     StoppingCriteriaList,
 )
 from transformers.generation import BaseStreamer
 
 from mlprune import MlpruneError, Progress, no_progress
-from mlprune.capture import batches, context_length, encode
 from mlprune.corpus import ParallelCorpus
 from mlprune.models import input_device
 from mlprune.prompts import eval_items, split_rows
 from mlprune.prune import MaskSet, pruned
+from mlprune.tokens import batches, context_length, encode
 
 
 @dataclass
@@ -47,7 +48,7 @@ class Generation:
 class _EndOfLine(StoppingCriteria):
     """Stop each sequence once its newest token holds a newline (batched: per row)."""
 
-    def __init__(self, tokenizer, prompt_len: int):
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, prompt_len: int):
         self.tokenizer, self.prompt_len = tokenizer, prompt_len
 
     def __call__(self, input_ids, scores, **kwargs):
@@ -76,8 +77,9 @@ class _Asked(StoppingCriteria):
         return torch.full((input_ids.shape[0],), self.should_stop(), device=input_ids.device)
 
 
-def generate(model: nn.Module, tokenizer, prompts: list[str], *, max_new_tokens: int = 48,
-             batch_size: int = 8, progress: Progress = no_progress, streamer=None,
+def generate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: list[str], *,
+             max_new_tokens: int = 48, batch_size: int = 8, progress: Progress = no_progress,
+             streamer: BaseStreamer | None = None,
              should_stop: Callable[[], bool] | None = None) -> list[Generation]:
     """Greedy continuations of each prompt up to the end of the line (or EOS); ``progress``
     is told "prompt i/n" after each batch. ``streamer`` (one prompt only) is handed each new
@@ -135,7 +137,8 @@ class _TokenQueue(BaseStreamer):
         self.items.put(None)
 
 
-def stream_generate(model: nn.Module, tokenizer, prompt: str, *, max_new_tokens: int = 48,
+def stream_generate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompt: str, *,
+                    max_new_tokens: int = 48,
                     hold: Callable[[], AbstractContextManager] = nullcontext
                     ) -> Generator[str, None, Generation]:
     """The greedy continuation of one prompt as text pieces, each yielded as soon as its
@@ -189,7 +192,8 @@ def _room(model: nn.Module, max_new_tokens: int) -> int | None:
     return ctx - max_new_tokens if ctx else None
 
 
-def _trim(tokenizer, token_ids: list[int], probs: list[float]) -> Generation:
+def _trim(tokenizer: PreTrainedTokenizerBase, token_ids: list[int],
+          probs: list[float]) -> Generation:
     """Cut a continuation at its first newline or EOS."""
     eos = {tokenizer.eos_token_id, tokenizer.pad_token_id} - {None}
     tokens, kept = [], []
@@ -208,8 +212,9 @@ def _trim(tokenizer, token_ids: list[int], probs: list[float]) -> Generation:
     return Generation("".join(tokens).strip(), tokens, kept)
 
 
-def generate_dense_and_pruned(model: nn.Module, tokenizer, prompts: list[str],
-                              masks: MaskSet | None, **kw) -> tuple[list[Generation], list[Generation]]:
+def generate_dense_and_pruned(model: nn.Module, tokenizer: PreTrainedTokenizerBase,
+                              prompts: list[str], masks: MaskSet | None,
+                              **kw) -> tuple[list[Generation], list[Generation]]:
     """Dense and pruned generations of the same prompts (the model is left dense)."""
     dense = generate(model, tokenizer, prompts, **kw)
     with pruned(model, masks):
@@ -263,7 +268,8 @@ def target_language_rate(outputs: list[str], lang: str, candidates: tuple[str, .
     return sum(language_of(o, cands) == lang for o in outputs) / len(outputs)
 
 
-def perplexity(model: nn.Module, tokenizer, texts: list[str], *, batch_size: int = 8) -> float:
+def perplexity(model: nn.Module, tokenizer: PreTrainedTokenizerBase, texts: list[str], *,
+               batch_size: int = 8) -> float:
     """exp(mean token negative log-likelihood) over texts, padding excluded."""
     ids = encode(tokenizer, texts, context_length(model))
     device = input_device(model)
@@ -286,10 +292,10 @@ def perplexity(model: nn.Module, tokenizer, texts: list[str], *, batch_size: int
 # --------------------------------------------------------------------------- translation eval
 
 
-def evaluate_translation(model: nn.Module, tokenizer, corpus: ParallelCorpus, src: str, tgt: str,
-                         *, shots: int = 4, limit: int | None = None, seed: int = 0,
-                         max_new_tokens: int = 64, batch_size: int = 8,
-                         progress: Progress = no_progress) -> dict:
+def evaluate_translation(model: nn.Module, tokenizer: PreTrainedTokenizerBase,
+                         corpus: ParallelCorpus, src: str, tgt: str, *, shots: int = 4,
+                         limit: int | None = None, seed: int = 0, max_new_tokens: int = 64,
+                         batch_size: int = 8, progress: Progress = no_progress) -> dict:
     """Few-shot translation on the held-out slice: chrF, BLEU, target-language rate, and the
     perplexity of the target language's held-out sentences."""
     items = eval_items(corpus, src, tgt, shots=shots, limit=limit, seed=seed)

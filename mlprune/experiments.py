@@ -16,7 +16,9 @@ order; the hooks stay a small module beside capture.
 
 Every measured cell (one run on translation, or on one task) can be kept in a
 :class:`Cells` store under a key naming exactly what was measured, so a long run resumes
-where it stopped and runs that share a cell (the dense model) measure it once.
+where it stopped and runs that share a cell (the dense model) measure it once. The report
+is rendered by :mod:`mlprune.reports.interventions` (``markdown`` and ``write_report`` are
+re-exported here).
 """
 
 from __future__ import annotations
@@ -32,7 +34,6 @@ from mlprune import MlpruneError, Progress, no_progress
 from mlprune import zeroshot as zs
 from mlprune.corpus import ParallelCorpus
 from mlprune.evaluate import evaluate_translation
-from mlprune.export import atomic_write_text
 from mlprune.features import Rule, detected_dims
 from mlprune.interventions import (
     LRP2_SAMPLES,
@@ -57,6 +58,8 @@ from mlprune.pipeline import (
 )
 from mlprune.prompts import parse_pair, translation_prompts
 from mlprune.prune import MaskSet, check_sparsity, pruned
+from mlprune.reports.interventions import markdown, write_report  # noqa: F401 (re-exported)
+from mlprune.storage import atomic_write_json
 
 KINDS = ("zero", "mean", "scale", "lrp2")
 RUNS = ("dense", "intervened", "control", "pruned")
@@ -133,8 +136,13 @@ class InterventionSpec:
 
 
 class Cells:
-    """Measured cells by key, in memory; with ``path``, a JSON file rewritten (atomically)
-    after every new cell, and read back first, so a stopped run resumes."""
+    """Measured cells by key, in memory; with ``path``, one JSON file rewritten (atomically)
+    after every new cell, and read back first, so a stopped run resumes.
+
+    Not :class:`mlprune.storage.Cells` (a folder with a file per cell): an experiment's cells
+    are few and keyed by hash, and one file travels whole. A file that is not such a store
+    is refused rather than moved aside: it may be something else the user named by mistake.
+    """
 
     def __init__(self, path: str | Path | None = None):
         self.path = Path(path) if path is not None else None
@@ -147,13 +155,14 @@ class Cells:
                                    f"({e}); delete it to start again.") from e
 
     def get(self, key: str) -> dict | None:
+        """The cell of ``key``, or None if it was not measured."""
         return self._data.get(key)
 
     def put(self, key: str, value: dict) -> None:
+        """Keep the cell (and rewrite the file, when there is one)."""
         self._data[key] = value
         if self.path is not None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.path, zs.strict_json(self._data))
+            atomic_write_json(self.path, self._data)
 
 
 def cell_key(*parts) -> str:
@@ -323,15 +332,83 @@ def task_cell(loaded: LoadedModel, task: zs.Task, *, masks: MaskSet | None = Non
     return zs.TaskResult(task.name, [scored[(it.id, it.lang)] for it in task.items])
 
 
-def _result_from_cell(task: zs.Task, cell: dict) -> zs.TaskResult:
-    items = {(it.id, it.lang): it for it in task.items}
-    scored = [zs.ItemScores(items[(c["id"], c["lang"])], tuple(c["logprob"]),
-                            tuple(c["n_tokens"]), tuple(c["n_bytes"])) for c in cell["items"]]
-    return zs.TaskResult(task.name, scored, cell["norm"])
-
-
 def _stage(progress: Progress, prefix: str) -> Progress:
     return lambda stage, f: progress(f"{prefix}, {stage}", f)
+
+
+class _Measuring:
+    """One experiment's cells: each looked up by a key naming what it depends on, measured
+    when missing; wanda-mt's masks made on first need (a resumed run may have every pruned
+    cell already)."""
+
+    def __init__(self, loaded: LoadedModel, corpus: ParallelCorpus, spec: InterventionSpec,
+                 built: BuiltInterventions, cells: Cells, batch_size: int, progress: Progress):
+        self.loaded, self.corpus, self.spec, self.built = loaded, corpus, spec, built
+        self.cells, self.batch_size, self.progress = cells, batch_size, progress
+        # what every cell depends on: the model's weights and the corpus's sentences
+        self.model_id = [model_fingerprint(loaded), corpus.name,
+                         hashlib.sha256(corpus.table.to_csv(index=False).encode()).hexdigest()[:16]]
+        self.prune_key = cell_key("pruned", self.model_id, asdict(spec.prune_spec()))
+        self._masks: list[MaskSet] = []
+
+    def masks(self) -> MaskSet:
+        """wanda-mt's masks, pruned (and their sparsity kept as a cell) on first call."""
+        if not self._masks:
+            self._masks.append(prune(self.loaded, self.corpus, self.spec.prune_spec(),
+                                     batch_size=self.batch_size,
+                                     progress=_stage(self.progress, "pruning wanda-mt")).masks)
+            self.cells.put(self.prune_key, {"sparsity_reached": self._masks[0].overall_sparsity()})
+        return self._masks[0]
+
+    def depends(self, run: str) -> dict:
+        """What a run's cells depend on, beyond the model."""
+        if run == "dense":
+            return {}
+        if run == "pruned":
+            return asdict(self.spec.prune_spec())
+        return {**asdict(replace(self.spec, tasks=(), task_limit=None, limit=0, max_new_tokens=0,
+                                 compare_prune=None, control=True, resamples=0)), "run": run}
+
+    def translation(self, run: str) -> dict:
+        """The run's held-out translation cell."""
+        spec = self.spec
+        key = cell_key("translation", self.model_id, spec.pair, spec.shots, spec.limit,
+                       spec.max_new_tokens, self.depends(run))
+        cell = self.cells.get(key)
+        if cell is None:
+            cell = translation_cell(
+                self.loaded, self.corpus, spec.pair, shots=spec.shots, limit=spec.limit,
+                masks=self.masks() if run == "pruned" else None,
+                iv=None if run in ("dense", "pruned") else self.built.for_run(run),
+                max_new_tokens=spec.max_new_tokens, batch_size=self.batch_size,
+                progress=_stage(self.progress, f"translation ({run})"))
+            self.cells.put(key, cell)
+        return cell
+
+    def task(self, task: zs.Task, run: str) -> zs.TaskResult:
+        """The run's result on ``task``, from its cell."""
+        key = cell_key("task", self.model_id, task.name,
+                       [(it.id, it.lang, it.prompt, it.choices, it.label) for it in task.items],
+                       self.depends(run))
+        cell = self.cells.get(key)
+        if cell is None:
+            result = task_cell(
+                self.loaded, task, masks=self.masks() if run == "pruned" else None,
+                iv_for=None if run in ("dense", "pruned")
+                else (lambda lang, run=run: self.built.for_run(run, lang)),
+                batch_size=self.batch_size, progress=_stage(self.progress, f"{task.name} ({run})"))
+            cell = zs.result_dict(result, n_bytes=True)  # with the task, enough to rebuild it
+            self.cells.put(key, cell)
+        return zs.TaskResult.from_dict(task, cell)
+
+
+def _check_lrp2_languages(spec: InterventionSpec, corpus: ParallelCorpus,
+                          tasks: list[zs.Task]) -> None:
+    if spec.kind == "lrp2":
+        missing = sorted({lang for t in tasks for lang in t.languages} - set(corpus.languages))
+        if missing:
+            raise MlpruneError(f"LRP2 needs a language vector for every task language, but the "
+                               f"corpus '{corpus.name}' has no sentences in {', '.join(missing)}.")
 
 
 def run_intervention_experiment(loaded: LoadedModel, corpus: ParallelCorpus,
@@ -345,52 +422,17 @@ def run_intervention_experiment(loaded: LoadedModel, corpus: ParallelCorpus,
     spec.validate()
     cells = cells if cells is not None else Cells()
     tasks = [zs.load_task(t).subset(spec.task_limit) for t in spec.tasks]  # fail before work
-    if spec.kind == "lrp2":
-        missing = sorted({lang for t in tasks for lang in t.languages} - set(corpus.languages))
-        if missing:
-            raise MlpruneError(f"LRP2 needs a language vector for every task language, but the "
-                               f"corpus '{corpus.name}' has no sentences in {', '.join(missing)}.")
+    _check_lrp2_languages(spec, corpus, tasks)
     if built is None:
         built = build_interventions(loaded, corpus, spec, batch_size=batch_size,
                                     progress=_stage(progress, "setup"))
     runs = ["dense", "intervened"] + (["control"] if built.control else []) \
         + (["pruned"] if spec.compare_prune else [])
-    masks: list[MaskSet] = []  # made on first need: a resumed run may have every pruned cell
-
-    # what every cell depends on: the model's weights and the corpus's sentences
-    model_id = [model_fingerprint(loaded), corpus.name,
-                hashlib.sha256(corpus.table.to_csv(index=False).encode()).hexdigest()[:16]]
-    prune_key = cell_key("pruned", model_id, asdict(spec.prune_spec()))
-
-    def the_masks() -> MaskSet:
-        if not masks:
-            masks.append(prune(loaded, corpus, spec.prune_spec(), batch_size=batch_size,
-                               progress=_stage(progress, "pruning wanda-mt")).masks)
-            cells.put(prune_key, {"sparsity_reached": masks[0].overall_sparsity()})
-        return masks[0]
-
-    def what(run: str) -> dict:  # what a run's cells depend on, beyond the model
-        if run == "dense":
-            return {}
-        if run == "pruned":
-            return asdict(spec.prune_spec())
-        return {**asdict(replace(spec, tasks=(), task_limit=None, limit=0, max_new_tokens=0,
-                                 compare_prune=None, control=True, resamples=0)), "run": run}
-
-    src, tgt = parse_pair(spec.pair)
-    translation: dict[str, dict] = {}
-    for run in runs:
-        key = cell_key("translation", model_id, spec.pair, spec.shots, spec.limit,
-                       spec.max_new_tokens, what(run))
-        cell = cells.get(key)
-        if cell is None:
-            cell = translation_cell(
-                loaded, corpus, spec.pair, shots=spec.shots, limit=spec.limit,
-                masks=the_masks() if run == "pruned" else None,
-                iv=None if run in ("dense", "pruned") else built.for_run(run),
-                max_new_tokens=spec.max_new_tokens, batch_size=batch_size, progress=_stage(progress, f"translation ({run})"))
-            cells.put(key, cell)
-        translation[run] = dict(cell)  # a copy: whoever edits the report leaves the cell whole
+    measuring = _Measuring(loaded, corpus, spec, built, cells, batch_size, progress)
+    tgt = parse_pair(spec.pair)[1]
+    # copies: whoever edits the report leaves the cells whole
+    translation = {run: dict(measuring.translation(run)) for run in runs}
+    tested = [(a, b) for a, b in COMPARISONS if a in runs and b in runs]
     report = {
         "model": loaded.name, "dequantized_from": loaded.dequantized_from,
         "spec": asdict(spec), "runs": runs,
@@ -402,37 +444,22 @@ def run_intervention_experiment(loaded: LoadedModel, corpus: ParallelCorpus,
         "translation": {"pair": spec.pair, "runs": translation,
                         "tests": [{"a": a, "b": b, **paired_vs_dense(translation[a]["outputs"],
                                                                       translation[b]["outputs"], tgt)}
-                                  for a, b in COMPARISONS if a in runs and b in runs]},
+                                  for a, b in tested]},
         "zeroshot": {},
         "notes": _notes(spec, built),
     }
     for task in tasks:
-        results: dict[str, zs.TaskResult] = {}
-        for run in runs:
-            key = cell_key("task", model_id, task.name,
-                           [(it.id, it.lang, it.prompt, it.choices, it.label) for it in task.items],
-                           what(run))
-            cell = cells.get(key)
-            if cell is None:
-                result = task_cell(
-                    loaded, task, masks=the_masks() if run == "pruned" else None,
-                    iv_for=None if run in ("dense", "pruned")
-                    else (lambda lang, run=run: built.for_run(run, lang)),
-                    batch_size=batch_size, progress=_stage(progress, f"{task.name} ({run})"))
-                cell = zs.result_dict(result)
-                for item, scored in zip(cell["items"], result.scored):
-                    item["n_bytes"] = list(scored.n_bytes)  # with the task, enough to rebuild it
-                cells.put(key, cell)
-            results[run] = _result_from_cell(task, cell)
+        results = {run: measuring.task(task, run) for run in runs}
         report["zeroshot"][task.name] = {
             "n_items": len(task.ids), "languages": task.languages,
             "runs": {run: r.table() for run, r in results.items()},
             "tests": [{"a": a, "b": b, "rows": zs.compare_results(
                 results[a], results[b], n_resamples=spec.resamples, seed=spec.seed)}
-                for a, b in COMPARISONS if a in runs and b in runs],
+                for a, b in tested],
         }
     if report["pruned"] is not None:
-        report["pruned"]["sparsity_reached"] = (cells.get(prune_key) or {}).get("sparsity_reached")
+        report["pruned"]["sparsity_reached"] = (cells.get(measuring.prune_key) or {}).get(
+            "sparsity_reached")
     return report
 
 
@@ -453,68 +480,3 @@ def _notes(spec: InterventionSpec, built: BuiltInterventions) -> list[str]:
     notes.append("p: translation, sacrebleu's paired bootstrap (1000 resamples) of b against a; "
                  "zero-shot, a paired bootstrap over items (translations resampled together).")
     return notes
-
-
-# --------------------------------------------------------------------------- reports
-
-
-def _f(x, spec: str = ".1f") -> str:
-    return "-" if x is None else format(x, spec)
-
-
-def _p(x: float | None) -> str:
-    return "-" if x is None else "<0.001" if x < 0.001 else f"{x:.3f}"
-
-
-def _lang_row(rows: list[dict], lang: str) -> dict | None:
-    return next((r for r in rows if r["lang"] == lang), None)
-
-
-def markdown(report: dict) -> str:
-    """The report as Markdown tables: translation per run and the paired tests, then each
-    zero-shot task's accuracy per run and its tests."""
-    iv = report["intervention"]
-    head = [f"## Intervention: {iv['label']} on {report['model']}"]
-    if report["dequantized_from"]:
-        head.append(f"Weights de-quantized from {report['dequantized_from']}.")
-    n_dims = sum(len(d) if d is not None else 0 for d in iv["dims"].values())
-    head.append(f"{len(iv['dims'])} sites, {n_dims or 'every'} (site, dim) entries changed.")
-    t = report["translation"]
-    lines = head + ["", f"### Translation {t['pair']} (held-out slice)", "",
-                    "| run | chrF | BLEU | in target language | n |", "|---|---|---|---|---|"]
-    for run, r in t["runs"].items():
-        lines.append(f"| {run} | {r['chrf']:.1f} | {r['bleu']:.1f} | "
-                     f"{_f(r['target_language_rate'], '.0%')} | {r['n']} |")
-    lines += ["", "| b vs a | Δ chrF | p | Δ BLEU | p | n |", "|---|---|---|---|---|---|"]
-    for test in t["tests"]:
-        c, b = test["chrf"], test["bleu"]
-        lines.append(f"| {test['b']} vs {test['a']} | {c['difference']:+.1f} | "
-                     f"{_p(c['p_value'])} | {b['difference']:+.1f} | {_p(b['p_value'])} | {c['n']} |")
-    for task, block in report["zeroshot"].items():
-        lines += ["", f"### Zero-shot {task} ({block['n_items']} items per language)", "",
-                  "| run | en | non-en | detectable (non-en) |", "|---|---|---|---|"]
-        for run, rows in block["runs"].items():
-            en, non = _lang_row(rows, "en"), _lang_row(rows, "non-en")
-            lines.append(f"| {run} | {_f(en and en['accuracy'], '.3f')} | "
-                         f"{_f(non and non['accuracy'], '.3f')} | "
-                         f"{_f(non and non['detectable_diff'], '.3f')} |")
-        lines += ["", "| b vs a | Δ en | p | Δ non-en | p | n non-en |",
-                  "|---|---|---|---|---|---|"]
-        for test in block["tests"]:
-            en, non = _lang_row(test["rows"], "en"), _lang_row(test["rows"], "non-en")
-            lines.append(f"| {test['b']} vs {test['a']} | {_f(en and en['diff'], '+.3f')} | "
-                         f"{_p(en and en['p_value'])} | {_f(non and non['diff'], '+.3f')} | "
-                         f"{_p(non and non['p_value'])} | {_f(non and non['n'], 'd')} |")
-    return "\n".join(lines + [""] + [f"- {n}" for n in report["notes"]])
-
-
-def write_report(report: dict, out: str | Path) -> list[Path]:
-    """Strict JSON at ``out`` (a .json path), or report.json and report.md in folder ``out``."""
-    out = Path(out)
-    if out.suffix == ".json":
-        atomic_write_text(out, zs.strict_json(report))
-        return [out]
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "report.json", zs.strict_json(report))
-    atomic_write_text(out / "report.md", markdown(report))
-    return [out / "report.json", out / "report.md"]

@@ -21,15 +21,17 @@ nothing in it is touched.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
+
+from torch import nn
 
 from mlprune import MlpruneError, __version__
 from mlprune.models import LoadedModel, is_offloaded, linear_modules
 from mlprune.prune import MaskSet, pruned
+
+# Re-exported: atomic_write_text lived here first, and other modules import it from here.
+from mlprune.storage import atomic_folder, atomic_write_text  # noqa: F401
 
 REPORT = "mlprune_report.json"
 MASKS = "masks.safetensors"
@@ -75,9 +77,8 @@ def export_pruned(loaded: LoadedModel, masks: MaskSet, out_dir: str | Path, repo
         raise MlpruneError("This model is offloaded (loaded with a device map), which only the hf "
                            "export format reads weight by weight: export it with --format hf.")
     compressor = _sparse_compressor(loaded, masks) if format == "compressed-tensors" else None
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+
+    def fill(tmp: Path) -> None:
         with pruned(loaded.model, masks):
             if compressor is None:
                 # an offloaded model is written a shard at a time, each shard held in memory:
@@ -95,17 +96,10 @@ def export_pruned(loaded: LoadedModel, masks: MaskSet, out_dir: str | Path, repo
         (tmp / REPORT).write_text(json.dumps({**report, "format": format, "files": files},
                                              indent=2, ensure_ascii=False, allow_nan=False),
                                   encoding="utf-8")
-        if out.exists() or out.is_symlink():
-            check_export_target(out, overwrite)  # again: the folder may have changed meanwhile
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old)  # (onto the empty folder just made: a unique name)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+
+    # an earlier export at ``out`` is checked again just before it is replaced
+    return atomic_folder(out, fill, replace=lambda existing: check_export_target(existing,
+                                                                                overwrite))
 
 
 def check_export_target(out_dir: str | Path, overwrite: bool) -> Path:
@@ -169,7 +163,7 @@ def _sparse_compressor(loaded: LoadedModel, masks: MaskSet):
     return ModelCompressor(sparsity_config=config)
 
 
-def load_compressed_tensors(folder: str | Path, model) -> None:
+def load_compressed_tensors(folder: str | Path, model: nn.Module) -> None:
     """Fill ``model`` (the same architecture, e.g. ``from_config``) with the weights of a
     compressed-tensors export, decompressed by the library that wrote them."""
     try:
@@ -189,13 +183,3 @@ def read_report(folder: str | Path) -> dict:
     """The report of an exported model (empty dict if there is none)."""
     path = Path(folder) / REPORT
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write a text file via a temporary sibling and a rename: never half-written."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path

@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 
 from mlprune import MlpruneError
-from mlprune.capture import ActivationStats
+from mlprune.stats import ActivationStats
 
 RULES = ("top-k", "ratio", "absolute")
 
@@ -30,6 +30,8 @@ class Rule:
 
     @classmethod
     def parse(cls, text: str) -> Rule:
+        """The rule ``text`` names (``top-k:8``, ``ratio:100``, ``absolute:500``; ``topk``,
+        ``top`` and ``abs`` too), or one clear sentence saying why it names none."""
         kind, _, value = text.partition(":")
         kind = {"topk": "top-k", "top": "top-k", "abs": "absolute"}.get(kind, kind)
         if kind not in RULES or not value:

@@ -1,7 +1,7 @@
 """Interventions on residual-stream dimensions: forward hooks that change chosen dims at chosen
 sites while the model generates or scores, and are removed as cleanly as masks are restored.
 
-Sites have the names :mod:`mlprune.capture` gives them: ``embed`` (the embedding output, what
+Sites have the names :mod:`mlprune.sites` gives them: ``embed`` (the embedding output, what
 layer 0 reads) and ``layers.{i}.resid_post`` (decoder layer i's output, what layer i + 1
 reads). An :class:`Intervention` acts on every token position of its sites, prompt and
 generated tokens alike (with a KV cache each step's new positions pass through the same
@@ -49,46 +49,29 @@ from __future__ import annotations
 
 import math
 import random
-import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from mlprune import MlpruneError, Progress, no_progress
-from mlprune.capture import (  # the same padding and LM-head-free pass as capture
-    base_model,
-    batches,
-    context_length,
-    pad_token_id,
-    prompt_ids,
-)
 from mlprune.corpus import ParallelCorpus
-from mlprune.models import decoder_layers, hidden_size, input_device
+from mlprune.hooks import Hooks
+from mlprune.models import base_model, decoder_layers, hidden_size, input_device
 from mlprune.prompts import PromptSet, split_rows
 
+# Re-exported: the site names lived here first, and other modules import them from here.
+from mlprune.sites import EMBED, layer_site, layer_sites, site_layer  # noqa: F401
+from mlprune.tokens import batches, context_length, pad_token_id, prompt_ids
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
 KINDS = ("zero", "mean", "scale", "add")
-EMBED = "embed"
 LRP2_SAMPLES = 100  # the authors' sentences per language vector
-_SITE = re.compile(r"layers\.(\d+)\.resid_post")
-
-
-def layer_site(layer: int) -> str:
-    """The site of decoder layer ``layer``'s output (-1: the embedding output)."""
-    return EMBED if layer < 0 else f"layers.{layer}.resid_post"
-
-
-def site_layer(site: str) -> int:
-    """-1 for ``embed``, i for ``layers.{i}.resid_post``; one clear sentence for anything else."""
-    if site == EMBED:
-        return -1
-    match = _SITE.fullmatch(site)
-    if match is None:
-        raise MlpruneError(f"'{site}' is not a residual site an intervention can act on: use "
-                           "embed or layers.{i}.resid_post.")
-    return int(match.group(1))
 
 
 def parse_layers(text: str | None, n_layers: int) -> list[str]:
@@ -96,7 +79,7 @@ def parse_layers(text: str | None, n_layers: int) -> list[str]:
 
     Layer i is decoder layer i's output; ``embed`` is the embedding output."""
     if text is None or text.strip() in ("", "all"):
-        return [layer_site(i) for i in range(n_layers)]
+        return layer_sites(n_layers)
     sites: list[str] = []
     for part in (p.strip() for p in text.split(",")):
         if not part:
@@ -159,6 +142,7 @@ class Intervention:
 
     @property
     def sites(self) -> list[str]:
+        """The sites acted on, in the order given."""
         return list(self.dims)
 
     def n_dims(self, hidden: int) -> int:
@@ -254,9 +238,9 @@ def _first_token_positions(args: tuple, kwargs: dict) -> torch.Tensor | None:
     return out
 
 
-class _Hooks:
-    """The registered hooks of one intervention; edits clone the hidden state, never write
-    into a tensor the model may hold elsewhere."""
+class _Edits:
+    """What the hooks of one intervention do; edits clone the hidden state, never write into
+    a tensor the model may hold elsewhere."""
 
     def __init__(self, model: nn.Module, iv: Intervention):
         self.model, self.iv = model, iv
@@ -265,26 +249,19 @@ class _Hooks:
         self.index = {s: None if d is None else torch.tensor(d, dtype=torch.long, device=p.device)
                       for s, d in iv.dims.items()}
         self.vectors = {s: v.to(p.device) for s, v in (iv.vectors or {}).items()}
-        self.handles: list = []
 
-    def register(self) -> None:
+    def register(self, hooks: Hooks) -> None:
+        """Hook the model at every site of the intervention (and, for ``mean``, where each
+        forward's first tokens are told)."""
         layers = decoder_layers(self.model)
         if self.iv.kind == "mean":
-            self.handles.append(base_model(self.model).register_forward_pre_hook(
-                self._track_first, with_kwargs=True))
+            hooks.forward_pre(base_model(self.model), self._track_first, with_kwargs=True)
         for site in self.iv.dims:
             layer = site_layer(site)
             if layer < 0:
-                self.handles.append(layers[0].register_forward_pre_hook(self._embed_hook,
-                                                                        with_kwargs=True))
+                hooks.forward_pre(layers[0], self._embed_hook, with_kwargs=True)
             else:
-                self.handles.append(layers[layer].register_forward_hook(self._layer_hook(site)))
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-        self.handles.clear()
-        self.first = None
+                hooks.forward(layers[layer], self._layer_hook(site))
 
     def _track_first(self, module, args, kwargs):
         self.first = _first_token_positions(args, kwargs)
@@ -334,12 +311,10 @@ def intervened(model: nn.Module, intervention: Intervention | None) -> Iterator[
         yield model
         return
     intervention.check(model)
-    hooks = _Hooks(model, intervention)
-    try:
-        hooks.register()
+    edits = _Edits(model, intervention)
+    with Hooks() as hooks:
+        edits.register(hooks)
         yield model
-    finally:
-        hooks.remove()
 
 
 # --------------------------------------------------------------------------- statistics
@@ -352,7 +327,7 @@ class _SiteMeans:
     def __init__(self, model: nn.Module):
         self.layers = decoder_layers(model)
         hidden = hidden_size(model)
-        self.sites = [EMBED] + [layer_site(i) for i in range(len(self.layers))]
+        self.sites = [EMBED, *layer_sites(len(self.layers))]
         self.first = {s: torch.zeros(hidden, dtype=torch.float64) for s in self.sites}
         self.rest = {s: torch.zeros(hidden, dtype=torch.float64) for s in self.sites}
         self.per_seq = {s: torch.zeros(hidden, dtype=torch.float64) for s in self.sites}
@@ -370,8 +345,8 @@ class _SiteMeans:
         counts = m.sum(dim=1, keepdim=True).clamp_min(1)
         self.per_seq[site] += (hf.sum(dim=1) / counts).sum(0).cpu()
 
-    def run(self, model: nn.Module, ids: list[list[int]], tokenizer, batch_size: int,
-            progress: Progress) -> None:
+    def run(self, model: nn.Module, ids: list[list[int]], tokenizer: PreTrainedTokenizerBase,
+            batch_size: int, progress: Progress) -> None:
         def embed_hook(module, args, kwargs):
             self.add(EMBED, args[0] if args else kwargs["hidden_states"])
 
@@ -380,12 +355,13 @@ class _SiteMeans:
                 self.add(layer_site(i), output[0] if isinstance(output, tuple) else output)
             return hook
 
-        handles = [self.layers[0].register_forward_pre_hook(embed_hook, with_kwargs=True)]
-        handles += [layer.register_forward_hook(layer_hook(i)) for i, layer in enumerate(self.layers)]
         device = input_device(model)
         n_batches = -(-len(ids) // batch_size)
         try:
-            with torch.inference_mode():
+            with Hooks() as hooks, torch.inference_mode():
+                hooks.forward_pre(self.layers[0], embed_hook, with_kwargs=True)
+                for i, layer in enumerate(self.layers):
+                    hooks.forward(layer, layer_hook(i))
                 for b, (input_ids, mask) in enumerate(batches(ids, batch_size, pad_token_id(tokenizer))):
                     self.mask = mask.bool()
                     base_model(model)(input_ids=input_ids.to(device),
@@ -396,20 +372,20 @@ class _SiteMeans:
                     self.n_seq += mask.shape[0]
                     progress(f"batch {b + 1}/{n_batches}", (b + 1) / n_batches)
         finally:
-            for h in handles:
-                h.remove()
             self.mask = None
 
 
-def _ids(tokenizer, texts: list[str] | PromptSet, model: nn.Module) -> list[list[int]]:
+def _ids(tokenizer: PreTrainedTokenizerBase, texts: list[str] | PromptSet,
+         model: nn.Module) -> list[list[int]]:
     ids = prompt_ids(tokenizer, texts, context_length(model))
     if not ids or not all(ids):
         raise MlpruneError("There are no tokens to average: give at least one non-empty text.")
     return ids
 
 
-def residual_means(model: nn.Module, tokenizer, prompts: PromptSet | list[str], *,
-                   batch_size: int = 8, progress: Progress = no_progress) -> dict[str, torch.Tensor]:
+def residual_means(model: nn.Module, tokenizer: PreTrainedTokenizerBase,
+                   prompts: PromptSet | list[str], *, batch_size: int = 8,
+                   progress: Progress = no_progress) -> dict[str, torch.Tensor]:
     """Signed mean of every residual dim per site over the prompts' tokens, padding excluded:
     [2, hidden] fp32 per site, row 0 the mean at each prompt's first token, row 1 the mean over
     all other tokens (what the ``mean`` intervention writes; see the module notes)."""
@@ -420,8 +396,9 @@ def residual_means(model: nn.Module, tokenizer, prompts: PromptSet | list[str], 
             for s in acc.sites}
 
 
-def sentence_means(model: nn.Module, tokenizer, texts: list[str], *, batch_size: int = 8,
-                   progress: Progress = no_progress) -> dict[str, torch.Tensor]:
+def sentence_means(model: nn.Module, tokenizer: PreTrainedTokenizerBase, texts: list[str], *,
+                   batch_size: int = 8, progress: Progress = no_progress
+                   ) -> dict[str, torch.Tensor]:
     """Per site, the mean over texts of each text's mean hidden state over its tokens (BOS
     included, padding excluded): a language's vector as the LRP2 authors compute it [hidden]."""
     acc = _SiteMeans(model)
@@ -441,9 +418,10 @@ def lrp2_sentences(corpus: ParallelCorpus, lang: str, samples: int = LRP2_SAMPLE
     return [col.iat[r] for r in rows[:samples]]
 
 
-def language_vectors(model: nn.Module, tokenizer, corpus: ParallelCorpus, lang: str,
-                     reference: str = "en", *, samples: int = LRP2_SAMPLES, seed: int = 0,
-                     batch_size: int = 8, progress: Progress = no_progress) -> dict[str, torch.Tensor]:
+def language_vectors(model: nn.Module, tokenizer: PreTrainedTokenizerBase, corpus: ParallelCorpus,
+                     lang: str, reference: str = "en", *, samples: int = LRP2_SAMPLES,
+                     seed: int = 0, batch_size: int = 8,
+                     progress: Progress = no_progress) -> dict[str, torch.Tensor]:
     """LRP2's ``v_reference - v_lang`` per site (English minus language X by default), from
     the same rows of the corpus in both languages (:func:`sentence_means`)."""
     if lang == reference:

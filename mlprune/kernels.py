@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mlprune import MlpruneError, cache_dir
+from mlprune.storage import atomic_save
 
 NATIVE_ENV = "MLPRUNE_NATIVE"  # "0" turns the compiled paths off (tests compare both)
 
@@ -208,19 +209,10 @@ def _recorded(library: Path, record: Path) -> bool:
 
 
 def _write_durably(path: Path, data: bytes, mode: int) -> None:
-    """``data`` under ``path``: written to a temporary name, flushed to disk, then renamed, so a
-    reader (or a crash) never meets half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """``data`` under ``path``: written to a private temporary name, flushed to disk, then
+    renamed, so a reader (or a crash) never meets half a file."""
+    atomic_save(path, lambda partial: partial.write_bytes(data), prefix=f".{path.name}.",
+                fsync=True, mode=mode)
 
 
 def _build(folder: Path) -> Path | None:
@@ -398,6 +390,7 @@ class WeightMajorHead(nn.Linear):
     (module docstring); any other call is ``nn.Linear``'s. Made by :func:`speed_up_head`."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ W.T (+ b)``, as the Linear it replaces computes it."""
         w = self.weight
         rows = x.numel() // max(x.shape[-1], 1)
         if (w.device.type != "cpu" or x.device.type != "cpu" or w.dtype != torch.float32

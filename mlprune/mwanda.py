@@ -31,43 +31,14 @@ Score: |W_ij| * A_j * P_j, compared within each output row as Wanda's.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
 import torch
 
 from mlprune import MlpruneError
-from mlprune.capture import ActivationStats
 from mlprune.models import LinearInfo
+from mlprune.spec import PARTS, MWanda  # noqa: F401  (the spec's vocabulary, re-exported)
+from mlprune.stats import ActivationStats
 
-PARTS = ("variance", "cwl", "prob")
 _LOG_FLOOR = 1e-6  # log of an RMS that is 0 (a column never used)
-
-
-@dataclass(frozen=True)
-class MWanda:
-    """Which parts of M-Wanda a run uses, and the weights of its score's terms."""
-
-    parts: frozenset[str] = frozenset(PARTS)
-    variance_weight: float = 1.0  # alpha
-    prob_weight: float = 1.0  # gamma
-
-    @classmethod
-    def parse(cls, parts: str, variance_weight: float = 1.0, prob_weight: float = 1.0) -> MWanda:
-        """From a comma list of parts (``variance,cwl,prob``; ``none`` for none)."""
-        names = {p.strip() for p in str(parts).split(",") if p.strip()} - {"none"}
-        unknown = names - set(PARTS)
-        if unknown:
-            raise MlpruneError(f"Unknown M-Wanda part {', '.join(sorted(unknown))}: use "
-                               f"{', '.join(PARTS)} (comma-separated) or none.")
-        for what, value in (("variance", variance_weight), ("prob", prob_weight)):
-            if not 0 <= value < math.inf:
-                raise MlpruneError(f"The weight of M-Wanda's {what} term must be at least 0; "
-                                   f"got {value}.")
-        return cls(frozenset(names), float(variance_weight), float(prob_weight))
-
-    def __contains__(self, part: str) -> bool:
-        return part in self.parts
 
 
 def language_parts(stats: ActivationStats | None) -> list[tuple[str, float, ActivationStats]]:

@@ -1,230 +1,53 @@
 """The whole flow from one spec: calibrate -> rank -> masks, and sweeps over many specs.
 
 The command line, the dashboard and the benchmarks all go through these functions, so a
-pruned model means the same thing wherever it was made.
+pruned model means the same thing wherever it was made. What a spec or a sweep's grid is,
+and how it is checked, is :mod:`mlprune.spec`'s; a sweep's CSV file is
+:mod:`mlprune.sweep_csv`'s (both re-exported here, where callers have always found them).
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import json
-import os
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from mlprune import MlpruneError, Progress, cache_name, no_progress
-from mlprune.allocation import ALLOCATIONS
-from mlprune.capture import PAD_SIDES, ActivationStats, Cancelled, capture, padding_side
+from mlprune.capture import ActivationStats, Cancelled, capture, padding_side
 from mlprune.corpus import ParallelCorpus
 from mlprune.evaluate import evaluate_translation, paired_translation_test
 from mlprune.features import detected_dims
 from mlprune.models import LoadedModel, cache_dir, onloaded
-from mlprune.mwanda import PARTS, MWanda
 from mlprune.prompts import (
-    CALIBRATIONS,
     PromptSet,
     calibration_mix,
     calibration_prompts,
     is_mix,
-    mix_components,
     parse_pair,
     pooled_prompts,
 )
-from mlprune.protocol import get_protocol
 from mlprune.prune import (
-    METHODS,
-    MODES,
     MaskSet,
-    Pattern,
     Ranking,
     allocate,
-    check_sparsity,
     pruned,
     rank_modules,
     select_modules,
     sequential_run,
 )
-from mlprune.store import KEY, ResultStore, check_same_source, is_store
-
-
-def _setting(default, help: str, **cli):
-    """A spec field with its command-line help (``cli`` holds argparse extras: metavar...)."""
-    return field(default=default, metadata={"help": help, **cli})
-
-
-@dataclass(frozen=True)
-class PruneSpec:
-    """Everything that decides a pruned model. Plain values: hashable, JSON-able, cacheable.
-
-    This is the one place where a setting and its default are written: the command line's
-    flags and the dashboard's widgets are built from these fields (see :func:`spec_flags`).
-    """
-
-    method: str = _setting("wanda", "wanda, ratio, m-wanda (M-Wanda: needs a calibration mix, "
-                                    "e.g. pooled), magnitude or random")
-    calibration: str = _setting("mt", "calibration set: mt (translation), mono, code, pooled "
-                                      "(every X-en direction, equal weights) or a mix: "
-                                      "mix:fr-en=1,de-en=1,zh=0.5 (pairs translate, single "
-                                      "languages are monolingual; samples prompts per set)",
-                                metavar="SET")
-    pair: str = _setting("fr-en", "language pair src-tgt of the calibration and evaluation")
-    other: str = _setting("code", "second calibration set of the ratio method")
-    sparsity: float = _setting(0.5, "share of each row's weights to prune, in [0, 1); with a "
-                                    "layer-adaptive allocation, the mean over layers")
-    pattern: str = _setting("unstructured", "unstructured, 2:4 or 4:8")
-    allocation: str = _setting("uniform", "sparsity per layer: uniform, owl (layers with more "
-                                          "outlier scores pruned less, as OWL) or cwl "
-                                          "(M-Wanda's, from cross-lingual correlation); "
-                                          "unstructured only")
-    allocation_range: float = _setting(0.08, "owl/cwl: OWL's lambda: the layers' sparsities "
-                                             "span 2*LAMBDA, their mean the target (so one "
-                                             "layer may sit up to ~2*LAMBDA from it)",
-                                       metavar="LAMBDA")
-    outlier_threshold: float = _setting(5.0, "owl: a score above M times its layer's mean "
-                                             "score is an outlier (OWL's M)", metavar="M")
-    mwanda_parts: str = _setting("variance,cwl,prob", "m-wanda: the parts used (drop one to "
-                                                      "ablate it; none = wanda on the mix): "
-                                                      "variance (the languages' spread in the "
-                                                      "score), cwl (per-layer sparsity from "
-                                                      "cross-lingual correlation), prob (MLP "
-                                                      "neurons' activation probability)",
-                                 metavar="PARTS")
-    variance_weight: float = _setting(1.0, "m-wanda: weight of the languages' spread in the "
-                                           "score (alpha)", metavar="ALPHA")
-    prob_weight: float = _setting(1.0, "m-wanda: weight of the activation probability in the "
-                                       "score (gamma)", metavar="GAMMA")
-    invert: bool = _setting(False, "prune the highest scores instead (the paper's ablation)")
-    protect: str | None = _setting(None, "never prune detected feature dims: top-k:8, ratio:100")
-    layers: str | None = _setting(None, "layer range to prune, e.g. 0-11")
-    blocks: str | None = _setting(None, "module kinds to prune: attn, mlp or attn,mlp")
-    mode: str = _setting("sequential", "sequential (as Wanda: each layer calibrated with the "
-                                       "layers before it pruned) or one-shot")
-    shots: int = _setting(4, "demonstrations per calibration prompt")
-    samples: int = _setting(16, "calibration prompts")
-    seed: int = _setting(0, "seed of the demonstration draws and of random pruning")
-    protocol: str = _setting("clean", "clean (padding excluded, newline-separated "
-                                      "demonstrations) or paper (the authors' setup)")
-    pad_to: int | None = _setting(None, "pad every calibration prompt to N tokens and count "
-                                        "the padding, as the authors' code did (a bug; off)",
-                                  metavar="N")
-    pad_side: str = _setting("tokenizer", "with --pad-to: where the padding goes: tokenizer "
-                                          "(its own padding_side, as the authors' code padded: "
-                                          "left for BLOOM and Llama), left or right",
-                             metavar="SIDE")
-
-    def validate(self) -> PruneSpec:
-        """Check every field; returns the spec (one clear sentence for anything wrong)."""
-        if self.method not in METHODS:
-            raise MlpruneError(f"Unknown method '{self.method}': use {', '.join(METHODS)}.")
-        if self.mode not in MODES:
-            raise MlpruneError(f"Unknown mode '{self.mode}': use one-shot or sequential.")
-        pattern = Pattern.parse(self.pattern)
-        if not pattern.structured:
-            check_sparsity(self.sparsity)
-        if self.allocation not in ALLOCATIONS:
-            raise MlpruneError(f"Unknown allocation '{self.allocation}': use "
-                               f"{', '.join(ALLOCATIONS)}.")
-        if self.allocation != "uniform" and pattern.structured:
-            raise MlpruneError(f"The {self.allocation} allocation prunes layers unevenly, which "
-                               f"the fixed {pattern} pattern cannot: use unstructured sparsity "
-                               "or the uniform allocation.")
-        mwanda = self.mwanda  # checks the parts and weights
-        if self.method == "m-wanda" or self.allocation == "cwl":
-            if not is_mix(self.calibration):
-                what = "The m-wanda method" if self.method == "m-wanda" else "The cwl allocation"
-                raise MlpruneError(f"{what} compares languages: calibrate on a mix, e.g. "
-                                   "--calibration pooled.")
-        if self.method == "m-wanda" and "cwl" in mwanda and self.allocation == "owl":
-            raise MlpruneError("M-Wanda's cwl part sets the per-layer sparsity: drop cwl from "
-                               "--mwanda-parts to use the owl allocation.")
-        if self.layer_allocation != "uniform" and pattern.structured:
-            raise MlpruneError(f"M-Wanda's cwl part prunes layers unevenly, which the fixed "
-                               f"{pattern} pattern cannot: use unstructured sparsity or drop cwl "
-                               "from --mwanda-parts.")
-        if not 0 <= self.allocation_range <= 0.5:
-            raise MlpruneError("The allocation range must be between 0 and 0.5; got "
-                               f"{self.allocation_range}.")
-        if self.outlier_threshold <= 0:
-            raise MlpruneError(f"The outlier threshold must be above 0; got "
-                               f"{self.outlier_threshold}.")
-        parse_pair(self.pair)
-        for name in (self.calibration, self.other):
-            if is_mix(name):
-                mix_components(name)  # the syntax; the languages are checked with the corpus
-            elif name not in CALIBRATIONS:
-                raise MlpruneError(f"Unknown calibration set '{name}': use "
-                                   f"{', '.join(CALIBRATIONS)}, pooled or a mix such as "
-                                   "mix:fr-en=1,de-en=1.")
-        if self.samples < 1:
-            raise MlpruneError("The number of samples must be at least 1.")
-        get_protocol(self.protocol)
-        if self.pad_to is not None and self.pad_to < 1:
-            raise MlpruneError(f"--pad-to must be a positive number of tokens; got {self.pad_to}.")
-        if self.pad_side not in PAD_SIDES:
-            raise MlpruneError(f"Unknown padding side '{self.pad_side}': use "
-                               f"{', '.join(PAD_SIDES)}.")
-        return self
-
-    @property
-    def separator(self) -> str:
-        """How demonstrations are separated under this spec's protocol."""
-        return get_protocol(self.protocol).separator
-
-    @classmethod
-    def preset(cls, name: str, **changes) -> PruneSpec:
-        """A named starting point (see :data:`PRESETS`) with ``changes`` on top, validated."""
-        if name not in PRESETS:
-            raise MlpruneError(f"Unknown preset '{name}': use {', '.join(PRESETS)}.")
-        return replace(cls(), **{**PRESETS[name], **changes}).validate()
-
-    @property
-    def uses_activations(self) -> bool:
-        """Whether the method's scores read calibration statistics (Wanda and its variants)."""
-        return self.method in ("wanda", "ratio", "m-wanda")
-
-    @property
-    def mwanda(self) -> MWanda:
-        """M-Wanda's parts and weights under this spec."""
-        return MWanda.parse(self.mwanda_parts, self.variance_weight, self.prob_weight)
-
-    @property
-    def layer_allocation(self) -> str:
-        """How sparsity is shared across layers: M-Wanda's cwl when its cwl part is on, else
-        the ``allocation`` field."""
-        if self.method == "m-wanda" and "cwl" in self.mwanda:
-            return "cwl"
-        return self.allocation
-
-    @property
-    def needs_calibration(self) -> bool:
-        """Whether a run must capture calibration prompts: for the scores, or to detect the
-        features that ``protect`` keeps."""
-        return self.uses_activations or bool(self.protect)
-
-    @property
-    def label(self) -> str:
-        calib = f"-{self.calibration}" if self.method in ("wanda",) else ""
-        alloc = f"-{self.allocation}" if self.allocation != "uniform" else ""
-        if self.method == "m-wanda":
-            parts = set(self.mwanda.parts)
-            alloc = "" if parts == set(PARTS) else f"[{','.join(sorted(parts)) or 'none'}]"
-            alloc += f"-{self.allocation}" if self.allocation == "owl" else ""
-        return f"{self.method}{calib}{alloc}{'-inv' if self.invert else ''}"
-
-
-# Named presets: what differs from the field defaults above, written once. The dashboard's
-# live pages use ``interactive`` (one-shot statistics: a slider move is then a slice of one
-# ranking; 8 prompts keep the first capture short); the command line can ask for any.
-PRESETS: dict[str, dict] = {
-    "default": {},
-    "interactive": {"mode": "one-shot", "samples": 8},
-    # the authors' published setup (prune.sh: 100 samples, 4 shots; Wanda's sequential pass)
-    "paper": {"protocol": "paper", "samples": 100, "mode": "sequential"},
-}
+from mlprune.spec import PRESETS, SWEEP_METHODS, PruneSpec, SweepSpec  # noqa: F401
+from mlprune.storage import ResultStore, atomic_save, check_same_source
+from mlprune.sweep_csv import (  # noqa: F401
+    KEY_COLUMNS,
+    SIGNIFICANCE_COLUMNS,
+    SWEEP_COLUMNS,
+    append_row,
+    read_sweep_rows,
+    resume_csv,
+)
 
 
 @dataclass
@@ -369,10 +192,7 @@ def cached_masks(loaded: LoadedModel, corpus: ParallelCorpus, spec: PruneSpec, p
         except Exception:  # noqa: BLE001 - a damaged file is made again
             path.unlink(missing_ok=True)
     masks = prune(loaded, corpus, spec, batch_size=batch_size, progress=progress).masks
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    masks.save(tmp)
-    tmp.replace(path)
+    atomic_save(path, masks.save)
     return masks
 
 
@@ -451,29 +271,7 @@ def prune(loaded: LoadedModel, corpus: ParallelCorpus, spec: PruneSpec, *, batch
 
 # --------------------------------------------------------------------------- sweep
 
-# Per metric, the column holding the p-value of a row's difference from the dense row of the
-# same pair (empty on dense rows): sacrebleu's paired bootstrap, dense as system a.
-SIGNIFICANCE_COLUMNS = {"chrf": "chrf_p_vs_dense", "bleu": "bleu_p_vs_dense"}
-KEY_COLUMNS = ("model_fingerprint", "corpus_hash", "task_hash")  # sweep_key's: text
-SWEEP_COLUMNS = ["pair", "method", "sparsity", "pattern", "chrf", "bleu",
-                 "target_language_rate", "perplexity", "n", "sparsity_reached",
-                 *SIGNIFICANCE_COLUMNS.values(), *KEY_COLUMNS]
-SWEEP_METHODS = {
-    "wanda-mt": dict(method="wanda", calibration="mt"),
-    "wanda-mono": dict(method="wanda", calibration="mono"),
-    "wanda-code": dict(method="wanda", calibration="code"),
-    "ratio": dict(method="ratio", calibration="mt", other="code"),
-    "magnitude": dict(method="magnitude"),
-    "random": dict(method="random"),
-    # beyond the paper: a mix of every X->en direction, OWL's per-layer sparsity, M-Wanda
-    # and M-Wanda with each of its parts left out
-    "wanda-pooled": dict(method="wanda", calibration="pooled"),
-    "wanda-owl": dict(method="wanda", calibration="mt", allocation="owl"),
-    "m-wanda": dict(method="m-wanda", calibration="pooled", mwanda_parts=",".join(PARTS)),
-    **{f"m-wanda-no-{part}": dict(method="m-wanda", calibration="pooled",
-                                  mwanda_parts=",".join(p for p in PARTS if p != part))
-       for part in PARTS},
-}
+METRICS = ("chrf", "bleu", "target_language_rate", "perplexity", "n")  # a row's, in order
 
 
 def paired_vs_dense(dense_outputs: list[dict], outputs: list[dict], lang: str) -> dict:
@@ -487,6 +285,82 @@ def paired_vs_dense(dense_outputs: list[dict], outputs: list[dict], lang: str) -
     hyps_a, hyps_b = [o["output"] for o in dense_outputs], [o["output"] for o in outputs]
     return paired_translation_test(references, hyps_a, hyps_b,
                                    metrics=tuple(SIGNIFICANCE_COLUMNS), lang=lang)
+
+
+class _SweepRun:
+    """A sweep's measuring, cell by cell, and what its cells share: each pair's dense row
+    (the same for every method) and the dense outputs its p-values compare to."""
+
+    def __init__(self, loaded: LoadedModel, corpus: ParallelCorpus, key: dict, *,
+                 limit: int | None, batch_size: int, extra_eval: Callable | None,
+                 should_stop: Callable[[], bool] | None):
+        self.loaded, self.corpus, self.key = loaded, corpus, key
+        self.limit, self.batch_size = limit, batch_size
+        self.extra_eval, self.should_stop = extra_eval, should_stop
+        self.dense: dict[str, tuple[dict, dict]] = {}  # pair -> dense metrics and extra columns
+        self.dense_outputs: dict[str, list[dict]] = {}  # pair -> the dense outputs
+
+    def evaluate(self, pair: str, spec: PruneSpec) -> dict:
+        """Translation metrics of the held-out slice, on the weights the model has now."""
+        return evaluate_translation(self.loaded.model, self.loaded.tokenizer, self.corpus,
+                                    *parse_pair(pair), shots=spec.shots, limit=self.limit,
+                                    batch_size=self.batch_size)
+
+    def cell(self, pair: str, method: str, spec: PruneSpec,
+             sparsities: list[float]) -> Iterator[dict]:
+        """The rows of one (pair, method) at these sparsities, each yielded once measured
+        (with the model dense again); calibrated and ranked once, when first pruning."""
+        ranking = None
+        for s in sparsities:
+            if self.should_stop is not None and self.should_stop():
+                raise Cancelled("Sweep cancelled; finished rows are kept.")
+            if s == 0 and pair in self.dense:
+                (metrics, extra), masks = self.dense[pair], None
+            else:
+                if s > 0 and ranking is None:  # calibrate and rank only when pruning
+                    calib = calibrate(self.loaded, self.corpus, spec, batch_size=self.batch_size,
+                                      should_stop=self.should_stop) \
+                        if spec.needs_calibration else None
+                    ranking = rank(self.loaded, spec, calib)
+                masks = ranking.masks(s) if s > 0 else None
+                with pruned(self.loaded.model, masks):
+                    metrics = self.evaluate(pair, spec)
+                    extra = self.extra_eval(self.loaded, method, s) if self.extra_eval else {}
+                if s == 0:
+                    self.dense[pair] = metrics, extra
+                    self.dense_outputs[pair] = metrics["outputs"]
+            p_values = self.p_values(pair, spec, s, metrics)
+            yield {"pair": pair, "method": method, "sparsity": float(s),
+                   "pattern": SweepSpec.PATTERN, **{k: metrics[k] for k in METRICS},
+                   "sparsity_reached": masks.overall_sparsity() if masks else 0.0, **p_values,
+                   **self.key, **extra}
+
+    def p_values(self, pair: str, spec: PruneSpec, sparsity: float, metrics: dict) -> dict:
+        """:data:`SIGNIFICANCE_COLUMNS` of a row against its pair's dense outputs (empty on a
+        dense row); generated once more when this run has none in memory."""
+        if not sparsity > 0:
+            return dict.fromkeys(SIGNIFICANCE_COLUMNS.values())
+        if pair not in self.dense_outputs:
+            with pruned(self.loaded.model, None):
+                self.dense_outputs[pair] = self.evaluate(pair, spec)["outputs"]
+        test = paired_vs_dense(self.dense_outputs[pair], metrics["outputs"], parse_pair(pair)[1])
+        return {col: test[m]["p_value"] for m, col in SIGNIFICANCE_COLUMNS.items()}
+
+
+def _rows_so_far(store: str | Path | ResultStore | None, out_csv: str | Path | None,
+                 settings: dict, key: dict) -> tuple[ResultStore | None, list[dict]]:
+    """The opened store (None without one) and the rows already measured: the store's, whose
+    settings must be these, else the CSV's, each of which must be of this model and corpus."""
+    if store is not None:
+        store = ResultStore.open(store)
+        store.claim(settings)
+        return store, store.rows()
+    if out_csv:  # the writing path: refuse a CSV not a sweep's, drop a row torn by a crash
+        resume_csv(out_csv)
+    done = read_sweep_rows(out_csv) if out_csv else []
+    for r in done:  # a CSV keeps no settings: each row says what it was measured on
+        check_same_source(out_csv, key, r)
+    return None, done
 
 
 def sweep(loaded: LoadedModel, corpus: ParallelCorpus, *, methods: list[str], sparsities: list[float],
@@ -510,81 +384,28 @@ def sweep(loaded: LoadedModel, corpus: ParallelCorpus, *, methods: list[str], sp
     or 0 is not among the sparsities) they are generated once more: greedy decoding of the
     same prompts gives the same outputs.
     """
-    unknown = [m for m in methods if m not in SWEEP_METHODS]
-    if unknown:
-        raise MlpruneError(f"Unknown sweep method {', '.join(unknown)}: use {', '.join(SWEEP_METHODS)}.")
-    for s in sparsities:
-        check_sparsity(s)
-    base = base or PruneSpec()
-    pattern = "unstructured"
-    settings = sweep_settings(loaded, base, limit, extra_eval, corpus=corpus)
+    grid = SweepSpec(methods, sparsities, pairs, base or PruneSpec()).validate()
+    settings = sweep_settings(loaded, grid.base, limit, extra_eval, corpus=corpus)
     key = {k: settings[k] for k in KEY_COLUMNS}
-    if store is not None:
-        store = ResultStore.open(store)
-        store.claim(settings)
-        done = store.rows()
-    else:
-        if out_csv:  # the writing path: refuse a CSV not a sweep's, drop a row torn by a crash
-            _resume_csv(out_csv)
-        done = read_sweep_rows(out_csv) if out_csv else []
-        for r in done:  # a CSV keeps no settings: each row says what it was measured on
-            check_same_source(out_csv, key, r)
+    store, done = _rows_so_far(store, out_csv, settings, key)
     seen = {(r["pair"], r["method"], float(r["sparsity"]), r["pattern"]) for r in done}
-    rows = list(done)
-    total = len(methods) * len(sparsities) * len(pairs)
-    count = len(seen)
-    dense: dict[str, tuple[dict, dict]] = {}  # pair -> dense metrics: the same for every method
-    dense_outputs: dict[str, list[dict]] = {}  # pair -> the dense outputs the p-values compare to
-
-    def evaluate(pair: str, spec: PruneSpec) -> dict:  # on the weights the model has now
-        return evaluate_translation(loaded.model, loaded.tokenizer, corpus, *parse_pair(pair),
-                                    shots=spec.shots, limit=limit, batch_size=batch_size)
-
-    for pair in pairs:
-        for method in methods:
-            todo = [s for s in sparsities if (pair, method, float(s), pattern) not in seen]
+    rows, count = list(done), len(seen)
+    run = _SweepRun(loaded, corpus, key, limit=limit, batch_size=batch_size,
+                    extra_eval=extra_eval, should_stop=should_stop)
+    for pair in grid.pairs:
+        for method in grid.methods:
+            todo = [s for s in grid.sparsities
+                    if (pair, method, float(s), SweepSpec.PATTERN) not in seen]
             if not todo:
                 continue
-            spec = replace(base, pair=pair, mode="one-shot", pattern="unstructured",
-                           **SWEEP_METHODS[method]).validate()
-            ranking = None
-            for s in todo:
-                if should_stop is not None and should_stop():
-                    raise Cancelled("Sweep cancelled; finished rows are kept.")
-                if s == 0 and pair in dense:
-                    (metrics, extra), masks = dense[pair], None
-                else:
-                    if s > 0 and ranking is None:  # calibrate and rank only when pruning
-                        calib = calibrate(loaded, corpus, spec, batch_size=batch_size,
-                                          should_stop=should_stop) \
-                            if spec.needs_calibration else None
-                        ranking = rank(loaded, spec, calib)
-                    masks = ranking.masks(s) if s > 0 else None
-                    with pruned(loaded.model, masks):
-                        metrics = evaluate(pair, spec)
-                        extra = extra_eval(loaded, method, s) if extra_eval else {}
-                    if s == 0:
-                        dense[pair] = metrics, extra
-                        dense_outputs[pair] = metrics["outputs"]
-                p_values = dict.fromkeys(SIGNIFICANCE_COLUMNS.values())
-                if s > 0:
-                    if pair not in dense_outputs:
-                        with pruned(loaded.model, None):
-                            dense_outputs[pair] = evaluate(pair, spec)["outputs"]
-                    test = paired_vs_dense(dense_outputs[pair], metrics["outputs"],
-                                           parse_pair(pair)[1])
-                    p_values = {col: test[m]["p_value"] for m, col in SIGNIFICANCE_COLUMNS.items()}
-                row = {"pair": pair, "method": method, "sparsity": float(s), "pattern": pattern,
-                       **{k: metrics[k] for k in ("chrf", "bleu", "target_language_rate", "perplexity", "n")},
-                       "sparsity_reached": masks.overall_sparsity() if masks else 0.0, **p_values,
-                       **key, **extra}
+            for row in run.cell(pair, method, grid.cell(pair, method), todo):
                 rows.append(row)
                 if store is not None:
                     store.add(row)
                 elif out_csv:
-                    _append_row(out_csv, row)
+                    append_row(out_csv, row)
                 count += 1
-                progress(f"{pair} {method} {s:.2f}", count / total)
+                progress(f"{pair} {method} {row['sparsity']:.2f}", count / grid.size)
     if store is not None and out_csv:
         store.export_csv(out_csv)
     return rows
@@ -595,8 +416,7 @@ def sweep_settings(loaded: LoadedModel, base: PruneSpec, limit: int | None,
     """What a sweep row's numbers depend on besides its cell: the model (its name and
     fingerprint), the corpus (its hash), the held-out limit, the base spec's fields a cell
     does not set, and the extra columns with their tasks' hash (:func:`sweep_key`)."""
-    per_cell = {"pair", "sparsity", "pattern", "mode", *(k for fields in SWEEP_METHODS.values()
-                                                         for k in fields)}
+    per_cell = SweepSpec.cell_fields()
     settings = {"model": loaded.name, "dequantized_from": loaded.dequantized_from,
                 "limit": limit, "spec": {k: v for k, v in asdict(base).items() if k not in per_cell},
                 "extra": list(getattr(extra_eval, "columns", [])),
@@ -605,116 +425,3 @@ def sweep_settings(loaded: LoadedModel, base: PruneSpec, limit: int | None,
     if dtype != "float32":  # a bf16 sweep never resumes (or is mixed into) an fp32 one
         settings["dtype"] = dtype
     return settings
-
-
-def read_sweep_rows(path: str | Path) -> list[dict]:
-    """The complete rows of a sweep CSV or results store (by its suffix: .sqlite, .db), read
-    without changing the file (a store is opened read-only). A CSV's last line without a
-    final newline (cut short by a crash, or being written) is left out: a resumed sweep
-    measures it again. Raises MlpruneError for a file that is not a sweep's results."""
-    path = Path(path)
-    if not path.is_file():
-        return []
-    if is_store(path):
-        return ResultStore(path, readonly=True).rows()
-    data = path.read_bytes()
-    if b"\n" not in data and _torn_header(data):
-        return []  # a header cut short on the first write: no row yet
-    complete = data[: data.rfind(b"\n") + 1]  # bytes: a torn line may end mid-character
-    try:
-        reader = csv.DictReader(io.StringIO((complete or data).decode("utf-8-sig"), newline=""))
-        rows = list(reader) if complete else []  # one line and no newline: a header only
-    except (UnicodeDecodeError, csv.Error) as e:
-        raise MlpruneError(f"{path} is not a sweep results CSV ({e}).") from e
-    missing = [c for c in KEY if c not in (reader.fieldnames or [])]
-    if missing:
-        raise MlpruneError(f"{path} is not a sweep results file: it has no column {missing[0]}.")
-    for line, r in enumerate(rows, start=2):
-        if None in r:
-            raise MlpruneError(f"Line {line} of {path} has more fields than its header.")
-        for k, v in r.items():
-            if v == "" or v is None:
-                r[k] = None  # written for None (the dense rows' p-values)
-            elif k not in ("pair", "method", "pattern", *KEY_COLUMNS):  # text, even "1e5"
-                try:
-                    r[k] = float(v)
-                except (TypeError, ValueError):
-                    pass
-        bad = next((k for k in KEY if r[k] is None or (k == "sparsity"
-                                                      and not isinstance(r[k], float))), None)
-        if bad:
-            raise MlpruneError(f"Line {line} of {path} has no valid {bad}; it is not a sweep "
-                               "results file.")
-    return rows
-
-
-def _torn_header(data: bytes) -> bool:
-    """Whether ``data`` (no newline in it) is the start of a sweep CSV's header, cut short on
-    the first write (header and first row go in one write)."""
-    mine = ",".join(SWEEP_COLUMNS).encode()
-    return mine.startswith(data) or data.startswith(mine)
-
-
-def _resume_csv(path: str | Path) -> None:
-    """(The sweep's writing path, before it appends.) Refuse a CSV that is not a sweep's, and
-    cut off a last row torn by a crash mid-write (no final newline) so that it is measured
-    again; a file that is not a sweep's is never changed."""
-    path = Path(path)
-    if not path.is_file():
-        return
-    data = path.read_bytes()
-    cut = data.rfind(b"\n") + 1
-    if cut == len(data):
-        _check_header(path, SWEEP_COLUMNS)
-        return
-    if cut == 0 and not _torn_header(data):
-        raise MlpruneError(f"{path} is not a sweep CSV; give another CSV file to resume into.")
-    if cut:
-        _check_header(path, SWEEP_COLUMNS)
-    with path.open("r+b") as f:
-        f.truncate(cut)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _header(path: Path) -> list[str] | None:
-    """The column names of a CSV file (None when it has none yet)."""
-    if not path.is_file() or path.stat().st_size == 0:
-        return None
-    try:
-        with path.open(newline="", encoding="utf-8-sig") as f:
-            return next(csv.reader(f), None)
-    except (UnicodeDecodeError, csv.Error) as e:
-        raise MlpruneError(f"{path} is not a sweep results CSV ({e}).") from e
-
-
-def _check_header(path: str | Path, columns: list[str]) -> None:
-    """Refuse to resume into a sweep CSV written without some of these columns (an earlier
-    version's): appended rows would not line up with its header."""
-    header = _header(Path(path))
-    missing = [c for c in columns if header is not None and c not in header]
-    if any(c in missing for c in KEY):  # not even a cell's key: another program's file
-        raise MlpruneError(f"{path} is not a sweep CSV; give another CSV file to resume into.")
-    if missing:
-        raise MlpruneError(f"{path} was written without the column {missing[0]} (by an earlier "
-                           "mlprune); give another CSV file to resume into.")
-
-
-def _append_row(path: str | Path, row: dict) -> None:
-    """Append one row in a single write and fsync it, writing the header for a new file."""
-    path = Path(path)
-    header = _header(path)
-    new = header is None
-    if not new and header != list(row):
-        raise MlpruneError(f"The columns of this row do not match the header of {path}; give "
-                           "another CSV file to resume into.")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    line = io.StringIO(newline="")
-    writer = csv.DictWriter(line, fieldnames=list(row))
-    if new:
-        writer.writeheader()
-    writer.writerow(row)
-    with path.open("a", newline="", encoding="utf-8") as f:
-        f.write(line.getvalue())
-        f.flush()
-        os.fsync(f.fileno())

@@ -15,7 +15,17 @@ from dataclasses import dataclass, field
 
 from mlprune import MlpruneError
 from mlprune.corpus import ParallelCorpus, code_snippets, language_name
-from mlprune.protocol import PROTOCOLS
+
+# the calibration vocabulary and the syntax of pairs and mixes are the spec's (re-exported)
+from mlprune.spec import (  # noqa: F401
+    CALIBRATIONS,
+    MIX_PREFIX,
+    POOLED,
+    PROTOCOLS,
+    is_mix,
+    mix_components,
+    parse_pair,
+)
 
 SPLIT_SEED = 20240917  # fixed: the test slice must not move when the calibration seed does
 TEST_FRACTION = 0.25
@@ -78,17 +88,6 @@ class EvalItem:
     reference: str
     src: str
     tgt: str
-
-
-def parse_pair(pair: str) -> tuple[str, str]:
-    """'fr-en' -> ('fr', 'en'), with one clear sentence for anything else."""
-    parts = pair.replace(">", "-").replace("->", "-").split("-")
-    parts = [p.strip() for p in parts if p.strip()]
-    if len(parts) != 2:
-        raise MlpruneError(f"'{pair}' is not a language pair; write it as src-tgt, e.g. fr-en.")
-    if parts[0] == parts[1]:
-        raise MlpruneError(f"The pair '{pair}' names the same language twice.")
-    return parts[0], parts[1]
 
 
 def split_rows(corpus: ParallelCorpus, test_fraction: float = TEST_FRACTION) -> tuple[list[int], list[int]]:
@@ -191,57 +190,6 @@ def calibration_prompts(corpus: ParallelCorpus, calibration: str, pair: str | No
 
 
 # --------------------------------------------------------------------------- calibration mixes
-
-CALIBRATIONS = ("mt", "mono", "code")  # the single sets; a mix is pooled or mix:...
-POOLED = "pooled"  # every X->English direction of the corpus, equal weights
-MIX_PREFIX = "mix:"
-
-
-def is_mix(calibration: str) -> bool:
-    """Whether a calibration name is a mix of several sets (``pooled`` or ``mix:...``)."""
-    return calibration == POOLED or calibration.startswith(MIX_PREFIX)
-
-
-def mix_components(calibration: str, languages: list[str] | None = None) -> list[tuple[str, float]]:
-    """The sets of a mix and their weights, normalised to sum to 1.
-
-    ``mix:fr-en=1,de-en=2,zh`` lists its parts: a pair ``src-tgt`` is translation
-    demonstrations, a single language monolingual text; ``=w`` gives a weight (default 1), so
-    a language distribution is written as its shares. ``pooled`` is every X->English direction
-    of ``languages`` (the corpus's), equally weighted. Parts are returned by set name
-    (``mt:fr-en``, ``mono:zh``).
-    """
-    if calibration == POOLED:
-        if languages is None:
-            return []  # known once the corpus is: checked then
-        if "en" not in languages or len(languages) < 2:
-            raise MlpruneError("The pooled calibration mix needs a corpus with English and at "
-                               "least one other language.")
-        sources = [x for x in languages if x != "en"]
-        return [(f"mt:{x}-en", 1 / len(sources)) for x in sources]
-    if not calibration.startswith(MIX_PREFIX) or not calibration[len(MIX_PREFIX):].strip():
-        raise MlpruneError(f"'{calibration}' is not a calibration mix: write it as "
-                           "mix:fr-en=1,de-en=1 (pairs, or single languages for monolingual "
-                           "text).")
-    parts: dict[str, float] = {}
-    for item in calibration[len(MIX_PREFIX):].split(","):
-        what, _, weight = item.strip().partition("=")
-        what = what.strip()
-        try:
-            w = float(weight) if weight.strip() else 1.0
-        except ValueError:
-            w = float("nan")
-        if not what or not 0 <= w < float("inf"):
-            raise MlpruneError(f"'{item.strip()}' in the calibration mix is not a set with a "
-                               "weight: write fr-en=1 or fr=0.5 (weights at least 0).")
-        name = f"mt:{'-'.join(parse_pair(what))}" if "-" in what or ">" in what else f"mono:{what}"
-        if name in parts:
-            raise MlpruneError(f"The calibration mix names {what} twice.")
-        parts[name] = w
-    total = sum(parts.values())
-    if total <= 0:
-        raise MlpruneError("The weights of a calibration mix cannot all be 0.")
-    return [(name, w / total) for name, w in parts.items()]
 
 
 def calibration_mix(corpus: ParallelCorpus, calibration: str, *, shots: int = 4,

@@ -14,35 +14,8 @@ Every difference is listed in :data:`DIFFERENCES`, and its measured effect is in
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from mlprune import MlpruneError
-
-
-@dataclass(frozen=True)
-class Protocol:
-    """How a protocol builds prompts and shows features. Its pruning settings (100 samples,
-    sequential) are a preset of :class:`mlprune.pipeline.PruneSpec`, written there."""
-
-    name: str
-    separator: str  # what ends each demonstration line: "newline" or "eos" (the token id)
-    numbering: str  # "sites": embed + each layer's output; "hidden_states": as output_hidden_states
-    top_n: int  # dimensions per layer in the top-dimensions (Figure 2) view
-    overlap: str  # default overlap measure: "top_in_top" or "top_in_bottom" (the paper's)
-    overlap_fraction: float  # x of top-x%
-    mono_per_shot: int = 2  # sentences per shot of a monolingual prompt: 2 (as long as a
-    #                         translation prompt) or 1 (the authors' get_mono: `shots` sentences)
-    task_sample: int | None = None  # XNLI/MARC items per language: all, or the authors' draw
-    #                                 (datasets' shuffle(seed=0).select(range(1000)))
-
-
-PROTOCOLS: dict[str, Protocol] = {
-    "clean": Protocol("clean", separator="newline", numbering="sites", top_n=5,
-                      overlap="top_in_top", overlap_fraction=0.05),
-    "paper": Protocol("paper", separator="eos", numbering="hidden_states", top_n=20,
-                      overlap="top_in_bottom", overlap_fraction=0.4, mono_per_shot=1,
-                      task_sample=1000),
-}
+# The protocols themselves are choices of a PruneSpec, so they live in the spec (re-exported)
+from mlprune.spec import PROTOCOLS, Protocol, get_protocol  # noqa: F401
 
 # Each way ``paper`` differs from ``clean``: (setting, clean, paper, why clean differs).
 # The README's protocol table gives the measured effect of each on the embedded model.
@@ -70,10 +43,3 @@ DIFFERENCES: list[tuple[str, str, str, str]] = [
     ("demonstration order", "random draws from the dev pool", "random draws from the dev pool",
      "the authors walk FLORES dev in order; the built-in pool has 120 sentences"),
 ]
-
-
-def get_protocol(name: str) -> Protocol:
-    """The protocol of this name, with one clear sentence for anything else."""
-    if name not in PROTOCOLS:
-        raise MlpruneError(f"Unknown protocol '{name}': use {' or '.join(PROTOCOLS)}.")
-    return PROTOCOLS[name]

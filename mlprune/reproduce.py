@@ -18,31 +18,40 @@ The grid, under the paper protocol (EOS-separated demonstrations, sequential Wan
 
 Every measured cell is written to ``out/cells`` as soon as it is done (masks to
 ``out/masks``), so a run that stops resumes where it stopped; the report is rebuilt from the
-cells each time. Nothing here draws: figures come from :mod:`mlprune.plots`.
+cells each time. Nothing here renders: the Markdown and HTML are
+:mod:`mlprune.reports.reproduce`'s (``markdown``, ``write_report`` and ``load_report`` are
+re-exported here), the figures :mod:`mlprune.plots`'.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from mlprune import MlpruneError, Progress, no_progress
+from mlprune import MlpruneError, Progress, no_progress, storage
 from mlprune import zeroshot as zs
 from mlprune.capture import ActivationStats, Cancelled
 from mlprune.corpus import ParallelCorpus
 from mlprune.evaluate import evaluate_translation, paired_translation_test
-from mlprune.export import atomic_write_text
 from mlprune.features import overlap_matrix, top_dims
 from mlprune.models import LoadedModel
 from mlprune.pipeline import SWEEP_METHODS, PruneSpec, cached_capture, cached_masks
 from mlprune.prompts import monolingual_prompts, parse_pair, translation_prompts
 from mlprune.protocol import get_protocol
 from mlprune.prune import pruned
+from mlprune.reports.render import lang_row
+from mlprune.reports.reproduce import (  # noqa: F401 (markdown, load_report: re-exported)
+    BASELINE,
+    REFERENCE,
+    load_report,
+    markdown,
+    points,
+    write_report,
+)
+from mlprune.storage import atomic_write_text, slug, strict_json
 
 # The grid's methods, as the sweep names them (spec fields of each); the paper's four are
 # the grid's default, the rest (BEYOND) are optional variants at 50% unstructured.
@@ -50,8 +59,6 @@ METHODS = dict(SWEEP_METHODS)
 PAPER_METHODS = ("wanda-mono", "wanda-mt", "magnitude", "random")
 BEYOND = ("wanda-pooled", "wanda-owl", "m-wanda", "m-wanda-no-variance", "m-wanda-no-cwl",
           "m-wanda-no-prob")
-BASELINE = "wanda-mono"  # what Table 1 and the key zero-shot comparison test against
-REFERENCE = "wanda-mt"  # what the variants beyond the paper are also tested against
 REPORT_ENV = "MLPRUNE_REPORT"  # the report the dashboard's Paper page opens first
 # The README's run, shipped with a clone of the project (reports only; cells and masks stay out)
 SHIPPED_REPORT = Path(__file__).resolve().parents[1] / "bench" / "results" / "reproduce"
@@ -128,38 +135,16 @@ def variant_name(method: str, pattern: str) -> str:
     return f"{method} {_pattern_label(pattern)}"
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")
-
-
 # --------------------------------------------------------------------------- cells
 
 
-class Cells:
-    """Measured results on disk, one strict JSON file each, written atomically."""
+class Cells(storage.Cells):
+    """The run's measured cells in ``out/cells``, one strict JSON file each
+    (``cells/translation/dense.json``), with :class:`mlprune.storage.Cells`' policy: a cell that
+    cannot be read is moved aside and measured again."""
 
-    def __init__(self, out: Path):
-        self.root = out / "cells"
-        self.root.mkdir(parents=True, exist_ok=True)
-
-    def path(self, *parts: str) -> Path:
-        return self.root.joinpath(*[_slug(p) for p in parts]).with_suffix(".json")
-
-    def get(self, *parts: str) -> dict | None:
-        path = self.path(*parts)
-        if not path.is_file():
-            return None
-        try:
-            return json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            path.unlink(missing_ok=True)  # torn or damaged: measure it again
-            return None
-
-    def put(self, value: dict, *parts: str) -> dict:
-        path = self.path(*parts)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, zs.strict_json(value))
-        return value
+    def __init__(self, out: str | Path):
+        super().__init__(Path(out) / "cells")
 
 
 # --------------------------------------------------------------------------- the run
@@ -208,7 +193,7 @@ def run(loaded: LoadedModel, corpus: ParallelCorpus, out: str | Path, grid: Grid
         stop_check()
         here = _within(progress, f"{name}: ", v / len(variants), (v + 1) / len(variants))
         masks = None if spec is None else cached_masks(
-            loaded, corpus, spec, out / "masks" / f"{_slug(name)}.safetensors",
+            loaded, corpus, spec, out / "masks" / f"{slug(name)}.safetensors",
             batch_size=batch_size, progress=here)
         with pruned(loaded.model, masks):
             if todo_tr:
@@ -225,10 +210,8 @@ def run(loaded: LoadedModel, corpus: ParallelCorpus, out: str | Path, grid: Grid
                 scored = zs.evaluate_task(
                     loaded.model, loaded.tokenizer, t, batch_size=batch_size,
                     progress=_within(here, f"zero-shot {t.name}, ", 0.75, 1.0))
-                cell = zs.result_dict(scored)
-                for item, s in zip(cell["items"], scored.scored):
-                    item["n_bytes"] = list(s.n_bytes)  # with the task, enough to rebuild it
-                cells.put(cell, "zeroshot", name, t.name)
+                # with each item's byte counts: with the task, enough to rebuild the result
+                cells.put(zs.result_dict(scored, n_bytes=True), "zeroshot", name, t.name)
     progress("report", 1.0)
     report = build_report(loaded, grid, stats, cells, tasks)
     report["seconds_this_run"] = round(time.perf_counter() - started, 1)
@@ -247,7 +230,7 @@ def _claim_folder(out: Path, grid: Grid, extra_tasks: tuple[str, ...]) -> None:
     measured with other settings (adding methods or patterns is fine)."""
     manifest = out / "grid.json"
     settings = {k: v for k, v in asdict(grid).items() if k in CELL_SETTINGS}
-    mine = zs.strict_json({"settings": settings, "extra_tasks": list(extra_tasks)})
+    mine = strict_json({"settings": settings, "extra_tasks": list(extra_tasks)})
     if manifest.is_file() and manifest.read_text(encoding="utf-8") != mine:
         raise MlpruneError(f"{out} holds a run measured with other settings (see {manifest}); "
                            "choose another --out, or delete that folder to start again.")
@@ -344,17 +327,9 @@ def _table1(translation: dict[str, dict], grid: Grid) -> list[dict]:
     return rows
 
 
-def _result(task, cell: dict):
-    """A task result read back from its cell and the task's items."""
-    items = {(it.id, it.lang): it for it in task.items}
-    scored = [zs.ItemScores(items[(c["id"], c["lang"])], tuple(c["logprob"]),
-                            tuple(c["n_tokens"]), tuple(c["n_bytes"])) for c in cell["items"]]
-    return zs.TaskResult(task.name, scored, cell["norm"])
-
-
 def _zeroshot(task, results: dict[str, dict], grid: Grid) -> dict:
     """Per variant: accuracy per language; each against dense, and wanda-mt against wanda-mono."""
-    loaded_results = {n: _result(task, c) for n, c in results.items()}
+    loaded_results = {n: zs.TaskResult.from_dict(task, c) for n, c in results.items()}
     out: dict = {"variants": {n: c["languages"] for n, c in results.items()},
                  "notes": sorted({note for c in results.values() for note in c["notes"]}),
                  "comparisons": []}
@@ -387,14 +362,10 @@ def _zeroshot(task, results: dict[str, dict], grid: Grid) -> dict:
 # --------------------------------------------------------------------------- claims
 
 
-def _row(rows: list[dict], lang: str) -> dict | None:
-    return next((r for r in rows if r["lang"] == lang), None)
-
-
 def _comparison(report: dict, task: str, a: str, b: str) -> dict | None:
     for comp in report["zeroshot"].get(task, {}).get("comparisons", []):
         if comp["a"] == a and comp["b"] == b:
-            return _row(comp["rows"], "non-en")
+            return lang_row(comp["rows"], "non-en")
     return None
 
 
@@ -454,7 +425,7 @@ def claims(report: dict, grid: Grid) -> list[dict]:
                         "paper": "wanda-mt > wanda-mono (zero-shot XNLI, MARC)",
                         "found": f"non-English accuracy {row['acc_b']:.1%} vs {row['acc_a']:.1%}"
                                  f" ({row['diff'] * 100:+.1f} points; detectable "
-                                 f"{_pct(row.get('detectable_diff'))})",
+                                 f"{points(row.get('detectable_diff'))})",
                         "effect": row["diff"], "p_value": row["p_value"],
                         "holds": _holds(row["diff"], row["p_value"]), "n": f"{row['n']} items"})
     inv, mt50 = by_name.get("wanda-mt-inv 50%"), by_name.get("wanda-mt 50%")
@@ -476,130 +447,9 @@ def _holds(diff: float, p: float | None) -> bool | None:
     return diff > 0
 
 
-def _pct(x: float | None) -> str:
-    return "n/a" if x is None else f"{x * 100:.1f} points"
-
-
-# --------------------------------------------------------------------------- writing
-
-
-def write_report(report: dict, out: Path, stats: dict[str, ActivationStats] | None = None) -> None:
-    """report.json (strict), report.md and report.html (with the figures) in ``out``."""
-    atomic_write_text(out / "report.json", zs.strict_json(report))
-    atomic_write_text(out / "report.md", markdown(report))
-    from mlprune.plots import report_figures
-
-    figures = report_figures(report)
-    parts = [f"<h2>{html_escape(title)}</h2>" + fig.to_html(full_html=False,
-                                                          include_plotlyjs="cdn" if i == 0 else False)
-             for i, (title, fig) in enumerate(figures)]
-    body = _markdown_html(markdown(report))
-    atomic_write_text(out / "report.html",
-                      "<!doctype html><meta charset='utf-8'><title>mlprune reproduce</title>"
-                      "<body style='font-family:sans-serif;max-width:1100px;margin:auto'>"
-                      + body + "".join(parts) + "</body>")
-
-
-def html_escape(text: str) -> str:
-    import html
-
-    return html.escape(text)
-
-
-def _markdown_html(md: str) -> str:
-    """The Markdown report in a <pre> block: readable without a Markdown renderer."""
-    return f"<pre style='white-space:pre-wrap'>{html_escape(md)}</pre>"
-
-
-def _fmt(x, spec: str = ".1f") -> str:
-    return "" if x is None else format(x, spec)
-
-
-def markdown(report: dict) -> str:
-    """The report as Markdown tables."""
-    lines = [f"# mlprune reproduce: {report['model']}", ""]
-    if report.get("dequantized_from"):
-        lines += [f"Weights de-quantized from {report['dequantized_from']} (4-bit): every figure "
-                  "is that of the de-quantized model.", ""]
-    grid = report["grid"]
-    lines += [f"Protocol: paper (EOS-separated demonstrations, {grid['samples']} calibration "
-              f"prompts of 4 shots, sequential Wanda); calibration pair {grid['pair']}; "
-              f"translation on {grid['translation_limit']} held-out sentences.", ""]
-    lines += ["## Claims", "", "| claim | paper | found | p | holds |", "|---|---|---|---|---|"]
-    for c in report["claims"]:
-        holds = {True: "yes", False: "no (opposite)", None: "cannot tell"}[c["holds"]] \
-            if c["p_value"] is not None else ("yes" if c["holds"] else "no")
-        lines.append(f"| {c['claim']} | {c['paper']} | {c['found']} (n: {c['n']}) | "
-                     f"{_fmt(c['p_value'], '.3f') or '-'} | {holds} |")
-    lines += ["", "## Table 1: translation", "",
-              f"| variant | chrF | BLEU | target language | perplexity | p chrF vs {BASELINE} "
-              f"| p BLEU vs {BASELINE} |", "|---|---|---|---|---|---|---|"]
-    for r in report["table1"]:
-        lines.append(f"| {r['variant']} | {r['chrf']:.1f} | {r['bleu']:.1f} | "
-                     f"{r['target_language_rate']:.0%} | {_fmt(r['perplexity'])} | "
-                     f"{_fmt(r.get(f'chrf_p_vs_{BASELINE}'), '.3f')} | "
-                     f"{_fmt(r.get(f'bleu_p_vs_{BASELINE}'), '.3f')} |")
-    beyond = [r for r in report["table1"] if f"chrf_p_vs_{REFERENCE}" in r]
-    if beyond:
-        lines += ["", f"Beyond the paper, against {REFERENCE} (50% unstructured):", "",
-                  f"| variant | chrF | BLEU | p chrF vs {REFERENCE} | p BLEU vs {REFERENCE} |",
-                  "|---|---|---|---|---|"]
-        for r in beyond:
-            lines.append(f"| {r['variant']} | {r['chrf']:.1f} | {r['bleu']:.1f} | "
-                         f"{_fmt(r.get(f'chrf_p_vs_{REFERENCE}'), '.3f')} | "
-                         f"{_fmt(r.get(f'bleu_p_vs_{REFERENCE}'), '.3f')} |")
-    for task, block in report["zeroshot"].items():
-        langs = [row["lang"] for row in next(iter(block["variants"].values()))]
-        lines += ["", f"## Zero-shot: {task}", "", "Accuracy per language (RankC with English "
-                  "in the non-en column's brackets).", "",
-                  "| variant | " + " | ".join(langs) + " |", "|---|" + "---|" * len(langs)]
-        for name, rows in block["variants"].items():
-            cells = []
-            for row in rows:
-                cell = f"{row['accuracy']:.1%}"
-                if row["lang"] == "non-en" and row.get("rankc") is not None:
-                    cell += f" ({row['rankc']:.2f})"
-                cells.append(cell)
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
-        lines += ["", "| comparison | non-en a | non-en b | diff | 95% CI | p | detectable |",
-                  "|---|---|---|---|---|---|---|"]
-        for comp in block["comparisons"]:
-            row = _row(comp["rows"], "non-en")
-            if row is None:
-                continue
-            key = " (key)" if comp.get("key") else ""
-            lines.append(f"| {comp['b']} vs {comp['a']}{key} | {row['acc_a']:.1%} | "
-                         f"{row['acc_b']:.1%} | {row['diff'] * 100:+.1f} | "
-                         f"[{row['ci_low'] * 100:+.1f}, {row['ci_high'] * 100:+.1f}] | "
-                         f"{row['p_value']:.3f} | {_pct(row.get('detectable_diff'))} |")
-        lines += [f"- {note}" for note in block.get("notes", [])]
-    ov = report["overlap"]
-    lines += ["", "## Overlaps (Figures 1 and 3)", "",
-              f"Top-{ov['fraction']:.0%} in bottom-{ov['fraction']:.0%} (the paper's measure) and "
-              f"top-5% in top-5%, mean over layers numbered as output_hidden_states.", ""]
-    for measure in ("top_in_bottom", "top_in_top"):
-        table = ov[measure]
-        names = list(table)
-        lines += [f"**{measure}**", "", "| | " + " | ".join(names) + " |",
-                  "|---|" + "---|" * len(names)]
-        for a in names:
-            lines.append(f"| {a} | " + " | ".join(f"{table[b][a]:.2f}" for b in names) + " |")
-        lines.append("")
-    return "\n".join(lines) + "\n"
-
-
 def shipped_report_dir() -> Path:
     """The folder of the report the Paper page shows first: MLPRUNE_REPORT, else the README's."""
     return Path(os.environ.get(REPORT_ENV) or SHIPPED_REPORT)
-
-
-def load_report(folder: str | Path) -> dict:
-    """A finished report (report.json in ``folder``)."""
-    path = Path(folder) / "report.json"
-    if not path.is_file():
-        raise MlpruneError(f"No reproduce report at {path}; run `mlprune reproduce --out "
-                           f"{folder}` first.")
-    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def config_for(quick: bool, **changes) -> Grid:

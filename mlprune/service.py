@@ -1,7 +1,10 @@
 """The dashboard's work without Streamlit: the shared model cache, load jobs, cached
-statistics, rankings and dense outputs, a session's pruning, sweeps, and text helpers.
+statistics, rankings and dense outputs, and a session's pruning.
 
 Nothing here imports Streamlit, so all of it runs in tests, benchmarks or another front end.
+Its neighbours hold the rest of the dashboard's work: :mod:`mlprune.holding` (the model's lock
+and who holds it), :mod:`mlprune.sweeps` (sweeps and reproduce runs in worker processes,
+results stores and files) and :mod:`mlprune.labels` (the words and HTML the pages show).
 
 The cache is an object, not a module global. :class:`Shared` holds the loaded models and the
 caches of everything no pruning changes (activation statistics, rankings, dense generations
@@ -16,34 +19,30 @@ What is shared and what is not:
 
 - Everything in a :class:`Shared` is read-only once made and the same for every session.
 - Long work (a sweep, a reproduce run) does not touch the shared model at all: it runs in a
-  worker process with its own copy (:func:`start_sweep`, :func:`start_reproduce`), so the
-  model's lock is only ever held for short generations and every page stays live.
+  worker process with its own copy (:func:`mlprune.sweeps.start_sweep`,
+  :func:`mlprune.sweeps.start_reproduce`), so the model's lock is only ever held for short
+  generations and every page stays live.
 - A session's masks live in that session's :class:`SessionPruning` only. They touch the
-  shared model's weights only inside ``prune.pruned(model, masks)`` (:func:`masked`), which
-  holds the model's lock and restores the dense weights before releasing it. Every other use
-  of the model (dense generation, capture, ranking, sweeps) also holds that lock
-  (:func:`dense`), so no session ever computes on weights another session has masked.
+  shared model's weights only inside ``prune.pruned(model, masks)``
+  (:func:`mlprune.holding.masked`), which holds the model's lock and restores the dense
+  weights before releasing it. Every other use of the model (dense generation, capture,
+  ranking, sweeps) also holds that lock (:func:`mlprune.holding.dense`), so no session ever
+  computes on weights another session has masked.
 """
 
 from __future__ import annotations
 
-import difflib
 import hashlib
-import html
-import json
 import os
 import threading
 import time
-import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Generator, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Generator
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 
 import pandas as pd
 
-from mlprune import MlpruneError, Progress, cache_dir, cache_name, no_progress, pipeline, runners
+from mlprune import MlpruneError, Progress, no_progress, pipeline
 from mlprune.capture import ActivationStats, token_magnitudes
 from mlprune.corpus import ParallelCorpus, builtin_corpus, read_corpus
 from mlprune.evaluate import Generation, evaluate_translation, generate, stream_generate
@@ -55,58 +54,29 @@ from mlprune.experiments import (
     run_intervention_experiment,
 )
 from mlprune.features import detect
+from mlprune.holding import (
+    MAX_CALIBRATION_PROMPTS,
+    MAX_CAPTURE_PROMPTS,
+    MAX_GENERATION_PROMPTS,
+    MAX_NEW_TOKENS,
+    MAX_SCORED_SENTENCES,
+    check_request,
+    dense,
+    masked,
+)
 from mlprune.interventions import intervened
-from mlprune.models import DEFAULT_MODEL, LoadedModel, load_model, split_precision
+from mlprune.labels import prompt_set_label
+from mlprune.models import DEFAULT_MODEL, LoadedModel, load_model
 from mlprune.pipeline import PruneSpec
 from mlprune.prompts import PromptSet, parse_pair
 from mlprune.protocol import get_protocol
-from mlprune.prune import MaskSet, Ranking, model_lock, pruned
-from mlprune.store import STORE_SUFFIXES, ResultStore, is_store
+from mlprune.prune import MaskSet, Ranking
 
 MODEL_ENV = "MLPRUNE_MODEL"  # default model spec (tests point it at a tiny folder)
 CORPUS_ENV = "MLPRUNE_CORPUS"  # default corpus file instead of the built-in one
 PREVIEW_TOKENS = 32  # the Prune preview's and Compare's default cap: one shared cache entry
 HELD_OUT_TOKENS = 48  # Compare's chrF slice: room for one translated sentence
 CAPTURE_BATCH = 4  # small batches: a smoother progress bar, about the same speed on CPU
-
-# What one interactive action may ask of the shared model: every other tab waits for its lock
-# meanwhile (checked by :func:`check_request` before the lock is taken). Larger runs belong on
-# the Sweep page (a worker process with its own model) or on the command line.
-MAX_CALIBRATION_PROMPTS = 128  # per calibration or intervention build (the paper's 100 fit)
-MAX_CAPTURE_PROMPTS = 512  # over every prompt set of one Features capture
-MAX_SCORED_SENTENCES = 100  # held-out sentences of one score (Compare's chrF, an experiment)
-MAX_NEW_TOKENS = 128  # per generated output (the Compare slider's top)
-MAX_GENERATION_PROMPTS = 32  # outputs generated by one call
-LOCK_POLL_S = 0.5  # how often a tab waiting for the model is told again what holds it
-
-# Extra columns for the sweep, by name: ``fn(loaded, method, sparsity) -> {column: value}``,
-# called by ``pipeline.sweep(extra_eval=...)`` with the cell's masks applied. Zero-shot
-# accuracy plugs in here; the Sweep page offers whatever is registered.
-SWEEP_EXTRA_EVALS: dict[str, Callable[[LoadedModel, str, float], dict]] = {}
-ZERO_SHOT_ITEMS = 20  # items per language per cell: ~30 s per task and cell on 2 CPU cores
-
-
-class _ZeroShot:
-    """A built-in zero-shot task as a sweep column set, built on first use (the task file is
-    read then, not at import). Dense results are kept per model and reused by every method."""
-
-    def __init__(self, task: str):
-        self.task, self._eval = task, None
-
-    def built(self):
-        """The task's ``zeroshot.SweepEval`` (read on first use)."""
-        if self._eval is None:
-            from mlprune.zeroshot import sweep_eval
-
-            self._eval = sweep_eval([self.task], limit=ZERO_SHOT_ITEMS, batch_size=CAPTURE_BATCH)
-        return self._eval
-
-    def __call__(self, loaded: LoadedModel, method: str, sparsity: float) -> dict:
-        return self.built()(loaded, method, sparsity)
-
-
-for _task in ("nli", "sentiment"):
-    SWEEP_EXTRA_EVALS[f"zero-shot {_task}"] = _ZeroShot(_task)
 
 
 # --------------------------------------------------------------------------- keys
@@ -130,91 +100,6 @@ def ranking_key(loaded: LoadedModel, corpus: ParallelCorpus, spec: PruneSpec) ->
     """What a ranking depends on: the model, the corpus and the spec except sparsity/pattern."""
     rest = asdict(replace(spec, sparsity=0.0, pattern="unstructured"))
     return (model_key(loaded), corpus_key(corpus), tuple(sorted(rest.items())))
-
-
-# --------------------------------------------------------------------------- the lock
-
-
-@dataclass
-class _Holding:
-    """Who holds a model's lock through this module: what it does, since when, which thread."""
-
-    what: str
-    since: float
-    thread: int
-    depth: int = 1  # the lock is re-entrant: the outermost hold names the work
-
-
-_HOLDERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> _Holding
-_HOLDERS_LOCK = threading.Lock()
-
-
-def waiting_text(loaded: LoadedModel) -> str | None:
-    """What a tab asking for the shared model now waits for, e.g. "Waiting: another tab is
-    calibrating wanda-mt (started 40 s ago)"; None when nobody else holds it through this
-    module (free, or held by the calling thread)."""
-    with _HOLDERS_LOCK:
-        held = _HOLDERS.get(loaded.model)
-        if held is None or held.thread == threading.get_ident():
-            return None
-        what, since = held.what, held.since
-    return f"Waiting: another tab is {what} (started {time.monotonic() - since:.0f} s ago)"
-
-
-@contextmanager
-def _hold(loaded: LoadedModel, what: str, progress: Progress) -> Iterator[None]:
-    """The model's lock, taken in short tries so that a waiting caller's ``progress`` says,
-    every LOCK_POLL_S, what the holder is doing; while held, ``what`` is recorded for others."""
-    lock = model_lock(loaded.model)
-    while not lock.acquire(timeout=LOCK_POLL_S):
-        progress(waiting_text(loaded) or "Waiting: another tab is using the model", 0.0)
-    me = threading.get_ident()
-    try:
-        with _HOLDERS_LOCK:
-            held = _HOLDERS.get(loaded.model)
-            if held is not None and held.thread == me:
-                held.depth += 1
-            else:
-                _HOLDERS[loaded.model] = _Holding(what, time.monotonic(), me)
-        yield
-    finally:
-        with _HOLDERS_LOCK:
-            held = _HOLDERS.get(loaded.model)
-            if held is not None and held.thread == me:
-                held.depth -= 1
-                if held.depth == 0:
-                    del _HOLDERS[loaded.model]
-        lock.release()
-
-
-@contextmanager
-def dense(loaded: LoadedModel, what: str = "using the model",
-          progress: Progress = no_progress) -> Iterator:
-    """The shared model with its dense weights, for as long as the block runs (holds its
-    lock; ``what`` tells waiting tabs what this is, and ``progress`` tells this caller what
-    it waits for)."""
-    with _hold(loaded, what, progress), pruned(loaded.model, None) as model:
-        yield model
-
-
-@contextmanager
-def masked(loaded: LoadedModel, masks: MaskSet | None,
-           what: str = "generating with its pruned model",
-           progress: Progress = no_progress) -> Iterator:
-    """The shared model with a session's masks applied, restored dense when the block ends
-    (``what`` and ``progress`` as :func:`dense`)."""
-    with _hold(loaded, what, progress), pruned(loaded.model, masks) as model:
-        yield model
-
-
-def check_request(what: str, asked: int, limit: int) -> None:
-    """Refuse one interactive action that asks for more than ``limit`` of ``what`` (e.g.
-    "calibration prompts"), in one sentence, before it takes the shared model."""
-    if asked > limit:
-        raise MlpruneError(f"One action here may ask for at most {limit} {what} (asked for "
-                           f"{asked}): every other open tab waits for the shared model "
-                           "meanwhile. Ask for fewer, or run it on the Sweep page or with the "
-                           "mlprune command.")
 
 
 # --------------------------------------------------------------------------- what caches hold
@@ -275,6 +160,13 @@ class FeatureCapture:
         table = detect(self.stats[name], rule, self.numbering)
         self.rule, self.detected = rule, table
         return table
+
+
+def detected_union(captured: FeatureCapture | None) -> list[int]:
+    """Every dim the Features page's rule detected at any layer (sorted), or none."""
+    if captured is None or captured.detected is None or not len(captured.detected):
+        return []
+    return sorted({int(d) for d in captured.detected["dim"]})
 
 
 # --------------------------------------------------------------------------- process-wide
@@ -421,7 +313,7 @@ class Shared:
         return FeatureCapture(model_key(loaded), {ps.name: ps for ps in sets}, stats,
                               time.perf_counter() - start, protocol=protocol)
 
-    def tokens(self, loaded: LoadedModel, text: str):
+    def tokens(self, loaded: LoadedModel, text: str) -> tuple:
         """``capture.token_magnitudes`` of one text, cached per (model, text)."""
         key = (model_key(loaded), text)
         out = self._cached("tokens", key)
@@ -630,251 +522,14 @@ def next_pruning(previous: SessionPruning | None, loaded: LoadedModel,
     return SessionPruning(model_key(loaded), spec, masks, version, ranking)
 
 
-# --------------------------------------------------------------------------- sweeps
-
-
-def run_sweep(loaded: LoadedModel, corpus: ParallelCorpus, *, methods: list[str],
-              sparsities: list[float], pairs: list[str], base: PruneSpec, limit: int,
-              out_csv: Path, progress: Progress = no_progress,
-              should_stop: Callable[[], bool] | None = None,
-              extra_eval: Callable[[LoadedModel, str, float], dict] | None = None) -> pd.DataFrame:
-    """``pipeline.sweep`` in this process, under the model's lock for its whole length (it
-    prunes the shared model cell by cell); ``out_csv`` a CSV or a results store. The
-    dashboard uses :func:`start_sweep` instead, which leaves the shared model free."""
-    if not methods or not sparsities or not pairs:
-        raise MlpruneError("Pick at least one method, one sparsity and one direction.")
-    store = out_csv if is_store(out_csv) else None
-    with dense(loaded, "running a sweep", progress):
-        rows = pipeline.sweep(loaded, corpus, methods=methods, sparsities=sparsities, pairs=pairs,
-                              base=base, limit=limit, out_csv=None if store else out_csv,
-                              store=store, batch_size=CAPTURE_BATCH, progress=progress,
-                              should_stop=should_stop, extra_eval=extra_eval)
-    return sweep_table(rows, methods, sparsities, pairs)
-
-
-def sweep_tasks(names: list[str]) -> tuple[str, ...]:
-    """The zero-shot tasks behind these registered extra evaluations: what a worker process
-    rebuilds them from (an evaluation registered as a bare function cannot travel)."""
-    tasks = []
-    for name in names:
-        found = SWEEP_EXTRA_EVALS.get(name)
-        if not isinstance(found, _ZeroShot):
-            raise MlpruneError(f"The extra evaluation '{name}' cannot run in a worker process; "
-                               "only zero-shot tasks can.")
-        tasks.append(found.task)
-    return tuple(tasks)
-
-
-def start_sweep(model_spec: str, corpus: ParallelCorpus, *, methods: list[str],
-                sparsities: list[float], pairs: list[str], base: PruneSpec, limit: int,
-                store: Path, extra: list[str],
-                owner: Callable[[], bool] | None = None) -> runners.Job:
-    """The sweep in a worker process with its own copy of the model ``model_spec`` (loaded
-    as this process loaded it; the embedded model's conversion is cached), its rows
-    committed to ``store`` as they are measured. Returns at once; the shared model and its
-    lock are never touched, so every other page stays live while it runs. Workers are
-    capped (``runners.MAX_WORKERS_ENV``): the job may wait in line first (its ``stage``
-    says where); it is cancelled once ``owner()`` (the session that started it) has been
-    gone for ``runners.ORPHAN_S``."""
-    job = runners.SweepJob(
-        runners.ModelSource(model_spec), corpus, str(store), tuple(methods),
-        tuple(float(s) for s in sparsities), tuple(pairs), base, limit, CAPTURE_BATCH,
-        tasks=sweep_tasks(extra), task_limit=ZERO_SHOT_ITEMS)
-    return runners.ProcessRunner().start(job, owner=owner)
-
-
-def start_reproduce(model_spec: str, corpus: ParallelCorpus, out: Path, grid,
-                    owner: Callable[[], bool] | None = None) -> runners.Job:
-    """``reproduce.run`` of ``grid`` into ``out``, in a worker process with its own copy of
-    the model (as :func:`start_sweep`: capped, queued, ended with its ``owner``). Returns at
-    once; the job's result is the report."""
-    from mlprune import reproduce
-
-    work = runners.Call(runners.ModelSource(model_spec), reproduce.run, (corpus, out, grid),
-                        {"batch_size": CAPTURE_BATCH})
-    return runners.ProcessRunner().start(work, owner=owner)
-
-
-def sweep_table(rows: list[dict], methods: list[str], sparsities: list[float],
-                pairs: list[str]) -> pd.DataFrame:
-    """Rows of the chosen grid as a table (a resumed CSV may hold more)."""
-    table = pd.DataFrame(rows, columns=None if rows else pipeline.SWEEP_COLUMNS)
-    if table.empty:
-        return table
-    table["sparsity"] = table["sparsity"].astype(float)
-    keep = (table["method"].isin(methods) & table["pair"].isin(pairs)
-            & table["sparsity"].round(6).isin([round(float(s), 6) for s in sparsities]))
-    return table[keep].sort_values(["pair", "method", "sparsity"]).reset_index(drop=True)
-
-
-def read_results(path: Path) -> list[dict]:
-    """Rows already measured in a results store or sweep CSV (empty when there is none)."""
-    return pipeline.read_sweep_rows(path)
-
-
-SWEEPS = "sweeps"  # the dashboard's results stores: cache_dir() / SWEEPS
-_FINGERPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (name, id)
-
-
-def dense_fingerprint(loaded: LoadedModel) -> str:
-    """``pipeline.model_fingerprint`` of the shared model's dense weights (taken under its
-    lock, so a session's masks never enter it), computed once per model object."""
-    found = _FINGERPRINTS.get(loaded.model)
-    if found is None or found[0] != loaded.name:
-        with dense(loaded):
-            found = _FINGERPRINTS[loaded.model] = (loaded.name,
-                                                   pipeline.model_fingerprint(loaded))
-    return found[1]
-
-
-def sweep_store(loaded: LoadedModel, corpus: ParallelCorpus, *, limit: int, samples: int,
-                shots: int, extra: list[str]) -> Path:
-    """The results store of a dashboard sweep, in the user's cache folder, named from the
-    model's fingerprint, the corpus's hash and every setting that changes what a row means:
-    the same sweep on a reloaded page (or in another session) finds its rows again and
-    resumes; concurrent writers are safe (one transaction per row)."""
-    what = json.dumps([dense_fingerprint(loaded), pipeline.corpus_hash(corpus), limit, samples,
-                       shots, sorted(extra), ZERO_SHOT_ITEMS])
-    name = hashlib.sha256(what.encode()).hexdigest()[:20]
-    # the model's name only helps a reader (user text: made harmless); the hash identifies it
-    return cache_dir() / SWEEPS / f"{cache_name(loaded.name, 32)}-{name}.sqlite"
-
-
-def recent_sweeps(loaded: LoadedModel, corpus: ParallelCorpus, count: int = 10) -> list[dict]:
-    """The dashboard's earlier sweeps of this model and corpus (by fingerprint and hash, as
-    their stores recorded them), newest first: ``{"path", "rows", "settings"}`` each, at most
-    ``count``. Stores are read only; one that cannot be read is left out."""
-    folder = cache_dir() / SWEEPS
-    model, data = dense_fingerprint(loaded), pipeline.corpus_hash(corpus)
-    found = []
-    paths = []
-    for path in folder.glob("*.sqlite") if folder.is_dir() else []:
-        try:
-            paths.append((path.stat().st_mtime, path))
-        except OSError:
-            continue  # removed meanwhile
-    for _, path in sorted(paths, reverse=True):
-        try:
-            store = ResultStore(path, readonly=True)
-            settings, rows = store.settings(), len(store)
-        except MlpruneError:
-            continue
-        if settings and settings.get("model_fingerprint") == model \
-                and settings.get("corpus_hash") == data and rows:
-            found.append({"path": path, "rows": rows, "settings": settings})
-            if len(found) == count:
-                break
-    return found
-
-
-def sweep_config(found: dict) -> dict:
-    """The Sweep page's settings that reopen an earlier sweep (one of :func:`recent_sweeps`):
-    its methods, sparsities and directions (from its rows), held-out size, calibration
-    prompts, shots and zero-shot tasks (from its settings)."""
-    rows, settings = read_results(found["path"]), found["settings"]
-    spec, columns = settings.get("spec", {}), set(settings.get("extra", []))
-    extra = [name for name, fn in SWEEP_EXTRA_EVALS.items()
-             if isinstance(fn, _ZeroShot) and f"{fn.task}_acc_non_en" in columns]
-    return {"methods": list(dict.fromkeys(r["method"] for r in rows)),
-            "sparsities": sorted({float(r["sparsity"]) for r in rows}),
-            "pairs": list(dict.fromkeys(r["pair"] for r in rows)),
-            "limit": settings.get("limit"), "samples": spec.get("samples"),
-            "shots": spec.get("shots"), "extra": extra}
-
-
-def sweep_label(found: dict) -> str:
-    """One line naming an earlier sweep (one of :func:`recent_sweeps`) for a picker."""
-    settings = found["settings"]
-    spec, when = settings.get("spec", {}), time.localtime(found["path"].stat().st_mtime)
-    return (f"{time.strftime('%Y-%m-%d %H:%M', when)} · {found['rows']} rows · "
-            f"{settings.get('limit')} held-out · {spec.get('samples')} prompts of "
-            f"{spec.get('shots')} shots" + (" · zero-shot" if settings.get("extra") else ""))
-
-
-def results_files(path: str | Path) -> list[Path]:
-    """The results a path names: the file itself, or a folder's results stores and CSV
-    files, newest first (raises MlpruneError when there are none)."""
-    path = Path(path).expanduser()
-    kinds = (*STORE_SUFFIXES, ".csv")
-    if path.is_dir():
-        found = sorted((p for p in path.iterdir() if p.suffix.lower() in kinds and p.is_file()),
-                       key=lambda p: p.stat().st_mtime, reverse=True)
-        if not found:
-            raise MlpruneError(f"{path} holds no results file (.sqlite, .db or .csv).")
-        return found
-    if not path.is_file():
-        raise MlpruneError(f"No results file or folder at {path}.")
-    if path.suffix.lower() not in kinds:
-        raise MlpruneError(f"{path.name} is not a results file: open a .sqlite, .db or .csv "
-                           "file, or a folder of them.")
-    return [path]
-
-
-def open_results(path: str | Path) -> tuple[pd.DataFrame, dict | None]:
-    """A results file as it is, measured elsewhere (another run, a worker, a Ray cluster):
-    every row as a table, and the settings a store recorded (None for a CSV). Viewing only:
-    the file is never changed (a store is opened read-only), and a file that is not a sweep's
-    results is refused (MlpruneError)."""
-    path = results_files(path)[0]
-    store = ResultStore(path, readonly=True) if is_store(path) else None
-    rows = store.rows() if store is not None else read_results(path)
-    table = pd.DataFrame(rows, columns=None if rows else pipeline.SWEEP_COLUMNS)
-    if not table.empty:
-        table = table.sort_values(["pair", "method", "sparsity"]).reset_index(drop=True)
-    return table, store.settings() if store is not None else None
-
-
-def sweep_extra_eval(names: list[str]) -> Callable[[LoadedModel, str, float], dict] | None:
-    """The registered extra evaluations of these names as one ``extra_eval`` (None if none)."""
-    chosen = [SWEEP_EXTRA_EVALS[name] for name in names]
-    if not chosen:
-        return None
-
-    def extra_eval(loaded: LoadedModel, method: str, sparsity: float) -> dict:
-        row = {}
-        for fn in chosen:
-            row.update(fn(loaded, method, sparsity))
-        return row
-
-    if all(isinstance(fn, _ZeroShot) for fn in chosen):
-        # what a results store keys on (pipeline.task_hash): the tasks, as a worker's
-        # zero-shot evaluation of the same names (start_sweep) carries them
-        built = [fn.built() for fn in chosen]
-        extra_eval.tasks = [t for ev in built for t in ev.tasks]
-        extra_eval.columns = [c for ev in built for c in ev.columns]
-        extra_eval.norm = built[0].norm
-    return extra_eval
-
-
 # --------------------------------------------------------------------------- interventions
+
 
 def _what_builds(spec: InterventionSpec) -> InterventionSpec:
     """The spec without what only measuring reads (held-out size, tasks): the key of its
     intervention and of the generations made with it."""
     return replace(spec, limit=1, tasks=(), task_limit=None, max_new_tokens=1,
                    compare_prune=None, resamples=0)
-
-
-INTERVENTION_KINDS = {"none": "None", "zero": "Zero", "mean": "Set to mean",
-                      "scale": "Scale", "lrp2": "LRP2 (language vector)"}
-
-
-def detected_union(captured: FeatureCapture | None) -> list[int]:
-    """Every dim the Features page's rule detected at any layer (sorted), or none."""
-    if captured is None or captured.detected is None or not len(captured.detected):
-        return []
-    return sorted({int(d) for d in captured.detected["dim"]})
-
-
-def dims_from_selection(selection) -> list[int]:
-    """The dims of the points a user clicked in a layer x dimension figure (x is the dim)."""
-    points = (selection or {}).get("points", []) if isinstance(selection, dict) else []
-    dims = []
-    for point in points:
-        x = point.get("x") if isinstance(point, dict) else None
-        if isinstance(x, (int, float)) and float(x).is_integer() and x >= 0:
-            dims.append(int(x))
-    return sorted(set(dims))
 
 
 def intervention_spec(kind: str, *, pair: str, dims: list[int], layers: tuple[int, int] | None,
@@ -901,83 +556,7 @@ def intervention_spec(kind: str, *, pair: str, dims: list[int], layers: tuple[in
                             max_new_tokens=HELD_OUT_TOKENS).validate()
 
 
-# --------------------------------------------------------------------------- text helpers
-
-
-def pair_label(pair: str) -> str:
-    """'fr-en' -> 'fr→en'."""
-    src, tgt = parse_pair(pair)
-    return f"{src}→{tgt}"
-
-
-def prompt_set_label(name: str) -> str:
-    """'mt:fr-en' -> 'fr→en', 'mono:en' -> 'en (mono)'."""
-    kind, _, rest = name.partition(":")
-    return pair_label(rest) if kind == "mt" else f"{rest} (mono)" if kind == "mono" else name
-
-
-def comma_list(text: str) -> list[str]:
-    """'fr→en, en-fr,' -> ['fr-en', 'en-fr']: a typed list of directions or languages."""
-    return [item.strip().replace("→", "-") for item in text.split(",") if item.strip()]
-
-
-def all_pairs(languages: list[str]) -> list[str]:
-    """Every ordered pair of distinct languages, English targets first."""
-    pairs = [f"{a}-{b}" for a in languages for b in languages if a != b]
-    return sorted(pairs, key=lambda p: (p.split("-")[1] != "en", p.split("-")[0] != "en", p))
-
-
-def default_pairs(languages: list[str], wanted=("fr-en", "en-fr", "zh-en")) -> list[str]:
-    """The usual directions where the corpus has them, else the first available."""
-    chosen = [p for p in wanted if set(p.split("-")) <= set(languages)]
-    return chosen or all_pairs(languages)[:1]
-
-
-def diff_flags(a: list[str], b: list[str]) -> tuple[list[bool], list[bool]]:
-    """For two token lists, which tokens of each are not part of their common subsequence."""
-    fa, fb = [True] * len(a), [True] * len(b)
-    for block in difflib.SequenceMatcher(a=a, b=b, autojunk=False).get_matching_blocks():
-        for i in range(block.size):
-            fa[block.a + i] = False
-            fb[block.b + i] = False
-    return fa, fb
-
-
-def generation_html(gen: Generation, differs: list[bool] | None = None) -> str:
-    """Tokens as spans: differing ones highlighted, each token's probability on hover."""
-    if not gen.tokens:
-        return '<span class="mlp-empty" style="color:#888">(empty output)</span>'
-    parts = []
-    for i, (tok, p) in enumerate(zip(gen.tokens, gen.probs)):
-        diff = bool(differs and differs[i])
-        style = "background:#ffe08a;border-radius:3px;" if diff else ""
-        # low-confidence tokens are underlined so they stand out without hovering
-        if p < 0.5:
-            style += "border-bottom:2px dotted #e8372c;"
-        parts.append(f'<span class="mlp-tok{" mlp-diff" if diff else ""}" style="{style}" '
-                     f'title="p = {p:.3f}">{html.escape(tok)}</span>')
-    return "".join(parts)
-
-
-def dequant_text(dequantized_from: str | None) -> str | None:
-    """The sentence every view of a de-quantized model carries."""
-    if not dequantized_from:
-        return None
-    bits = "4-bit " if dequantized_from.upper().startswith("Q4") else ""
-    return (f"Weights de-quantized from {bits}({dequantized_from}): the magnitudes, pruning "
-            "scores and outputs shown are those of the de-quantized model.")
-
-
-def source_of(spec: str) -> str:
-    """Which kind of model spec this is (embedded, gguf, folder, hub), to preselect it."""
-    spec = split_precision(spec)[0]
-    if spec in (DEFAULT_MODEL, "embedded", "default"):
-        return "embedded"
-    if spec.lower().endswith(".gguf"):
-        return "gguf"
-    if spec.startswith(("/", ".", "~")) or "\\" in spec or spec.count("/") > 1:
-        return "folder"
-    return "hub"
+# --------------------------------------------------------------------------- defaults
 
 
 def default_model_spec() -> str:

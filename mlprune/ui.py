@@ -1,5 +1,7 @@
 """The dashboard's Streamlit side: the process's one shared cache, session state, and the
-widgets every page uses. The work itself is in :mod:`mlprune.service` (no Streamlit).
+widgets every page uses. The work itself is in :mod:`mlprune.service`, :mod:`mlprune.holding`
+and :mod:`mlprune.sweeps` (no Streamlit). The words and HTML the pages show are in
+:mod:`mlprune.labels`, re-exported here: pages call ``ui.pair_label``, ``ui.dequant_text``...
 
 Session state holds typed objects, one accessor each, so no page parses another page's dict:
 
@@ -8,7 +10,7 @@ Session state holds typed objects, one accessor each, so no page parses another 
 - :func:`model_spec` and :func:`session_corpus` -> the model and corpus the Home page chose.
 
 Widget values live under keys starting with ``w.`` (:func:`keep_widget_state` keeps them
-across page switches). Widgets that set a :class:`~mlprune.pipeline.PruneSpec` field start
+across page switches). Widgets that set a :class:`~mlprune.spec.PruneSpec` field start
 from :data:`SPEC_PRESET` (:func:`spec_defaults`), never from a value typed in a page.
 """
 
@@ -20,7 +22,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import closing, contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import streamlit as st
 from streamlit.runtime import Runtime
@@ -30,6 +32,21 @@ from mlprune import MlpruneError, Progress, runners, service
 from mlprune.capture import Cancelled
 from mlprune.corpus import ParallelCorpus
 from mlprune.evaluate import Generation
+from mlprune.holding import waiting_text
+from mlprune.labels import (  # noqa: F401 - re-exported: pages call ui.pair_label ...
+    INTERVENTION_KINDS,
+    all_pairs,
+    comma_list,
+    default_pairs,
+    dequant_text,
+    diff_flags,
+    dims_from_selection,
+    generation_html,
+    pair_label,
+    prompt_set_label,
+    source_of,
+    sweep_label,
+)
 from mlprune.models import LoadedModel
 from mlprune.pipeline import PruneSpec
 from mlprune.prune import MaskSet
@@ -37,7 +54,7 @@ from mlprune.prune import MaskSet
 log = logging.getLogger("mlprune.ui")
 
 WIDGET = "w."  # prefix of widget keys whose values survive page switches
-SPEC_PRESET = "interactive"  # the preset the live pages start from (pipeline.PRESETS)
+SPEC_PRESET = "interactive"  # the preset the live pages start from (spec.PRESETS)
 FEATURES = "features"  # session keys of the typed results below
 PRUNING = "session_pruning"
 SESSION_RESULTS = (FEATURES, PRUNING)  # dropped when the model or the corpus changes
@@ -52,13 +69,13 @@ def shared() -> service.Shared:
 # --------------------------------------------------------------------------- widget state
 
 
-def default(key: str, value) -> None:
+def default(key: str, value: Any) -> None:
     """Set a session value once (widgets then read it through their key)."""
     if key not in st.session_state:
         st.session_state[key] = value
 
 
-def valid_choice(key: str, options: list, fallback=None) -> None:
+def valid_choice(key: str, options: list, fallback: Any = None) -> None:
     """Keep a selectbox's stored value among its current options."""
     if st.session_state.get(key) not in options:
         st.session_state[key] = fallback if fallback in options else (options[0] if options else None)
@@ -102,7 +119,7 @@ def session_id() -> str:
 
 def session_owner() -> Callable[[], bool]:
     """Whether this browser session is still there, as a check any thread may call: a
-    worker job started by this session (``service.start_sweep(owner=...)``) is cancelled
+    worker job started by this session (``sweeps.start_sweep(owner=...)``) is cancelled
     once it has said no for a while (the tab was closed). Streamlit's own record of its
     connected sessions answers, so no page has to keep a heartbeat going; without a
     Streamlit server (a test, a bare run) the answer is always yes."""
@@ -146,7 +163,7 @@ def session_corpus() -> ParallelCorpus:
     return st.session_state["corpus"]
 
 
-def set_corpus(corpus: ParallelCorpus, origin) -> None:
+def set_corpus(corpus: ParallelCorpus, origin: Any) -> None:
     """Switch the session's corpus, dropping results made with the previous one. ``origin``
     says where it came from ("default", "flores", an upload's (name, size))."""
     _drop_results()
@@ -154,7 +171,7 @@ def set_corpus(corpus: ParallelCorpus, origin) -> None:
     st.session_state["corpus_origin"] = origin
 
 
-def corpus_origin():
+def corpus_origin() -> Any:
     """Where the session's corpus came from (None before one was read)."""
     return st.session_state.get("corpus_origin")
 
@@ -230,7 +247,7 @@ def errors() -> Iterator[Outcome]:
 def lock_wait(loaded: LoadedModel) -> Iterator[None]:
     """Around a call that may wait for the shared model without a progress bar of its own:
     while another tab holds the model, say what it is doing (cleared when the call returns)."""
-    text = service.waiting_text(loaded)
+    text = waiting_text(loaded)
     if text is None:
         yield
         return
@@ -242,7 +259,7 @@ def lock_wait(loaded: LoadedModel) -> Iterator[None]:
         note.empty()
 
 
-def queued(job, what: str) -> None:
+def queued(job: runners.Job, what: str) -> None:
     """A worker job still waiting in line (``job.queued``): its place, and why it waits."""
     st.progress(0.0, text=f"The {what} waits for a worker process: {job.stage}")
     st.caption(f"waiting for {job.seconds:.0f} s. At most {runners.default_pool().size} "
@@ -279,25 +296,30 @@ def loaded_model(spec: str | None = None) -> LoadedModel:
     return job.result
 
 
+T = TypeVar("T")
+
+
+def _required(get: Callable[[], T], advice: str) -> T | None:
+    """``get()``, or None after showing its error and ``advice``."""
+    with errors() as ok:
+        value = get()
+    if not ok.ok:
+        st.info(advice)
+        return None
+    return value
+
+
 def require_model() -> LoadedModel | None:
     """The session's model (its de-quantization noted), or None after showing why not."""
-    with errors() as ok:
-        loaded = loaded_model()
-    if not ok.ok:
-        st.info("Pick another model on the Home page.")
-        return None
-    dequant_caption(loaded)
+    loaded = _required(loaded_model, "Pick another model on the Home page.")
+    if loaded is not None:
+        dequant_caption(loaded)
     return loaded
 
 
 def require_corpus() -> ParallelCorpus | None:
     """The session's corpus, or None after showing why there is none."""
-    with errors() as ok:
-        corpus = session_corpus()
-    if not ok.ok:
-        st.info("Pick or upload a corpus on the Home page.")
-        return None
-    return corpus
+    return _required(session_corpus, "Pick or upload a corpus on the Home page.")
 
 
 def page(title: str) -> tuple[LoadedModel, ParallelCorpus] | None:
@@ -312,12 +334,12 @@ def page(title: str) -> tuple[LoadedModel, ParallelCorpus] | None:
 
 def dequant_caption(loaded: LoadedModel) -> None:
     """The de-quantization sentence under a page's title, when it applies."""
-    text = service.dequant_text(loaded.dequantized_from)
+    text = dequant_text(loaded.dequantized_from)
     if text:
         st.caption(f":material/warning: {text}")
 
 
-def plot(fig, key: str | None = None, on_select=None) -> None:
+def plot(fig: Any, key: str | None = None, on_select: Callable[[], None] | None = None) -> None:
     """Draw a plotly figure across the page width; ``on_select`` (a callback, which needs a
     ``key``) is called when the user clicks points, their selection in ``st.session_state[key]``."""
     if on_select is None:
@@ -347,7 +369,7 @@ def add_clicked_dims(chart_key: str) -> Callable[[], None]:
     def callback() -> None:
         state = st.session_state.get(chart_key)
         selection = state.get("selection") if hasattr(state, "get") else None
-        clicked = service.dims_from_selection(selection)
+        clicked = dims_from_selection(selection)
         if clicked:
             current = st.session_state.get(INTERVENTION_DIMS) or []
             st.session_state[INTERVENTION_DIMS] = sorted(set(current) | set(clicked))
@@ -365,11 +387,11 @@ def output_box(gen: Generation, differs: list[bool] | None, kind: str, *,
     st.markdown(f'<div class="mlp-out" data-kind="{kind}" data-label="{html.escape(label)}" '
                 f'data-state="{"done" if done else "streaming"}" style="border:1px solid #d8dde6;'
                 f'border-radius:6px;padding:{pad};font-size:{font};line-height:{line};'
-                f'min-height:{least}">{service.generation_html(gen, differs)}</div>',
+                f'min-height:{least}">{generation_html(gen, differs)}</div>',
                 unsafe_allow_html=True)
 
 
-def streamed_output(box, loaded: LoadedModel, state: service.SessionPruning, prompt: str,
+def streamed_output(box: Any, loaded: LoadedModel, state: service.SessionPruning, prompt: str,
                     max_new_tokens: int, *, label: str = "",
                     compact: bool = False) -> tuple[Generation, float]:
     """The session's pruned continuation of ``prompt``, drawn into ``box`` (an ``st.empty``)
@@ -380,7 +402,7 @@ def streamed_output(box, loaded: LoadedModel, state: service.SessionPruning, pro
     if found is not None:
         return found, 0.0
     start, pieces = time.perf_counter(), []
-    waiting = service.waiting_text(loaded)
+    waiting = waiting_text(loaded)
     if waiting:  # replaced by the first token once the model is free
         box.caption(waiting)
     # closing(): a rerun that stops this page mid-answer stops generation at once, and the

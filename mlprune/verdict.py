@@ -19,8 +19,10 @@ one language. This grid measures the claim the way a reader needs it:
 
 Each measured cell is one strict JSON file under ``out/cells``, written atomically as soon as
 it is done, so the grid resumes cell by cell after any stop, and finished cells can be
-committed and resumed on another machine. ``out/grid.json`` records the model's fingerprint,
-the corpus and task hashes and the settings; a folder measured with anything else is refused.
+committed and resumed on another machine (a cell that cannot be read is moved aside and
+measured again, :class:`mlprune.storage.Cells`' policy). ``out/grid.json`` records the
+model's fingerprint, the corpus and task hashes and the settings; a folder measured with
+anything else is refused.
 The work runs in priority order (dense, then every seed of wanda-mt's curve, then
 wanda-mono's, then the rest), so a grid stopped early answers the headline first.
 """
@@ -31,20 +33,20 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from mlprune import MlpruneError, Progress, no_progress
+from mlprune import MlpruneError, Progress, no_progress, storage
 from mlprune import zeroshot as zs
 from mlprune.capture import Cancelled
 from mlprune.corpus import ParallelCorpus, language_name
 from mlprune.evaluate import bleu, chrf, generate, target_language_rate
-from mlprune.export import atomic_write_text
 from mlprune.models import LoadedModel
 from mlprune.pipeline import SWEEP_METHODS, PruneSpec, calibrate, model_fingerprint, rank
 from mlprune.prompts import split_rows
 from mlprune.prune import pruned
+from mlprune.storage import atomic_write_json
 
 DENSE = "dense"
 ANALYSIS = "analysis:overlap"  # the dense model's large dimensions, compared across sets
@@ -77,6 +79,7 @@ class Variant:
 
     @property
     def id(self) -> str:
+        """'wanda-mt_fr_0.3_s1_one-shot': the name of its cells' folder."""
         if self.method == DENSE:
             return DENSE
         pattern = self.pattern.replace(":", "of")
@@ -121,6 +124,7 @@ class VerdictGrid:
     rankc: bool = True  # also score the 50% headline variants in English (RankC)
 
     def validate(self) -> VerdictGrid:
+        """Refuse a grid that cannot answer (in one sentence); returns the grid."""
         if not self.langs or "en" in self.langs:
             raise MlpruneError("The verdict's languages are the non-English ones to calibrate "
                                "and evaluate in, e.g. fr,zh,ru,sw.")
@@ -157,7 +161,8 @@ class VerdictGrid:
         return PruneSpec.preset("default", mode="one-shot", seed=seed, samples=self.samples,
                                 shots=self.shots, **shape, **fields)
 
-    def zs_evals(self, langs) -> tuple[str, ...]:
+    def zs_evals(self, langs: Iterable[str]) -> tuple[str, ...]:
+        """The zero-shot evaluations ("zs:TASK:LANG") of every task in ``langs``."""
         return tuple(f"zs:{t}:{lang}" for lang in langs for t in self.tasks)
 
     def jobs(self) -> list[Job]:
@@ -227,33 +232,20 @@ def _slug(text: str) -> str:
     return "".join(c if c.isalnum() or c in "._-" else "_" for c in text)
 
 
-class Cells:
-    """The grid's measured cells on disk: one strict JSON file each, written atomically. A
-    damaged cell raises (it is never silently measured again: a cell is evidence)."""
+class Cells(storage.Cells):
+    """The grid's measured cells in ``out/cells``, one per (variant id, evaluation), with
+    :class:`mlprune.storage.Cells`' policy: a cell that cannot be read is moved aside and
+    measured again."""
 
-    def __init__(self, out: Path):
-        self.root = Path(out) / "cells"
+    def __init__(self, out: str | Path, on_damaged: Callable[[str], None] | None = None):
+        super().__init__(Path(out) / "cells", on_damaged)
 
     def path(self, variant_id: str, evaluation: str) -> Path:
+        """``cells/<variant id>/<evaluation>.json``. Named as the verdict always named its
+        cells (each character outside letters, digits and ``._-`` becomes ``_``, none merged
+        or stripped, unlike :func:`mlprune.storage.slug`), so folders measured before, and
+        the shipped one, are found cell for cell."""
         return self.root / _slug(variant_id) / f"{_slug(evaluation)}.json"
-
-    def has(self, variant_id: str, evaluation: str) -> bool:
-        return self.path(variant_id, evaluation).is_file()
-
-    def get(self, variant_id: str, evaluation: str) -> dict | None:
-        path = self.path(variant_id, evaluation)
-        if not path.is_file():
-            return None
-        try:
-            return json.loads(path.read_text(encoding="utf-8"))
-        except ValueError as e:
-            raise MlpruneError(f"The cell {path} is damaged ({e}); delete it to measure it "
-                               "again.") from None
-
-    def put(self, variant_id: str, evaluation: str, value: dict) -> None:
-        path = self.path(variant_id, evaluation)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, zs.strict_json(value))
 
 
 # --------------------------------------------------------------------------- identity
@@ -264,10 +256,12 @@ def _hash(text: str | bytes) -> str:
 
 
 def corpus_hash(corpus: ParallelCorpus) -> str:
+    """A short hash of the corpus's sentences."""
     return _hash(corpus.table.to_csv(index=False))
 
 
 def task_hash(task: zs.Task) -> str:
+    """A short hash of the task's items (ids, languages, prompts, choices, labels)."""
     return _hash(json.dumps([(it.id, it.lang, it.prompt, list(it.choices), it.label)
                              for it in task.items], ensure_ascii=False))
 
@@ -300,7 +294,7 @@ def claim_folder(out: Path, ident: dict) -> None:
                                f"{manifest}); choose another --out or delete that folder.")
         ident = {**old, **ident, "tasks": {**old.get("tasks", {}), **ident["tasks"]}}
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(manifest, zs.strict_json(ident))
+    atomic_write_json(manifest, ident)
 
 
 # --------------------------------------------------------------------------- measuring
@@ -353,10 +347,7 @@ def zeroshot_cell(loaded: LoadedModel, task: zs.Task, lang: str, *, batch_size: 
     sub = task.subset(None, [lang])
     scored = zs.evaluate_task(loaded.model, loaded.tokenizer, sub, batch_size=batch_size,
                               progress=progress)
-    cell = zs.result_dict(scored)
-    for item, s in zip(cell["items"], scored.scored):
-        item["n_bytes"] = list(s.n_bytes)
-    return cell
+    return zs.result_dict(scored, n_bytes=True)
 
 
 def analysis_cell(loaded: LoadedModel, corpus: ParallelCorpus, grid: VerdictGrid, *,
@@ -404,9 +395,12 @@ class Clock:
     seconds: dict[str, list[float]] = field(default_factory=dict)
 
     def add(self, kind: str, s: float) -> None:
+        """One more cell of ``kind`` took ``s`` seconds."""
         self.seconds.setdefault(kind, []).append(s)
 
     def estimate(self, todo: list[str]) -> float | None:
+        """Seconds for the cells of these kinds, at each kind's mean so far (the overall mean
+        for a kind not seen yet); None before any cell."""
         if not self.seconds:
             return None
         overall = sum(sum(v) for v in self.seconds.values()) / sum(
@@ -440,7 +434,7 @@ def run(loaded: LoadedModel, corpus: ParallelCorpus, out: str | Path,
     tasks = {t: zs.load_task(t).subset(grid.task_limit or None, None) for t in grid.tasks}
     corpus.require("en", *grid.langs)
     claim_folder(out, identity(loaded, corpus, list(tasks.values()), grid))
-    cells = Cells(out)
+    cells = Cells(out, on_damaged=log)
     sentences = translation_sentences()
     jobs = [j for j in grid.jobs() if phases is None or j.phase in phases]
     todo = [(v.id, e) for j in jobs for v, evals in j.variants for e in evals
@@ -455,9 +449,9 @@ def run(loaded: LoadedModel, corpus: ParallelCorpus, out: str | Path,
     log(f"verdict: {total} cells to measure in {out}")
     if (DENSE, ANALYSIS) in todo:
         t0 = time.perf_counter()
-        cells.put(DENSE, ANALYSIS, {**analysis_cell(loaded, corpus, grid), "evaluation": ANALYSIS,
-                                    "variant": asdict(Variant(DENSE)),
-                                    "seconds": round(time.perf_counter() - t0, 2)})
+        cells.put({**analysis_cell(loaded, corpus, grid), "evaluation": ANALYSIS,
+                   "variant": asdict(Variant(DENSE)),
+                   "seconds": round(time.perf_counter() - t0, 2)}, DENSE, ANALYSIS)
         todo.remove((DENSE, ANALYSIS))
         done += 1
         log(f"[{done}/{total}] dense analysis (overlaps): {time.perf_counter() - t0:.0f} s")
@@ -489,7 +483,7 @@ def run(loaded: LoadedModel, corpus: ParallelCorpus, out: str | Path,
                     cell.update(variant=asdict(variant), evaluation=e,
                                 sparsity_reached=masks.overall_sparsity() if masks else 0.0,
                                 seconds=round(time.perf_counter() - t0, 2))
-                    cells.put(variant.id, e, cell)
+                    cells.put(cell, variant.id, e)
                     clock.add(_kind(e), time.perf_counter() - t0)
                     done += 1
                     todo.remove((variant.id, e))

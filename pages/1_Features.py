@@ -11,13 +11,8 @@ from mlprune import plots, ui
 from mlprune.features import overlap_matrix
 from mlprune.prompts import analysis_prompts
 from mlprune.protocol import PROTOCOLS, Protocol, get_protocol
-from mlprune.service import (
-    FeatureCapture,
-    comma_list,
-    default_pairs,
-    detected_union,
-    prompt_set_label,
-)
+from mlprune.service import FeatureCapture, detected_union
+from mlprune.ui import comma_list, default_pairs, prompt_set_label
 
 RULE_DEFAULTS = {"top-k": 4, "ratio": 100.0, "absolute": 100.0}
 RULE_HELP = {"top-k": "the k largest dimensions of every layer",
@@ -83,95 +78,130 @@ def layer_label(layer, protocol: Protocol, n_rows: int) -> str:
 
 
 def figures(loaded, result: FeatureCapture, name: str, table: pd.DataFrame) -> None:
-    q = loaded.dequantized_from
-    stats = result.stats[name]
-    names = list(result.stats)
-    n_layers = stats.n_layers
-    protocol, numbering = get_protocol(result.protocol), result.numbering
-    n_rows = len(stats.layer_view(numbering)[0])  # the paper's numbering has L + 1 layers
+    """The capture's five views of set ``name``, one tab each."""
     tabs = st.tabs(["Top dimensions per layer", "Layer × dimension", "Tokens",
                     "Overlap across sets", "Two sets, dim by dim"])
     with tabs[0]:
-        most = min(32, stats.hidden_norms.shape[1])
-        ui.default(f"w.top_n_{protocol.name}", min(protocol.top_n, most))  # one per protocol
-        n = st.slider("How many dimensions per layer", 1, most, key=f"w.top_n_{protocol.name}")
-        ui.plot(plots.top_dims_figure(stats, n, title=f"Top {n} dimensions per layer "
-                                                      f"({prompt_set_label(name)})",
-                                      dequantized_from=q, numbering=numbering))
+        top_dims_tab(loaded, result, name)
     with tabs[1]:
-        ui.plot(plots.layer_dim_heatmap(stats, table, title=f"Magnitude per layer and dimension "
-                                        f"({prompt_set_label(name)}), detected circled",
-                                        dequantized_from=q, numbering=numbering),
-                key="features_heatmap", on_select=ui.add_clicked_dims("features_heatmap"))
-        hidden = stats.hidden_norms.shape[1]
-        ui.follow_detected_dims(detected_union(result), hidden)
-        st.multiselect("Dimensions to intervene on (the Compare page acts on them)",
-                       list(range(hidden)), key=ui.INTERVENTION_DIMS,
-                       help="starts as the detected set; click a dimension in the figure to add it")
+        heatmap_tab(loaded, result, name, table)
     with tabs[2]:
-        texts = result.prompts[name].texts
-        ui.default("w.tok_prompt", 0)
-        ui.default("w.tok_layer", n_layers // 2)
-        ui.default("w.tok_only_detected", True)
-        st.session_state["w.tok_prompt"] = min(st.session_state["w.tok_prompt"], len(texts) - 1)
-        st.session_state["w.tok_layer"] = min(st.session_state["w.tok_layer"], n_layers - 1)
-        if numbering != "sites" or result.prompts[name].segments is not None:
-            st.caption("This view reads the prompt as text, one row per decoder layer's output "
-                       "(layer l here is layer l + 1 of the paper's numbering); an EOS between "
-                       "demonstrations shows as the text <eos>, not the token.")
-        c1, c2, c3 = st.columns([1, 2, 2])
-        idx = c1.number_input("Prompt", 0, len(texts) - 1, step=1, key="w.tok_prompt")
-        layer = c2.slider("Layer", 0, n_layers - 1, key="w.tok_layer")
-        only = c3.toggle("Only the detected dimensions", key="w.tok_only_detected")
-        dims = sorted(set(table["dim"].astype(int))) if only and len(table) else None
-        with ui.errors():
-            with ui.lock_wait(loaded):
-                tokens, mags = ui.shared().tokens(loaded, texts[idx])
-            ui.plot(plots.token_figure(tokens, mags, layer, dims,
-                                       title=f"Which tokens carry the large values "
-                                             f"({prompt_set_label(name)}, prompt {idx}, layer {layer})",
-                                       dequantized_from=q))
+        tokens_tab(loaded, result, name, table)
     with tabs[3]:
-        if len(names) < 2:
-            st.info("Capture at least two sets (directions or languages) to compare them.")
-        else:
-            # measure and x start from the protocol's (one widget each per protocol)
-            measure_key, pct_key = f"w.ov_measure_{protocol.name}", f"w.ov_fraction_{protocol.name}"
-            ui.default(measure_key, protocol.overlap)
-            ui.default(pct_key, round(protocol.overlap_fraction * 100))
-            ui.default("w.ov_layer", "mean")
-            c1, c2, c3 = st.columns(3)
-            measure = c1.radio("Measure", list(plots.OVERLAP_MEASURES), key=measure_key,
-                               format_func=lambda m: m.replace("_", " ")
-                               + (" (the paper's)" if m == "top_in_bottom" else ""),
-                               help="; ".join(f"{m.replace('_', ' ')}: {h}"
-                                              for m, h in plots.OVERLAP_MEASURES.items()))
-            pct = c2.slider("x (% of dimensions)", 1, 50, key=pct_key)
-            layer_options = ["mean", *range(n_rows)]
-            ui.valid_choice("w.ov_layer", layer_options)
-            where = c3.selectbox("Layer", layer_options, key="w.ov_layer",
-                                 format_func=lambda v: layer_label(v, protocol, n_rows))
-            layer = None if where == "mean" else int(where)
-            with ui.errors():
-                matrix = overlap_matrix(result.stats, pct / 100, measure, layer, numbering)
-                matrix.index = matrix.columns = [prompt_set_label(n) for n in names]
-                ui.plot(plots.overlap_figure(matrix, measure, pct / 100, layer,
-                                             dequantized_from=q))
+        overlap_tab(loaded, result, name)
     with tabs[4]:
-        if len(names) < 2:
-            st.info("Capture at least two sets to compare them dimension by dimension.")
-        else:
-            ui.valid_choice("w.cmp_a", names, names[0])
-            ui.valid_choice("w.cmp_b", names, names[1])
-            ui.default("w.cmp_layer", n_rows // 2)
-            st.session_state["w.cmp_layer"] = min(st.session_state["w.cmp_layer"], n_rows - 1)
-            c1, c2, c3 = st.columns(3)
-            a = c1.selectbox("First set", names, format_func=prompt_set_label, key="w.cmp_a")
-            b = c2.selectbox("Second set", names, format_func=prompt_set_label, key="w.cmp_b")
-            layer = c3.slider("Layer", 0, n_rows - 1, key="w.cmp_layer")
-            ui.plot(plots.direction_compare_figure(result.stats[a], result.stats[b],
-                                                   prompt_set_label(a), prompt_set_label(b), layer,
-                                                   dequantized_from=q, numbering=numbering))
+        two_sets_tab(loaded, result, name)
+
+
+def top_dims_tab(loaded, result: FeatureCapture, name: str) -> None:
+    """The largest dimensions of every layer."""
+    stats, protocol = result.stats[name], get_protocol(result.protocol)
+    most = min(32, stats.hidden_norms.shape[1])
+    ui.default(f"w.top_n_{protocol.name}", min(protocol.top_n, most))  # one per protocol
+    n = st.slider("How many dimensions per layer", 1, most, key=f"w.top_n_{protocol.name}")
+    ui.plot(plots.top_dims_figure(stats, n, title=f"Top {n} dimensions per layer "
+                                                  f"({prompt_set_label(name)})",
+                                  dequantized_from=loaded.dequantized_from,
+                                  numbering=result.numbering))
+
+
+def heatmap_tab(loaded, result: FeatureCapture, name: str, table: pd.DataFrame) -> None:
+    """Magnitude per layer and dimension; a click adds a dimension to intervene on."""
+    stats = result.stats[name]
+    ui.plot(plots.layer_dim_heatmap(stats, table, title=f"Magnitude per layer and dimension "
+                                    f"({prompt_set_label(name)}), detected circled",
+                                    dequantized_from=loaded.dequantized_from,
+                                    numbering=result.numbering),
+            key="features_heatmap", on_select=ui.add_clicked_dims("features_heatmap"))
+    hidden = stats.hidden_norms.shape[1]
+    ui.follow_detected_dims(detected_union(result), hidden)
+    st.multiselect("Dimensions to intervene on (the Compare page acts on them)",
+                   list(range(hidden)), key=ui.INTERVENTION_DIMS,
+                   help="starts as the detected set; click a dimension in the figure to add it")
+
+
+def tokens_tab(loaded, result: FeatureCapture, name: str, table: pd.DataFrame) -> None:
+    """Which tokens of one prompt carry the large values at one layer."""
+    n_layers = result.stats[name].n_layers
+    texts = result.prompts[name].texts
+    ui.default("w.tok_prompt", 0)
+    ui.default("w.tok_layer", n_layers // 2)
+    ui.default("w.tok_only_detected", True)
+    st.session_state["w.tok_prompt"] = min(st.session_state["w.tok_prompt"], len(texts) - 1)
+    st.session_state["w.tok_layer"] = min(st.session_state["w.tok_layer"], n_layers - 1)
+    if result.numbering != "sites" or result.prompts[name].segments is not None:
+        st.caption("This view reads the prompt as text, one row per decoder layer's output "
+                   "(layer l here is layer l + 1 of the paper's numbering); an EOS between "
+                   "demonstrations shows as the text <eos>, not the token.")
+    c1, c2, c3 = st.columns([1, 2, 2])
+    idx = c1.number_input("Prompt", 0, len(texts) - 1, step=1, key="w.tok_prompt")
+    layer = c2.slider("Layer", 0, n_layers - 1, key="w.tok_layer")
+    only = c3.toggle("Only the detected dimensions", key="w.tok_only_detected")
+    dims = sorted(set(table["dim"].astype(int))) if only and len(table) else None
+    with ui.errors():
+        with ui.lock_wait(loaded):
+            tokens, mags = ui.shared().tokens(loaded, texts[idx])
+        ui.plot(plots.token_figure(tokens, mags, layer, dims,
+                                   title=f"Which tokens carry the large values "
+                                         f"({prompt_set_label(name)}, prompt {idx}, layer {layer})",
+                                   dequantized_from=loaded.dequantized_from))
+
+
+def n_rows_of(result: FeatureCapture, name: str) -> int:
+    """How many layers set ``name``'s figures show: the paper's numbering has L + 1."""
+    return len(result.stats[name].layer_view(result.numbering)[0])
+
+
+def overlap_tab(loaded, result: FeatureCapture, name: str) -> None:
+    """How much the sets' large dimensions overlap, as a matrix."""
+    names = list(result.stats)
+    if len(names) < 2:
+        st.info("Capture at least two sets (directions or languages) to compare them.")
+        return
+    protocol, n_rows = get_protocol(result.protocol), n_rows_of(result, name)
+    # measure and x start from the protocol's (one widget each per protocol)
+    measure_key, pct_key = f"w.ov_measure_{protocol.name}", f"w.ov_fraction_{protocol.name}"
+    ui.default(measure_key, protocol.overlap)
+    ui.default(pct_key, round(protocol.overlap_fraction * 100))
+    ui.default("w.ov_layer", "mean")
+    c1, c2, c3 = st.columns(3)
+    measure = c1.radio("Measure", list(plots.OVERLAP_MEASURES), key=measure_key,
+                       format_func=lambda m: m.replace("_", " ")
+                       + (" (the paper's)" if m == "top_in_bottom" else ""),
+                       help="; ".join(f"{m.replace('_', ' ')}: {h}"
+                                      for m, h in plots.OVERLAP_MEASURES.items()))
+    pct = c2.slider("x (% of dimensions)", 1, 50, key=pct_key)
+    layer_options = ["mean", *range(n_rows)]
+    ui.valid_choice("w.ov_layer", layer_options)
+    where = c3.selectbox("Layer", layer_options, key="w.ov_layer",
+                         format_func=lambda v: layer_label(v, protocol, n_rows))
+    layer = None if where == "mean" else int(where)
+    with ui.errors():
+        matrix = overlap_matrix(result.stats, pct / 100, measure, layer, result.numbering)
+        matrix.index = matrix.columns = [prompt_set_label(n) for n in names]
+        ui.plot(plots.overlap_figure(matrix, measure, pct / 100, layer,
+                                     dequantized_from=loaded.dequantized_from))
+
+
+def two_sets_tab(loaded, result: FeatureCapture, name: str) -> None:
+    """Two sets' magnitudes at one layer, dimension by dimension."""
+    names = list(result.stats)
+    if len(names) < 2:
+        st.info("Capture at least two sets to compare them dimension by dimension.")
+        return
+    n_rows = n_rows_of(result, name)
+    ui.valid_choice("w.cmp_a", names, names[0])
+    ui.valid_choice("w.cmp_b", names, names[1])
+    ui.default("w.cmp_layer", n_rows // 2)
+    st.session_state["w.cmp_layer"] = min(st.session_state["w.cmp_layer"], n_rows - 1)
+    c1, c2, c3 = st.columns(3)
+    a = c1.selectbox("First set", names, format_func=prompt_set_label, key="w.cmp_a")
+    b = c2.selectbox("Second set", names, format_func=prompt_set_label, key="w.cmp_b")
+    layer = c3.slider("Layer", 0, n_rows - 1, key="w.cmp_layer")
+    ui.plot(plots.direction_compare_figure(result.stats[a], result.stats[b],
+                                           prompt_set_label(a), prompt_set_label(b), layer,
+                                           dequantized_from=loaded.dequantized_from,
+                                           numbering=result.numbering))
 
 
 def main() -> None:

@@ -1,4 +1,9 @@
-"""Prune: pick a method and settings, move the sparsity slider, watch the pruned output."""
+"""Prune: pick a method and settings, move the sparsity slider, watch the pruned output.
+
+Every widget of a PruneSpec field is ``w.prune_<field>``, and its label, help and choices are
+the field's metadata in :mod:`mlprune.spec` (:func:`spec_widget`): no choice list or help text
+is typed here. Its first value is the interactive preset's (``ui.spec_defaults``).
+"""
 
 from __future__ import annotations
 
@@ -10,46 +15,49 @@ from dataclasses import asdict
 import streamlit as st
 
 from mlprune import MlpruneError, plots, service, ui
-from mlprune.allocation import ALLOCATIONS
 from mlprune.export import build_report, export_pruned
 from mlprune.features import Rule
-from mlprune.mwanda import PARTS
-from mlprune.pipeline import PruneSpec
-from mlprune.prompts import MIX_PREFIX, eval_items, parse_pair
-from mlprune.protocol import PROTOCOLS
-from mlprune.prune import METHODS, MODES
+from mlprune.prompts import eval_items
+from mlprune.spec import (
+    BLOCKS,
+    CUSTOM_MIX,
+    MIX_HELP,
+    MIX_PREFIX,
+    OTHER_PATTERN,
+    PARTS,
+    PruneSpec,
+    parse_pair,
+    spec_field,
+)
 
-METHOD_HELP = {
-    "wanda": "|W| x ||X||, X from the calibration set",
-    "ratio": "Wanda with columns specific to code down-weighted (the paper's BLOOM variant)",
-    "m-wanda": "M-Wanda: Wanda on a calibration mix, with the languages' spread, the MLP "
-               "neurons' activation probability and per-layer sparsity from cross-lingual "
-               "correlation (needs the pooled set or a mix)",
-    "magnitude": "|W| only (no data)",
-    "random": "seeded random scores (a floor)",
-}
-CALIBRATIONS = {"mt": "translation demonstrations", "mono": "monolingual (the source language)",
-                "code": "code snippets", "pooled": "every X→English direction, equal weights",
-                "mix": "a mix of your own"}
-ALLOCATION_HELP = {"uniform": "every layer at the target",
-                   "owl": "OWL: layers with more outlier scores pruned less",
-                   "cwl": "M-Wanda's: layers where languages diverge pruned less (needs a mix)"}
-PATTERNS = ["unstructured", "2:4", "4:8", "other N:M"]
-BLOCKS = ["attn", "mlp"]  # all of them by default, as the spec's blocks=None means
 # Widgets w.prune_<field> that start from the interactive preset (ui.spec_defaults).
 SPEC_FIELDS = ("method", "calibration", "mode", "sparsity", "pattern", "invert", "protect",
                "shots", "samples", "seed", "protocol", "allocation", "allocation_range",
                "outlier_threshold")
+# Boxes for what a field's free choice holds: a typed mix, a typed N:M, the protect rule.
+OWN_WIDGETS = ("mix", "pattern_other", "protect_rule")
 PROTECT_RULE = "top-k:4"  # the rule box's text when the Features page has chosen none
+CHOOSE_CALIBRATION = ("wanda", "m-wanda")  # ratio always uses translation vs code
 
 
-def settings(loaded, corpus) -> tuple[PruneSpec, float, str]:
-    """The widgets; returns the spec, the sparsity and the pattern."""
+def spec_widget(where, widget: str, name: str, **kwargs):
+    """The Streamlit ``widget`` (``selectbox``, ``slider``...) of PruneSpec's field ``name``
+    in ``where`` (a column, or ``st``), keyed ``w.prune_<name>``: its label, help and, for a
+    choice, its options come from the field's metadata; ``kwargs`` add the rest (bounds,
+    options a corpus or model decides)."""
+    field = spec_field(name)
+    if "choices" in field:
+        kwargs.setdefault("options", list(field["choices"]))
+    return getattr(where, widget)(field["label"], key=f"w.prune_{name}", help=field["help"],
+                                  **kwargs)
+
+
+def first_values(loaded, corpus, pairs: list[str]) -> None:
+    """Each widget's first value: the interactive preset's, where it decides one."""
     n_layers = len(loaded.layers)
-    pairs = service.all_pairs(corpus.languages)
     captured = ui.features(loaded)
     first = captured.pairs[0] if captured and captured.pairs else None
-    ui.valid_choice("w.prune_pair", pairs, first or service.default_pairs(corpus.languages)[0])
+    ui.valid_choice("w.prune_pair", pairs, first or ui.default_pairs(corpus.languages)[0])
     ui.default_all(ui.spec_defaults("prune", SPEC_FIELDS))
     ui.default("w.prune_pattern_other", "1:4")
     to_english = [p for p in pairs if p.endswith("-en")][:3]
@@ -58,99 +66,97 @@ def settings(loaded, corpus) -> tuple[PruneSpec, float, str]:
     ui.default("w.prune_mwanda_parts", [p for p in parts.split(",") if p])
     ui.default("w.prune_protect_rule", captured.rule if captured and captured.rule
                else PROTECT_RULE)
-    ui.default("w.prune_blocks", BLOCKS)
+    ui.default("w.prune_blocks", list(BLOCKS))  # all of them, as the spec's blocks=None means
     layers = st.session_state.get("w.prune_layers")
     if not layers or layers[1] > n_layers - 1:
         st.session_state["w.prune_layers"] = (0, n_layers - 1)
 
+
+def calibration_row(pairs: list[str]) -> dict:
+    """Method, calibration set, direction and calibration mode."""
     c1, c2, c3, c4 = st.columns(4)
-    method = c1.selectbox("Method", list(METHODS), key="w.prune_method",
-                          help="; ".join(f"{m}: {h}" for m, h in METHOD_HELP.items()))
-    calibration = c2.selectbox("Calibration set", list(CALIBRATIONS), key="w.prune_calibration",
-                               format_func=CALIBRATIONS.get,
-                               disabled=method not in ("wanda", "m-wanda"),
-                               help="ratio always uses translation vs code; m-wanda needs "
-                                    "several languages: pooled or a mix")
-    if calibration == "mix":
+    method = spec_widget(c1, "selectbox", "method")
+    calibration = spec_widget(c2, "selectbox", "calibration",
+                              format_func=spec_field("calibration")["choices"].get,
+                              disabled=method not in CHOOSE_CALIBRATION)
+    if calibration == CUSTOM_MIX:
         calibration = c2.text_input("Mix (set=weight, ...)", key="w.prune_mix",
-                                    help="pairs translate (fr-en), single languages are "
-                                         "monolingual (fr); weights are normalised").strip()
-    pair = c3.selectbox("Direction", pairs, key="w.prune_pair", format_func=service.pair_label)
-    mode = c4.radio("Calibration mode", list(MODES), key="w.prune_mode", horizontal=True,
-                    help="one-shot: statistics of the dense model, exact at every sparsity. "
-                         "sequential (as Wanda): layer l's statistics with layers < l pruned, "
-                         "exact at the sparsity they were taken with.")
+                                    help=MIX_HELP).strip()
+    pair = spec_widget(c3, "selectbox", "pair", options=pairs, format_func=ui.pair_label)
+    mode = spec_widget(c4, "radio", "mode", horizontal=True)
+    return {"method": method, "pair": pair, "mode": mode,
+            "calibration": calibration if method in CHOOSE_CALIBRATION else "mt"}
+
+
+def pattern_row() -> dict:
+    """Sparsity, pattern and the protection of detected features."""
     c1, c2, c3 = st.columns([2, 1, 2])
-    pattern_choice = c2.radio("Pattern", PATTERNS, key="w.prune_pattern")
-    pattern = pattern_choice
-    if pattern_choice == "other N:M":
+    pattern = spec_widget(c2, "radio", "pattern")
+    if pattern == OTHER_PATTERN:
         pattern = c2.text_input("N:M", key="w.prune_pattern_other").strip()
     structured = pattern != "unstructured"
-    sparsity = c1.slider("Sparsity (% of each row's weights pruned)", 0, 95, step=5,
-                         key="w.prune_sparsity", disabled=structured,
-                         help="N:M patterns fix the sparsity at N/M")
+    sparsity = spec_widget(c1, "slider", "sparsity", min_value=0, max_value=95, step=5,
+                           disabled=structured)
     if structured and re.fullmatch(r"\d+:\d+", pattern):
         n, m = (int(x) for x in pattern.split(":"))
         c1.caption(f"{pattern}: {n} of every {m} consecutive inputs pruned"
                    + (f" ({n / m:.0%})" if m else ""))
-    protect = c3.toggle("Protect detected features", key="w.prune_protect",
-                        help="weights in the input columns of the detected large-magnitude "
-                             "dimensions are never pruned")
+    protect = spec_widget(c3, "toggle", "protect")
     protect_rule = c3.text_input("Detection rule", key="w.prune_protect_rule",
                                  disabled=not protect,
                                  help="top-k:4, ratio:100 or absolute:500 (the Features page's "
                                       "rule is the default)")
+    return {"sparsity": sparsity / 100, "pattern": pattern,
+            "protect": protect_rule.strip() if protect else None}
+
+
+def module_row(n_layers: int, method: str) -> dict:
+    """Which layers and module kinds are pruned, how sparsity is shared across layers, and
+    M-Wanda's parts."""
     c1, c2, c3 = st.columns([2, 2, 2])
-    lo, hi = c1.slider("Layers to prune", 0, n_layers - 1, key="w.prune_layers")
-    blocks = c2.multiselect("Modules", BLOCKS, key="w.prune_blocks")
-    allocation = c3.radio("Per-layer sparsity", list(ALLOCATIONS), key="w.prune_allocation",
-                          horizontal=True,
-                          help="; ".join(f"{a}: {h}" for a, h in ALLOCATION_HELP.items())
-                               + ". The target stays the mean over layers, weighted by size.")
+    lo, hi = spec_widget(c1, "slider", "layers", min_value=0, max_value=n_layers - 1)
+    blocks = spec_widget(c2, "multiselect", "blocks")
+    allocation = spec_widget(c3, "radio", "allocation", horizontal=True)
     mwanda_parts = ",".join(PARTS)
     if method == "m-wanda":
-        chosen = st.multiselect("M-Wanda parts (drop one to ablate it)", list(PARTS),
-                                key="w.prune_mwanda_parts",
-                                help="variance: the languages' spread in the score; cwl: "
-                                     "per-layer sparsity from cross-lingual correlation (sets "
-                                     "the allocation); prob: MLP neurons' activation "
-                                     "probability. None left: Wanda on the mix.")
-        mwanda_parts = ",".join(chosen) or "none"
+        mwanda_parts = ",".join(spec_widget(st, "multiselect", "mwanda_parts")) or "none"
+    return {"layers": f"{lo}-{hi}", "blocks": ",".join(blocks) if blocks else "none",
+            "allocation": allocation, "mwanda_parts": mwanda_parts}
+
+
+def more_settings() -> dict:
+    """The expander's settings: shots, prompts, seed, protocol, invert, OWL's lambda and M."""
     with st.expander("More settings", expanded=st.session_state["w.prune_protocol"] != "clean"):
         e1, e2, e3, e4, e5, e6 = st.columns(6)
-        shots = e1.number_input("Shots per calibration prompt", 1, 16, step=1,
-                                key="w.prune_shots")
-        samples = e2.number_input("Calibration prompts", 1, 256, step=1, key="w.prune_samples")
-        seed = e3.number_input("Seed", 0, 10_000, step=1, key="w.prune_seed")
-        protocol = e4.radio("Protocol", list(PROTOCOLS), key="w.prune_protocol",
-                            help="clean: calibration demonstrations end with a newline. paper: "
-                                 "they end with the EOS token, as the authors' code did.")
-        invert = e5.toggle("Invert (prune the highest scores)", key="w.prune_invert",
-                           help="the paper's ablation")
-        allocation_range = e6.slider("Allocation range λ", 0.0, 0.3, step=0.01,
-                                     key="w.prune_allocation_range",
-                                     help="owl/cwl: OWL's lambda: the layers' sparsities span "
-                                          "2 x lambda, their mean the target (one layer may "
-                                          "sit up to ~2 x lambda from it)")
-        outlier_threshold = e6.number_input("Outlier threshold M", 0.5, 100.0, step=0.5,
-                                            key="w.prune_outlier_threshold",
-                                            help="owl: a score above M times its layer's mean "
-                                                 "is an outlier")
+        shots = spec_widget(e1, "number_input", "shots", min_value=1, max_value=16, step=1)
+        samples = spec_widget(e2, "number_input", "samples", min_value=1, max_value=256, step=1)
+        seed = spec_widget(e3, "number_input", "seed", min_value=0, max_value=10_000, step=1)
+        protocol = spec_widget(e4, "radio", "protocol")
+        invert = spec_widget(e5, "toggle", "invert")
+        allocation_range = spec_widget(e6, "slider", "allocation_range", min_value=0.0,
+                                       max_value=0.3, step=0.01)
+        outlier_threshold = spec_widget(e6, "number_input", "outlier_threshold",
+                                        min_value=0.5, max_value=100.0, step=0.5)
         if protocol == "paper":
             st.caption("The paper protocol sets the calibration prompts' separator (EOS). The "
                        "mode and the number of prompts stay as chosen here, one-shot and few "
                        "to keep this page live; the authors' run is sequential with 100 prompts "
                        "(pick them above, or `mlprune prune --protocol paper`).")
-    spec = PruneSpec(method=method,
-                     calibration=calibration if method in ("wanda", "m-wanda") else "mt",
-                     pair=pair, sparsity=sparsity / 100, pattern=pattern, invert=invert,
-                     protect=protect_rule.strip() if protect else None,
-                     layers=f"{lo}-{hi}", blocks=",".join(blocks) if blocks else "none",
-                     mode=mode, shots=int(shots), samples=int(samples), seed=int(seed),
-                     protocol=protocol, allocation=allocation,
-                     allocation_range=float(allocation_range),
-                     outlier_threshold=float(outlier_threshold), mwanda_parts=mwanda_parts)
-    return spec, sparsity / 100, pattern
+    return {"shots": int(shots), "samples": int(samples), "seed": int(seed),
+            "protocol": protocol, "invert": invert, "allocation_range": float(allocation_range),
+            "outlier_threshold": float(outlier_threshold)}
+
+
+def settings(loaded, corpus) -> tuple[PruneSpec, float, str]:
+    """The widgets; returns the spec, the sparsity and the pattern."""
+    pairs = ui.all_pairs(corpus.languages)
+    first_values(loaded, corpus, pairs)
+    chosen = calibration_row(pairs)
+    chosen.update(pattern_row())
+    chosen.update(module_row(len(loaded.layers), chosen["method"]))
+    chosen.update(more_settings())
+    spec = PruneSpec(**chosen)
+    return spec, spec.sparsity, spec.pattern
 
 
 def ranking(loaded, corpus, spec: PruneSpec) -> service.CalibratedRanking | None:
@@ -197,7 +203,7 @@ def preview(loaded, corpus, state: service.SessionPruning) -> None:
     item = eval_items(corpus, src, tgt, shots=state.spec.shots, limit=1)[0]
     with ui.lock_wait(loaded):
         dense = ui.shared().dense_generations(loaded, [item.prompt], service.PREVIEW_TOKENS)[0]
-    st.markdown(f"**Live preview**: {service.pair_label(state.spec.pair)}, a held-out "
+    st.markdown(f"**Live preview**: {ui.pair_label(state.spec.pair)}, a held-out "
                 f"sentence: *{item.source}*")
     label = f"{state.masks.pattern} {state.masks.target:.0%}"
     c1, c2 = st.columns(2)
@@ -212,7 +218,7 @@ def preview(loaded, corpus, state: service.SessionPruning) -> None:
                 ui.output_box(dense, None, "dense", compact=True)
         out, seconds = ui.streamed_output(pruned_box, loaded, state, item.prompt,
                                           service.PREVIEW_TOKENS, label=label, compact=True)
-        fa, fb = service.diff_flags(dense.tokens, out.tokens)
+        fa, fb = ui.diff_flags(dense.tokens, out.tokens)
         with pruned_box:
             ui.output_box(out, fb, "pruned", compact=True, label=label)
         st.caption(f"generated in {seconds:.2f} s" if seconds > 0.01
@@ -222,6 +228,7 @@ def preview(loaded, corpus, state: service.SessionPruning) -> None:
 
 
 def export_section(loaded, state: service.SessionPruning) -> None:
+    """Write the pruned model (weights, masks, report) to a folder, or download the report."""
     ranked = state.ranking
     report = build_report(
         loaded, state.masks, spec=asdict(state.spec),
@@ -242,12 +249,13 @@ def export_section(loaded, state: service.SessionPruning) -> None:
     c2.download_button("Download the report (JSON)", json.dumps(report, indent=2,
                                                                  ensure_ascii=False),
                        file_name="mlprune_report.json", mime="application/json")
-    note = service.dequant_text(loaded.dequantized_from)
+    note = ui.dequant_text(loaded.dequantized_from)
     if note:
         st.caption(f"The report records it: {note}")
 
 
 def main() -> None:
+    """The page: settings, the ranking they need, then metrics, preview, figures, export."""
     ready = ui.page("Prune")
     if ready is None:
         return

@@ -40,11 +40,11 @@ def choose_prompt(corpus, state: service.SessionPruning | None
         text = st.text_area("Free text (the model continues it to the end of the line)",
                             key="w.cmp_text", height=110)
         return text, None, None
-    pairs = service.all_pairs(corpus.languages)
+    pairs = ui.all_pairs(corpus.languages)
     ui.valid_choice("w.cmp_pair", pairs, state.spec.pair if state else
-                    service.default_pairs(corpus.languages)[0])
+                    ui.default_pairs(corpus.languages)[0])
     c1, c2, c3 = st.columns([1, 1, 4])
-    pair = c1.selectbox("Direction", pairs, key="w.cmp_pair", format_func=service.pair_label)
+    pair = c1.selectbox("Direction", pairs, key="w.cmp_pair", format_func=ui.pair_label)
     shots = c2.number_input("Shots", 1, 16, step=1, key="w.cmp_shots")
     src, tgt = parse_pair(pair)
     items = eval_items(corpus, src, tgt, shots=int(shots))
@@ -90,7 +90,7 @@ def dense_and_pruned_outputs(loaded, corpus, state: service.SessionPruning | Non
             label = f"{state.masks.pattern} {state.masks.target:.0%}"
             pruned_box = st.empty()
             out, _ = ui.streamed_output(pruned_box, loaded, state, prompt, max_new, label=label)
-            fa, fb = service.diff_flags(dense.tokens, out.tokens)
+            fa, fb = ui.diff_flags(dense.tokens, out.tokens)
             with pruned_box:
                 ui.output_box(out, fb, "pruned", label=label)
             with dense_box:
@@ -116,7 +116,7 @@ def held_out_scores(loaded, corpus, state: service.SessionPruning | None) -> Non
     limit = int(c1.number_input("Sentences", 1, 500, step=1, key="w.cmp_limit"))
     key = (service.model_key(loaded), service.corpus_key(corpus), pair, limit, shots,
            state.version if state else 0)
-    if c2.button(f"Score {service.pair_label(pair)} on {limit} held-out sentences"):
+    if c2.button(f"Score {ui.pair_label(pair)} on {limit} held-out sentences"):
         with ui.errors() as ok:
             bar, progress = ui.progress_bar("Scoring")
             result = ui.shared().translation_scores(loaded, corpus, pair,
@@ -135,7 +135,7 @@ def held_out_scores(loaded, corpus, state: service.SessionPruning | None) -> Non
             cols[2 * i + 1].metric(f"in {language_name(tgt)}, {name}",
                                    f"{r['target_language_rate']:.0%}")
         n = result["dense"]["n"]
-        st.caption(f"{n} held-out sentences of {service.pair_label(pair)}; greedy, one line.")
+        st.caption(f"{n} held-out sentences of {ui.pair_label(pair)}; greedy, one line.")
         if "significance" in result:
             st.markdown(significance_line(result["significance"]))
 
@@ -153,7 +153,7 @@ def significance_line(test: dict) -> str:
 def current_pair(corpus, state: service.SessionPruning | None) -> str:
     """The direction the page's prompts and held-out slice use."""
     pair = st.session_state.get("w.cmp_pair") or (state.spec.pair if state else None)
-    return pair or service.default_pairs(corpus.languages)[0]
+    return pair or ui.default_pairs(corpus.languages)[0]
 
 
 def intervention_choice(loaded, corpus, state: service.SessionPruning | None):
@@ -166,8 +166,8 @@ def intervention_choice(loaded, corpus, state: service.SessionPruning | None):
                "later one. The control repeats the intervention on as many random ordinary "
                "dimensions.")
     ui.default("w.iv_kind", "none")
-    kind = st.radio("Intervention", list(service.INTERVENTION_KINDS), key="w.iv_kind",
-                    format_func=service.INTERVENTION_KINDS.get, horizontal=True)
+    kind = st.radio("Intervention", list(ui.INTERVENTION_KINDS), key="w.iv_kind",
+                    format_func=ui.INTERVENTION_KINDS.get, horizontal=True)
     if kind == "none":
         return None
     n_layers, hidden = len(loaded.layers), hidden_size(loaded.model)
@@ -224,7 +224,7 @@ def intervened_outputs(loaded, corpus, spec, prompt: str, target: str | None) ->
                                              progress=progress)[0]
     bar.empty()
     built = ui.shared().intervention(loaded, corpus, spec)
-    fa, fb = service.diff_flags(dense.tokens, out.tokens)
+    fa, fb = ui.diff_flags(dense.tokens, out.tokens)
     candidates = tuple(corpus.languages)
     c1, c2 = st.columns(2)
     with c1:

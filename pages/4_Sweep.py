@@ -1,6 +1,6 @@
 """Sweep: methods x sparsities x directions, with progress, cancel, charts and a CSV.
 
-The sweep runs in a worker process with its own copy of the model (``service.start_sweep``),
+The sweep runs in a worker process with its own copy of the model (``sweeps.start_sweep``),
 so the shared model's lock is free and every other page stays live while it runs; its rows
 are committed to a results store as they are measured and this page polls them. A results
 file made elsewhere (``mlprune sweep --store``, another worker, a Ray cluster) can be opened
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from mlprune import plots, runners, service, ui
+from mlprune import plots, runners, sweeps, ui
 from mlprune.pipeline import SIGNIFICANCE_COLUMNS, SWEEP_METHODS, PruneSpec
 
 SPARSITIES = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
@@ -45,7 +45,7 @@ def cancel() -> None:
 def start(corpus, config: dict, store: Path) -> None:
     with ui.errors():  # the preset validates shots and samples: a bad value is a message
         base = PruneSpec.preset(ui.SPEC_PRESET, shots=config["shots"], samples=config["samples"])
-        job = service.start_sweep(ui.model_spec(), corpus, methods=config["methods"],
+        job = sweeps.start_sweep(ui.model_spec(), corpus, methods=config["methods"],
                                   sparsities=config["sparsities"], pairs=config["pairs"],
                                   base=base, limit=config["limit"], store=store,
                                   extra=config["extra"], owner=ui.session_owner())
@@ -97,7 +97,7 @@ def results(config: dict, store: Path, dequantized_from: str | None) -> None:
                        "measured, so a cancelled sweep resumes where it stopped. The other "
                        "pages stay live meanwhile.")
         methods, sparsities, pairs = config["methods"], config["sparsities"], config["pairs"]
-        table = service.sweep_table(service.read_results(store), methods, sparsities, pairs)
+        table = sweeps.sweep_table(sweeps.read_results(store), methods, sparsities, pairs)
         if st.session_state.get("sweep_cancelled"):
             st.warning(f"Sweep cancelled; {len(table)} finished rows are kept. Run it again to "
                        "resume.")
@@ -121,10 +121,10 @@ def open_results() -> None:
                 "`mlprune sweep`, or of a folder holding them.")
         return
     with ui.errors():
-        files = service.results_files(path.strip())
+        files = sweeps.results_files(path.strip())
         chosen = files[0] if len(files) == 1 else st.selectbox(
             "File", files, format_func=lambda p: p.name, key="w.sw_open_file")
-        table, settings = service.open_results(chosen)
+        table, settings = sweeps.open_results(chosen)
         if settings:
             spec = settings.get("spec", {})
             st.caption(f"{settings.get('model')} · {settings.get('limit')} held-out sentences "
@@ -150,10 +150,10 @@ def main() -> None:
     st.caption("Every method x sparsity x direction: unstructured, one-shot, one ranking per "
                "method and direction; chrF, BLEU, output language and perplexity of the "
                "held-out slice.")
-    pairs = service.all_pairs(corpus.languages)
+    pairs = ui.all_pairs(corpus.languages)
     ui.valid_choices("w.sw_methods", list(SWEEP_METHODS), ["wanda-mt", "magnitude"])
     ui.valid_choices("w.sw_sparsities", SPARSITIES, [0.0, 0.3, 0.5])
-    ui.valid_choices("w.sw_pairs", pairs, service.default_pairs(corpus.languages)[:1])
+    ui.valid_choices("w.sw_pairs", pairs, ui.default_pairs(corpus.languages)[:1])
     ui.default("w.sw_limit", 8)
     ui.default_all(ui.spec_defaults("sw", SPEC_FIELDS))
     c1, c2, c3 = st.columns(3)
@@ -161,20 +161,20 @@ def main() -> None:
     sparsities = c2.multiselect("Sparsities", SPARSITIES, key="w.sw_sparsities",
                                 format_func=lambda s: f"{s:.0%}")
     chosen_pairs = c3.multiselect("Directions", pairs, key="w.sw_pairs",
-                                  format_func=service.pair_label)
+                                  format_func=ui.pair_label)
     c1, c2, c3, c4 = st.columns(4)
     limit = c1.number_input("Held-out sentences per cell", 1, 500, step=1, key="w.sw_limit")
     samples = c2.number_input("Calibration prompts", 1, 256, step=1, key="w.sw_samples")
     shots = c3.number_input("Shots", 1, 16, step=1, key="w.sw_shots")
-    ui.valid_choices("w.sw_extra", list(service.SWEEP_EXTRA_EVALS), [])
-    extra = c4.multiselect("Zero-shot tasks", list(service.SWEEP_EXTRA_EVALS), key="w.sw_extra",
+    ui.valid_choices("w.sw_extra", list(sweeps.SWEEP_EXTRA_EVALS), [])
+    extra = c4.multiselect("Zero-shot tasks", list(sweeps.SWEEP_EXTRA_EVALS), key="w.sw_extra",
                            help=f"Accuracy per language, RankC with English and the "
-                                f"difference from dense ({service.ZERO_SHOT_ITEMS} items per "
+                                f"difference from dense ({sweeps.ZERO_SHOT_ITEMS} items per "
                                 "language); adds ~30 s per task and cell on 2 CPU cores.")
     config = {"methods": methods, "sparsities": sorted(sparsities), "pairs": chosen_pairs,
               "limit": int(limit), "samples": int(samples), "shots": int(shots), "extra": extra}
     # named from the model, corpus and settings: a reloaded page finds the same sweep's rows
-    store = service.sweep_store(loaded, corpus, limit=config["limit"], samples=config["samples"],
+    store = sweeps.sweep_store(loaded, corpus, limit=config["limit"], samples=config["samples"],
                                 shots=config["shots"], extra=extra)
     cells = len(methods) * len(sparsities) * len(chosen_pairs)
     run = st.session_state.get(JOB)
@@ -191,7 +191,7 @@ def main() -> None:
 
 def reopen(found: dict) -> None:
     """Set the widgets to an earlier sweep's settings (before they are drawn again)."""
-    config = service.sweep_config(found)
+    config = sweeps.sweep_config(found)
     for name in ("methods", "sparsities", "pairs", "limit", "samples", "shots", "extra"):
         if config[name] is not None:
             st.session_state[f"w.sw_{name}"] = config[name]
@@ -199,11 +199,11 @@ def reopen(found: dict) -> None:
 
 def earlier(loaded, corpus, store: Path) -> None:
     """This model's and corpus's earlier sweeps (a reloaded page's, another session's)."""
-    found = [f for f in service.recent_sweeps(loaded, corpus) if f["path"] != store]
+    found = [f for f in sweeps.recent_sweeps(loaded, corpus) if f["path"] != store]
     if not found:
         return
     with st.expander(f"Earlier sweeps of this model and corpus ({len(found)})"):
-        chosen = st.selectbox("Sweep", found, format_func=service.sweep_label,
+        chosen = st.selectbox("Sweep", found, format_func=ui.sweep_label,
                               key="w.sw_earlier")
         st.button("Show it", on_click=reopen, args=(chosen,),
                   help="Sets the settings above to that sweep's; its rows are shown, and a run "

@@ -1,7 +1,7 @@
 """Paper: the authors' experiment grid on this model, as a report: claims, tables, figures.
 
 The quick grid runs in a worker process with its own copy of the model
-(``service.start_reproduce``), so the other pages stay live while it runs; a report made
+(``sweeps.start_reproduce``), so the other pages stay live while it runs; a report made
 elsewhere (``mlprune reproduce --out FOLDER``) can be opened as it is.
 """
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from mlprune import plots, reproduce, service, ui, verdict, verdict_report
+from mlprune import plots, reproduce, sweeps, ui, verdict, verdict_report
 from mlprune.models import cache_dir
 
 JOB = "paper_job"
@@ -32,7 +32,7 @@ def claims_table(report: dict) -> pd.DataFrame:
 
 
 def show(report: dict, key: str) -> None:
-    text = service.dequant_text(report.get("dequantized_from"))
+    text = ui.dequant_text(report.get("dequantized_from"))
     if text:
         st.caption(f":material/warning: {text}")
     grid = report["grid"]
@@ -61,7 +61,7 @@ def show_verdict(report: dict | None) -> None:
         st.info("No verdict report yet: `mlprune verdict` measures it (resumable; see the "
                 "README).")
         return
-    text = service.dequant_text(report.get("dequantized_from"))
+    text = ui.dequant_text(report.get("dequantized_from"))
     if text:
         st.caption(f":material/warning: {text}")
     g, cells = report["grid"], report["cells"]
@@ -79,7 +79,7 @@ def show_verdict(report: dict | None) -> None:
 
 def start_quick(out: Path) -> None:
     with ui.errors():
-        st.session_state[JOB] = service.start_reproduce(ui.model_spec(), ui.session_corpus(),
+        st.session_state[JOB] = sweeps.start_reproduce(ui.model_spec(), ui.session_corpus(),
                                                         out, reproduce.QUICK,
                                                         owner=ui.session_owner())
         st.rerun()  # draw the page again as it is while the grid runs (Start disabled)

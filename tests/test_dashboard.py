@@ -19,7 +19,7 @@ import torch
 from conftest import EN
 from streamlit.testing.v1 import AppTest
 
-from mlprune import MlpruneError, models, plots, prune, service, ui
+from mlprune import MlpruneError, models, plots, prune, service, sweeps, ui
 from mlprune.capture import Cancelled, capture, token_magnitudes
 from mlprune.evaluate import Generation, generate
 from mlprune.features import detect, overlap_matrix
@@ -626,9 +626,9 @@ def test_compare_intervenes_on_the_features_dims_side_by_side_with_scores(app_en
 
 
 def test_clicked_points_become_dims():
-    assert service.dims_from_selection({"points": [{"x": 7, "y": 1}, {"x": 3.0}, {"x": 7},
+    assert ui.dims_from_selection({"points": [{"x": 7, "y": 1}, {"x": 3.0}, {"x": 7},
                                                    {"y": 2}, {"x": "a"}]}) == [3, 7]
-    assert service.dims_from_selection(None) == [] == service.dims_from_selection({})
+    assert ui.dims_from_selection(None) == [] == ui.dims_from_selection({})
 
     def page():
         import streamlit as st
@@ -677,7 +677,7 @@ def test_sweep_runs_draws_and_cancels(app_env):
 
 
 def test_sweep_with_zero_shot_tasks_adds_accuracy_consistency_and_significance(app_env, monkeypatch):
-    monkeypatch.setattr(service, "ZERO_SHOT_ITEMS", 3)
+    monkeypatch.setattr(sweeps, "ZERO_SHOT_ITEMS", 3)
     at = goto(run(new_app()), "4_Sweep")
     at.multiselect(key="w.sw_methods").set_value(["magnitude"])
     at.multiselect(key="w.sw_sparsities").set_value([0.0, 0.5])
@@ -708,10 +708,10 @@ def test_while_a_sweep_runs_in_its_worker_another_sessions_compare_answers(app_e
     sweep = a.session_state["sweep_job"]
     store = sweep.store
     deadline = time.monotonic() + 240
-    while not service.read_results(store) and time.monotonic() < deadline:
+    while not sweeps.read_results(store) and time.monotonic() < deadline:
         assert not sweep.job.done(), sweep.job.error
         time.sleep(0.1)
-    assert service.read_results(store), "the worker measured nothing in 240 s"
+    assert sweeps.read_results(store), "the worker measured nothing in 240 s"
     shared_model = ui.shared().model(str(app_env))
     lock = model_lock(shared_model.model)
     assert lock.acquire(blocking=False)  # the sweep's cells do not hold it ...
@@ -722,13 +722,13 @@ def test_while_a_sweep_runs_in_its_worker_another_sessions_compare_answers(app_e
     b.text_area(key="w.cmp_text").set_value("English: A sweep runs in another tab.\nFrench:")
     run(b)
     assert set(outputs(b)) == {"dense"} and tokens_of(outputs(b)["dense"])
-    measured = len(service.read_results(store))
+    measured = len(sweeps.read_results(store))
     assert not sweep.job.done() and measured < 30, "the sweep ended before Compare answered"
     run(a)  # the sweep's page shows its progress and the rows so far
     assert any(p.proto.text.startswith("Sweeping in a worker process") for p in a.get("progress"))
     click(a, "Cancel")
     assert sweep.job.wait(30) and isinstance(sweep.job.error, Cancelled)
-    kept = len(service.read_results(store))
+    kept = len(sweeps.read_results(store))
     assert measured <= kept < 30
     assert any(f"Sweep cancelled; {kept} finished rows are kept" in w.value for w in a.warning)
 

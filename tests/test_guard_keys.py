@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 from tiny import byte_tokenizer, tiny_model
 
-from mlprune import MlpruneError, cache_dir, cache_name, service
+from mlprune import MlpruneError, cache_dir, cache_name, labels, service, sweeps
 from mlprune.capture import ActivationStats
 from mlprune.corpus import ParallelCorpus, read_corpus
 from mlprune.models import LoadedModel
@@ -108,7 +108,7 @@ def test_a_store_refuses_rows_of_other_zero_shot_tasks(tmp_path, loaded, corpus)
 
 
 def test_the_dashboards_zero_shot_columns_carry_their_tasks(loaded):
-    extra = service.sweep_extra_eval(["zero-shot nli"])
+    extra = sweeps.sweep_extra_eval(["zero-shot nli"])
     assert extra.tasks and extra.tasks[0].name == "nli" and "nli_acc_en" in extra.columns
 
 
@@ -132,26 +132,26 @@ def test_a_corpus_column_cannot_lead_a_cache_path_out(monkeypatch, loaded):
 
 def test_sweep_stores_live_in_the_cache_and_are_found_again(loaded, corpus):
     where = dict(limit=1, samples=2, shots=4, extra=[])
-    path = service.sweep_store(loaded, corpus, **where)
+    path = sweeps.sweep_store(loaded, corpus, **where)
     assert path.parent == cache_dir() / "sweeps" and path.suffix == ".sqlite"
     hostile = LoadedModel(loaded.model, loaded.tokenizer, "../../../../etc/x", "local")
-    assert service.sweep_store(hostile, corpus, **where).parent == cache_dir() / "sweeps"
-    assert path != service.sweep_store(loaded, corpus, **{**where, "limit": 2})
-    assert path != service.sweep_store(_other_model(), corpus, **where)
-    assert path != service.sweep_store(loaded, _other_corpus(corpus), **where)
-    service.run_sweep(loaded, corpus, methods=["magnitude"], sparsities=[0.0], pairs=["fr-en"],
+    assert sweeps.sweep_store(hostile, corpus, **where).parent == cache_dir() / "sweeps"
+    assert path != sweeps.sweep_store(loaded, corpus, **{**where, "limit": 2})
+    assert path != sweeps.sweep_store(_other_model(), corpus, **where)
+    assert path != sweeps.sweep_store(loaded, _other_corpus(corpus), **where)
+    sweeps.run_sweep(loaded, corpus, methods=["magnitude"], sparsities=[0.0], pairs=["fr-en"],
                       base=PruneSpec(samples=2, shots=4), limit=1, out_csv=path)
     # a reloaded page: another model object with the same weights, another corpus object
     reloaded = LoadedModel(tiny_model("llama"), byte_tokenizer(), "tiny-llama", "local")
     same = ParallelCorpus(corpus.table.copy(), corpus.name)
-    assert service.sweep_store(reloaded, same, **where) == path
-    found = service.recent_sweeps(reloaded, same)
+    assert sweeps.sweep_store(reloaded, same, **where) == path
+    found = sweeps.recent_sweeps(reloaded, same)
     assert [f["path"] for f in found] == [path] and found[0]["rows"] == 1
-    assert service.recent_sweeps(_other_model(), corpus) == []
-    config = service.sweep_config(found[0])
+    assert sweeps.recent_sweeps(_other_model(), corpus) == []
+    config = sweeps.sweep_config(found[0])
     assert config == {"methods": ["magnitude"], "sparsities": [0.0], "pairs": ["fr-en"],
                       "limit": 1, "samples": 2, "shots": 4, "extra": []}
-    assert "1 rows" in service.sweep_label(found[0])
+    assert "1 rows" in labels.sweep_label(found[0])
 
 
 # --------------------------------------------------------------------------- stale temporaries

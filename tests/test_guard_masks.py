@@ -210,7 +210,7 @@ def test_dense_work_finishes_an_interrupted_restore_first(monkeypatch):
 def test_dense_work_refuses_a_model_with_live_masks(loaded):
     """Masks applied outside a pruned() block (or an outer block of the same thread): dense
     work must not run on them, and must not silently undo someone else's masks either."""
-    from mlprune.service import dense
+    from mlprune.holding import dense
 
     model = loaded.model
     masks = _magnitude_masks(model)

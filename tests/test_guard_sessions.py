@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from mlprune import MlpruneError, runners, service
+from mlprune import MlpruneError, holding, runners, service
 from mlprune.capture import Cancelled
 from mlprune.pipeline import PruneSpec
 from mlprune.prompts import analysis_prompts
@@ -255,7 +255,7 @@ def test_a_waiting_tab_is_told_what_holds_the_model(loaded, corpus):
     seen: list[str] = []
     try:
         assert inside.wait(30)
-        text = service.waiting_text(loaded)
+        text = holding.waiting_text(loaded)
         assert text and re.fullmatch(r"Waiting: another tab is calibrating wanda-mt "
                                      r"\(started \d+ s ago\)", text), text
         b = threading.Thread(target=shared.dense_generations,
@@ -268,7 +268,7 @@ def test_a_waiting_tab_is_told_what_holds_the_model(loaded, corpus):
         release.set()
         a.join(60)
     b.join(60)
-    assert not b.is_alive() and service.waiting_text(loaded) is None
+    assert not b.is_alive() and holding.waiting_text(loaded) is None
 
 
 def test_one_interactive_action_is_bounded_with_a_clear_message(loaded, corpus):

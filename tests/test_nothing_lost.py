@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from mlprune import MlpruneError, service
+from mlprune import MlpruneError, sweeps
 from mlprune.cli import main
 from mlprune.export import REPORT, build_report, check_export_target, export_pruned, read_report
 from mlprune.pipeline import read_sweep_rows, sweep
@@ -91,14 +91,14 @@ def test_viewing_a_csv_changes_nothing_and_refuses_what_is_not_results(tmp_path,
     latin.write_bytes("pair,method,sparsity,pattern\nfr-en,m,0.5,\xe9t\xe9\n".encode("latin-1"))
     before = {p: snapshot(p) for p in (whole, torn, foreign, latin)}
 
-    table, settings = service.open_results(whole)
+    table, settings = sweeps.open_results(whole)
     assert list(table["sparsity"]) == [0.0, 0.5] and settings is None
-    table, _ = service.open_results(torn)
+    table, _ = sweeps.open_results(torn)
     assert list(table["sparsity"]) == [0.0]  # the torn row is not shown as a result...
     for path, message in ((foreign, "not a sweep results file: it has no column pair"),
                           (latin, "not a sweep results CSV")):
         with pytest.raises(MlpruneError, match=message):
-            service.open_results(path)
+            sweeps.open_results(path)
     assert {p: snapshot(p) for p in before} == before  # ...and no file was changed
 
     # the sweep's writing path refuses another program's CSV before changing a byte of it
@@ -128,13 +128,13 @@ def test_viewing_a_sqlite_file_changes_nothing(tmp_path):
     other = foreign_db(tmp_path / "other.sqlite", application_id=0x12345678)
     before = {p: snapshot(p) for p in (own.path, app, other)}
 
-    table, settings = service.open_results(own.path)
+    table, settings = sweeps.open_results(own.path)
     assert list(table["sparsity"]) == [0.0, 0.5] and settings == {"model": "m", "limit": 2}
     assert read_sweep_rows(own.path) == own.rows()
     with pytest.raises(MlpruneError, match="not a results store: it holds the table customers"):
-        service.open_results(app)
+        sweeps.open_results(app)
     with pytest.raises(MlpruneError, match="belongs to another application"):
-        service.open_results(other)
+        sweeps.open_results(other)
     for path in (app, other):  # a sweep given the file refuses it the same way
         with pytest.raises(MlpruneError, match="not a results store"):
             ResultStore(path)
@@ -144,7 +144,7 @@ def test_viewing_a_sqlite_file_changes_nothing(tmp_path):
         assert [r[0] for r in db.execute("SELECT name FROM sqlite_master")] == ["customers"]
 
     os.chmod(own.path, 0o444)  # a read-only file can be viewed
-    table, _ = service.open_results(own.path)
+    table, _ = sweeps.open_results(own.path)
     assert len(table) == 2 and snapshot(own.path) == before[own.path]
     # tests run as root, who may write a 0444 file: the viewer's own connection must refuse
     viewer = ResultStore(own.path, readonly=True)
@@ -161,7 +161,7 @@ def test_viewing_a_sqlite_file_changes_nothing(tmp_path):
 def test_an_empty_store_a_worker_just_created_views_as_no_rows(tmp_path):
     path = tmp_path / "new.sqlite"
     path.write_bytes(b"")
-    table, settings = service.open_results(path)
+    table, settings = sweeps.open_results(path)
     assert table.empty and settings is None and path.read_bytes() == b""
 
 
@@ -202,7 +202,7 @@ def test_a_table_that_would_keep_a_cell_twice_is_refused(tmp_path):
     with pytest.raises(MlpruneError, match="does not keep one row per cell"):
         ResultStore(path)  # (it would have taken the same cell twice)
     with pytest.raises(MlpruneError, match="does not keep one row per cell"):
-        service.open_results(path)
+        sweeps.open_results(path)
     assert snapshot(path) == before
 
 
@@ -220,7 +220,7 @@ def test_a_damaged_page_is_one_sentence(tmp_path):
     with pytest.raises(MlpruneError, match="Could not read .*malformed"):
         store.rows()
     with pytest.raises(MlpruneError, match="malformed"):
-        service.open_results(store.path)
+        sweeps.open_results(store.path)
 
 
 def test_damaged_settings_are_one_sentence(tmp_path):

@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import EN
 
-from mlprune import MlpruneError, pipeline, service
+from mlprune import MlpruneError, labels, pipeline, service, sweeps
 from mlprune.capture import Cancelled, capture
 from mlprune.evaluate import (
     Generation,
@@ -226,28 +226,28 @@ def test_a_cancelled_sweep_keeps_its_rows(tmp_path, loaded, corpus):
         return len(seen) > 2
 
     with pytest.raises(Cancelled):
-        service.run_sweep(loaded, corpus, methods=["magnitude"], sparsities=[0.0, 0.3, 0.6],
+        sweeps.run_sweep(loaded, corpus, methods=["magnitude"], sparsities=[0.0, 0.3, 0.6],
                           pairs=["fr-en"], base=PruneSpec(samples=2), limit=1, out_csv=out,
                           should_stop=stop_after_two)
-    assert len(service.read_results(out)) == 2
+    assert len(sweeps.read_results(out)) == 2
     with pytest.raises(MlpruneError, match="at least one method"):
-        service.run_sweep(loaded, corpus, methods=[], sparsities=[0.5], pairs=["fr-en"],
+        sweeps.run_sweep(loaded, corpus, methods=[], sparsities=[0.5], pairs=["fr-en"],
                           base=PruneSpec(), limit=1, out_csv=out)
 
 
 def test_sweep_files_and_extra_columns(loaded, corpus, monkeypatch):
     where = dict(limit=4, samples=8, shots=4, extra=[])
-    path = service.sweep_store(loaded, corpus, **where)
-    assert path == service.sweep_store(loaded, corpus, **where) and path.suffix == ".sqlite"
-    assert path != service.sweep_store(loaded, corpus, **{**where, "limit": 5})
-    assert service.sweep_extra_eval([]) is None
-    monkeypatch.setitem(service.SWEEP_EXTRA_EVALS, "a", lambda m, meth, s: {"a": s})
-    monkeypatch.setitem(service.SWEEP_EXTRA_EVALS, "b", lambda m, meth, s: {"b": meth})
-    assert service.sweep_extra_eval(["a", "b"])(loaded, "random", 0.5) == {"a": 0.5,
+    path = sweeps.sweep_store(loaded, corpus, **where)
+    assert path == sweeps.sweep_store(loaded, corpus, **where) and path.suffix == ".sqlite"
+    assert path != sweeps.sweep_store(loaded, corpus, **{**where, "limit": 5})
+    assert sweeps.sweep_extra_eval([]) is None
+    monkeypatch.setitem(sweeps.SWEEP_EXTRA_EVALS, "a", lambda m, meth, s: {"a": s})
+    monkeypatch.setitem(sweeps.SWEEP_EXTRA_EVALS, "b", lambda m, meth, s: {"b": meth})
+    assert sweeps.sweep_extra_eval(["a", "b"])(loaded, "random", 0.5) == {"a": 0.5,
                                                                            "b": "random"}
     rows = [{"pair": "fr-en", "method": m, "sparsity": s} for m in ("random", "magnitude")
             for s in (0.5, 0.0, 0.3)]
-    table = service.sweep_table(rows, ["magnitude"], [0.0, 0.5], ["fr-en"])
+    table = sweeps.sweep_table(rows, ["magnitude"], [0.0, 0.5], ["fr-en"])
     assert list(table["sparsity"]) == [0.0, 0.5] and set(table["method"]) == {"magnitude"}
 
 
@@ -259,11 +259,11 @@ def test_results_made_elsewhere_open_as_they_are(tmp_path):
     for s in (0.5, 0.0):
         store.add({"pair": "fr-en", "method": "magnitude", "sparsity": s,
                    "pattern": "unstructured", "chrf": 10 * s})
-    table, settings = service.open_results(tmp_path)  # a folder: its newest results file
+    table, settings = sweeps.open_results(tmp_path)  # a folder: its newest results file
     assert list(table["sparsity"]) == [0.0, 0.5] and settings == {"model": "m", "limit": 2}
     store.export_csv(tmp_path / "b.csv")
-    assert service.results_files(tmp_path)[0].name == "b.csv"
-    table, settings = service.open_results(tmp_path / "b.csv")
+    assert sweeps.results_files(tmp_path)[0].name == "b.csv"
+    table, settings = sweeps.open_results(tmp_path / "b.csv")
     assert list(table["chrf"]) == [0.0, 5.0] and settings is None
     (tmp_path / "empty").mkdir()
     (tmp_path / "notes.txt").write_text("not results")
@@ -271,36 +271,36 @@ def test_results_made_elsewhere_open_as_they_are(tmp_path):
                           (tmp_path / "x.sqlite", "No results file or folder"),
                           (tmp_path / "notes.txt", "is not a results file")):
         with pytest.raises(MlpruneError, match=message):
-            service.results_files(path)
-    assert service.sweep_tasks(["zero-shot nli"]) == ("nli",)
+            sweeps.results_files(path)
+    assert sweeps.sweep_tasks(["zero-shot nli"]) == ("nli",)
     with pytest.raises(MlpruneError, match="cannot run in a worker process"):
-        service.sweep_tasks(["nope"])
+        sweeps.sweep_tasks(["nope"])
 
 
 # --------------------------------------------------------------------------- text helpers
 
 
 def test_pairs_labels_and_notes():
-    assert service.all_pairs(["en", "fr", "zh"])[:2] == ["fr-en", "zh-en"]
-    assert service.default_pairs(["en", "fr"]) == ["fr-en", "en-fr"]
-    assert service.default_pairs(["de", "es"]) == ["de-es"]
-    assert service.pair_label("fr-en") == "fr→en"
-    assert service.prompt_set_label("mt:fr-en") == "fr→en"
-    assert service.prompt_set_label("mono:en") == "en (mono)"
-    assert service.comma_list(" fr→en, en-fr,, ") == ["fr-en", "en-fr"]
-    assert "4-bit (Q4_K_M)" in service.dequant_text("Q4_K_M")
-    assert service.dequant_text(None) is None
-    assert service.source_of("embedded:gemma3-270m") == "embedded"
-    assert service.source_of("/m/x.gguf") == "gguf" and service.source_of("./m") == "folder"
-    assert service.source_of("google/gemma-3-270m") == "hub"
+    assert labels.all_pairs(["en", "fr", "zh"])[:2] == ["fr-en", "zh-en"]
+    assert labels.default_pairs(["en", "fr"]) == ["fr-en", "en-fr"]
+    assert labels.default_pairs(["de", "es"]) == ["de-es"]
+    assert labels.pair_label("fr-en") == "fr→en"
+    assert labels.prompt_set_label("mt:fr-en") == "fr→en"
+    assert labels.prompt_set_label("mono:en") == "en (mono)"
+    assert labels.comma_list(" fr→en, en-fr,, ") == ["fr-en", "en-fr"]
+    assert "4-bit (Q4_K_M)" in labels.dequant_text("Q4_K_M")
+    assert labels.dequant_text(None) is None
+    assert labels.source_of("embedded:gemma3-270m") == "embedded"
+    assert labels.source_of("/m/x.gguf") == "gguf" and labels.source_of("./m") == "folder"
+    assert labels.source_of("google/gemma-3-270m") == "hub"
 
 
 def test_token_diffs_and_their_html():
-    fa, fb = service.diff_flags(["The", " cat", "."], ["The", " dog", "."])
+    fa, fb = labels.diff_flags(["The", " cat", "."], ["The", " dog", "."])
     assert fa == [False, True, False] and fb == [False, True, False]
-    html = service.generation_html(Generation("<b>", ["<b>"], [0.2]), [True])
+    html = labels.generation_html(Generation("<b>", ["<b>"], [0.2]), [True])
     assert "&lt;b&gt;" in html and "mlp-diff" in html and 'title="p = 0.200"' in html
-    assert "(empty output)" in service.generation_html(Generation("", [], []))
+    assert "(empty output)" in labels.generation_html(Generation("", [], []))
 
 
 def test_the_default_corpus_follows_the_variable(tmp_path, monkeypatch):

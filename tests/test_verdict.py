@@ -152,3 +152,25 @@ def test_the_readme_section_says_what_was_measured_and_what_is_still_running(fin
     assert "![verdict_fr](assets/verdict_fr.png)" in text
     partial = {**report, "cells": {**report["cells"], "expected": n + 5}}
     assert "the grid is still running" in readme_section(partial)
+
+
+def test_the_command_line_puts_a_users_task_through_the_grid_and_its_claims(
+        tiny_folder, corpus_file, tmp_path, monkeypatch, capsys):
+    from dataclasses import replace
+
+    from mlprune.cli import main
+
+    task = tiny_verdict_grid(tmp_path).tasks[0]
+    tiny = replace(tiny_verdict_grid(tmp_path), tasks=(), sparsities=(0.5,), seeds=(0,), wide=(),
+                   paper_langs=())
+    monkeypatch.setattr(verdict, "QUICK", tiny)
+    out = tmp_path / "cli"
+    code = main(["verdict", "--model", str(tiny_folder), "--corpus", str(corpus_file), "--quick",
+                 "--task", task, "--out", str(out), "--batch-size", "4"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    assert report["items_per_language"][task]["fr"] == 6  # the user's task, scored in fr
+    assert report["claims"][0]["claim"] in printed  # the claims table starts the report
+    assert main(["verdict", "--model", str(tiny_folder), "--task", str(tmp_path / "nope.jsonl"),
+                 "--out", str(tmp_path / "x")]) == 2

@@ -22,7 +22,8 @@ the architecture calls them (Llama/Gemma/Qwen ``q_proj``, GPT-2 ``c_attn`` Conv1
 One module a job, each importing only those above it in this list:
 
     precision   dtypes: ``spec@bfloat16``, --dtype values, native bf16
-    sites       decoder layers, hidden size, linear modules by readable name
+    sites       decoder layers, the decoder without its head, hidden size, linear
+                modules by readable name
     offload     accelerate's offload hooks, :func:`onloaded`, input device, placement
     memory      memory plans, free memory, --max-memory / --device-map, "does it fit"
     gguf        GGUF (and the embedded model) -> cached safetensors; stale temporaries
@@ -34,11 +35,9 @@ monkeypatch does) reaches the module that uses it.
 
 from __future__ import annotations
 
-import sys
-import types
 from pathlib import Path
 
-from mlprune import cache_dir
+from mlprune import cache_dir, patchable_package
 from mlprune.models import gguf, loading, memory, offload, precision, sites
 from mlprune.models.gguf import (
     ABANDONED_TEMP_S,
@@ -85,6 +84,7 @@ from mlprune.models.precision import (
 from mlprune.models.sites import (
     RESIDUAL_INPUT_ROLES,
     LinearInfo,
+    base_model,
     configured_layer_count,
     decoder_layers,
     hidden_size,
@@ -94,8 +94,8 @@ from mlprune.models.sites import (
 __all__ = [
     "ABANDONED_TEMP_S", "CANNOT_FIT", "DEFAULT_MODEL", "DTYPES", "FITS", "MARKER",
     "PICKLE_SUFFIXES", "RESIDUAL_INPUT_ROLES", "STALE_TEMP_S", "STREAMS", "STREAM_ADVICE",
-    "LinearInfo", "LoadedModel", "MemoryPlan", "Path", "available_memory", "cache_dir",
-    "check_fits", "clean_stale_temps", "configured_layer_count", "decoder_layers",
+    "LinearInfo", "LoadedModel", "MemoryPlan", "Path", "available_memory", "base_model",
+    "cache_dir", "check_fits", "clean_stale_temps", "configured_layer_count", "decoder_layers",
     "free_memory", "hidden_size", "hub_reachable", "input_device", "is_offloaded",
     "linear_modules", "load_model", "memory_plan", "native_bfloat16", "offload_hook",
     "onloaded", "parse_device_map", "parse_dtype", "parse_max_memory", "pickle_refusal",
@@ -105,23 +105,4 @@ __all__ = [
     "_gguf_to_safetensors",
 ]
 
-_MODULES = (precision, sites, offload, memory, gguf, loading)
-_UNSET = object()
-
-
-class _Package(types.ModuleType):
-    """``mlprune.models`` as one namespace for patching, as it was when it was one file:
-    setting a name here (``monkeypatch.setattr(models, "available_memory", ...)``) also sets
-    it in each module of the package that holds the same object under that name, so that
-    their functions look up the new value (and setting it back restores them)."""
-
-    def __setattr__(self, name: str, value) -> None:
-        old = self.__dict__.get(name, _UNSET)
-        if old is not _UNSET:
-            for module in _MODULES:
-                if module.__dict__.get(name, _UNSET) is old:
-                    setattr(module, name, value)
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
+patchable_package(__name__, (precision, sites, offload, memory, gguf, loading))

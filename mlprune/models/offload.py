@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import nn
 
 
-def offload_hook(module: nn.Module, paused: bool = False):
+def offload_hook(module: nn.Module, paused: bool = False) -> Any | None:
     """accelerate's hook that keeps this module's own weights offloaded (on meta, filled from
     its ``weights_map`` for each forward), or None when its weights are real tensors.
     ``paused=True`` also finds the hook of a module held by :func:`onloaded`."""

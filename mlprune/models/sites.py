@@ -1,5 +1,5 @@
-"""Names and sites: a model's decoder layers, its hidden size, and its linear modules under
-stable readable names.
+"""Names and sites: a model's decoder layers (and the decoder without its head), its hidden
+size, and its linear modules under stable readable names.
 
 Linear modules are named ``layers.3.attn.q`` or ``layers.3.mlp.up`` whatever the architecture
 calls them (Llama/Gemma/Qwen ``q_proj``, GPT-2 ``c_attn`` Conv1D, BLOOM ``query_key_value``,
@@ -52,10 +52,12 @@ class LinearInfo:
 
     @property
     def in_features(self) -> int:
+        """The number of input columns of W (what pruning scores and masks)."""
         return self.weight.shape[1]
 
     @property
     def reads_residual(self) -> bool:
+        """Whether the module's input is the (normalised) residual stream."""
         return self.role in RESIDUAL_INPUT_ROLES
 
 
@@ -78,6 +80,13 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return list(best)
 
 
+def base_model(model: nn.Module) -> nn.Module:
+    """The decoder without the LM head, so a pass that reads hidden states never computes
+    vocabulary logits."""
+    base = getattr(model, "base_model", None)
+    return base if isinstance(base, nn.Module) and base is not model else model
+
+
 def configured_layer_count(model: nn.Module) -> int | None:
     """The number of decoder layers the model's config declares (None if it declares none)."""
     cfg = getattr(model, "config", None)
@@ -91,6 +100,7 @@ def configured_layer_count(model: nn.Module) -> int | None:
 
 
 def hidden_size(model: nn.Module) -> int:
+    """The width of the residual stream: from the model's config, else its embeddings."""
     cfg = getattr(model, "config", None)
     for key in ("hidden_size", "n_embd", "d_model"):
         if cfg is not None and getattr(cfg, key, None):

@@ -6,8 +6,9 @@ The modules, from the bottom up:
     loaders      task sources: built-in, JSONL, XNLI/MARC files in published formats, the hub
     scoring      each choice's log-likelihood (prompt + continuation, or whole sequence)
     statistics   RankC, the paired bootstrap, the detectable difference (power)
-    results      one model's accuracy/RankC per language; two models compared
-    reports      text tables and strict JSON
+    results      one model's accuracy/RankC per language (and back from its stored dict);
+                 two models compared
+    reports      text tables and JSON-ready dicts (strict JSON itself is mlprune.storage's)
     sweep        zero-shot columns for every row of a pruning sweep
     lmeval       lm-evaluation-harness on an exported model
 

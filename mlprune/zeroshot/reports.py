@@ -1,15 +1,24 @@
-"""Zero-shot results as text tables and as strict JSON (no NaN: null)."""
+"""Zero-shot results as text tables and as JSON-ready dicts.
+
+Strict JSON itself (no NaN: null) is :mod:`mlprune.storage`'s; ``json_safe`` and
+``strict_json`` are re-exported here because ``zs.strict_json`` is how callers have always
+reached them. :class:`~mlprune.zeroshot.results.TaskResult` is named in type hints only: the
+results module never imports this one, so the two stay one way round.
+"""
 
 from __future__ import annotations
 
-import json
-import math
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from mlprune.reports.render import fmt
+from mlprune.storage import json_safe, strict_json
 from mlprune.zeroshot.tasks import REFERENCE_LANG
 
 if TYPE_CHECKING:
     from mlprune.zeroshot.results import TaskResult
+
+__all__ = ["ONE_MODEL_POWER", "POWER", "TWO_MODEL_POWER", "format_comparison", "format_result",
+           "json_safe", "rankc_note", "result_dict", "strict_json"]
 
 POWER = {"alpha": 0.05, "power": 0.8, "test": "two-sided paired test of binary outcomes "
          "(McNemar; Connor 1987 sample size solved for the difference)"}
@@ -20,24 +29,6 @@ ONE_MODEL_POWER = ("detect: the smallest accuracy change a paired test finds at 
 TWO_MODEL_POWER = ("detect: the smallest accuracy change a paired test finds at p < 0.05 with "
                    "80% power at this n and the observed discordance (disc: share of items "
                    "exactly one model gets right); '-': no difference is detectable.")
-
-
-def json_safe(obj: Any) -> Any:
-    """A copy with every non-finite float (NaN, inf) as None and numpy scalars as Python ones."""
-    if isinstance(obj, dict):
-        return {str(k): json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    if hasattr(obj, "item") and callable(obj.item) and getattr(obj, "ndim", None) == 0:
-        obj = obj.item()  # numpy scalar
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
-
-
-def strict_json(obj: Any) -> str:
-    """JSON text that strict readers (jq, browsers) accept: non-finite numbers become null."""
-    return json.dumps(json_safe(obj), indent=2, ensure_ascii=False, allow_nan=False)
 
 
 def rankc_note(result: TaskResult) -> str | None:
@@ -57,20 +48,29 @@ def rankc_note(result: TaskResult) -> str | None:
     return None
 
 
-def result_dict(result: TaskResult) -> dict:
-    """JSON-ready summary of one result, with every item's per-choice log-likelihoods."""
+def result_dict(result: TaskResult, *, n_bytes: bool = False) -> dict:
+    """JSON-ready summary of one result, with every item's per-choice log-likelihoods. With
+    ``n_bytes``, each item's byte counts too: with the task, enough to rebuild the result
+    (:meth:`TaskResult.from_dict <mlprune.zeroshot.results.TaskResult.from_dict>`), which is
+    how the grids keep their zero-shot cells."""
     note = rankc_note(result)
+    items = []
+    for s in result.scored:
+        item = {"id": s.item.id, "lang": s.item.lang, "label": s.item.label,
+                "logprob": list(s.logprob), "n_tokens": list(s.n_tokens),
+                "predicted": s.predicted(result.norm)}
+        if n_bytes:
+            item["n_bytes"] = list(s.n_bytes)
+        items.append(item)
     return {"task": result.task, "norm": result.norm, "languages": result.table(),
             "notes": [note] if note else [],
             "power": {**POWER, "discordance": "assumed: 2 acc (1 - acc), the other model erring "
                                               "independently (conservative)"},
-            "items": [{"id": s.item.id, "lang": s.item.lang, "label": s.item.label,
-                       "logprob": list(s.logprob), "n_tokens": list(s.n_tokens),
-                       "predicted": s.predicted(result.norm)} for s in result.scored]}
+            "items": items}
 
 
-def _f(x: float | None, spec: str = ".3f") -> str:
-    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+def _f(x: float | None) -> str:
+    return fmt(x, ".3f")
 
 
 def format_result(result: TaskResult) -> str:

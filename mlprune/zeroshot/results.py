@@ -34,12 +34,23 @@ class TaskResult:
     scored: list[ItemScores]
     norm: str = "token"
 
+    @classmethod
+    def from_dict(cls, task: Task, cell: dict) -> TaskResult:
+        """The result read back from its stored form (``result_dict(result, n_bytes=True)``,
+        a grid's zero-shot cell) and the task's items, without the model."""
+        items = {(it.id, it.lang): it for it in task.items}
+        scored = [ItemScores(items[(c["id"], c["lang"])], tuple(c["logprob"]),
+                             tuple(c["n_tokens"]), tuple(c["n_bytes"])) for c in cell["items"]]
+        return cls(task.name, scored, cell["norm"])
+
     @property
     def languages(self) -> list[str]:
+        """Its languages, English first."""
         seen = list(dict.fromkeys(s.item.lang for s in self.scored))
         return sorted(seen, key=lambda lang: lang != REFERENCE_LANG)
 
     def by_lang(self, lang: str) -> list[ItemScores]:
+        """The scored items in ``lang``."""
         return [s for s in self.scored if s.item.lang == lang]
 
     def accuracy(self, norm: str | None = None) -> dict[str, float]:

@@ -54,12 +54,13 @@ import torch
 from torch import nn
 
 from mlprune import MlpruneError, Progress, no_progress
-from mlprune.capture import base_model, context_length, encode
 from mlprune.kernels import WeightMajorHead
-from mlprune.models import input_device
+from mlprune.models import base_model, input_device
+from mlprune.tokens import context_length, encode, pad_token_id, plain_ids
 from mlprune.zeroshot.tasks import TaskItem
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
     from transformers.cache_utils import Cache
 
 NORMS = ("token", "byte", "none")
@@ -90,6 +91,7 @@ class ItemScores:
         return max(range(len(s)), key=lambda i: (s[i], -i))
 
     def correct(self, norm: str = "token") -> bool:
+        """Whether the choice predicted under ``norm`` is the item's answer."""
         return self.predicted(norm) == self.item.label
 
 
@@ -109,15 +111,8 @@ class _Request:
     logps: list[float] = field(default_factory=list)
 
 
-def _plain_ids(tokenizer, text: str) -> list[int]:
-    """Token ids of a text without special tokens (typed special tokens stay text)."""
-    try:
-        return tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
-    except TypeError:  # tokenizers without split_special_tokens
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-def split_tokens(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+def split_tokens(tokenizer: PreTrainedTokenizerBase, context: str,
+                 continuation: str) -> tuple[list[int], list[int]]:
     """Context and continuation token ids the lm-eval way.
 
     The context's trailing whitespace moves to the continuation, both are tokenized separately
@@ -135,10 +130,11 @@ def split_tokens(tokenizer, context: str, continuation: str) -> tuple[list[int],
             raise MlpruneError("This tokenizer has neither a BOS nor an EOS token to start "
                                "a sequence with, so an empty prompt cannot be scored.")
         ctx = [prefix]
-    return ctx, _plain_ids(tokenizer, continuation)
+    return ctx, plain_ids(tokenizer, continuation)
 
 
-def _requests(tokenizer, items: Sequence[TaskItem], max_len: int | None) -> list[list[_Request]]:
+def _requests(tokenizer: PreTrainedTokenizerBase, items: Sequence[TaskItem],
+              max_len: int | None) -> list[list[_Request]]:
     out = []
     for item in items:
         reqs = []
@@ -183,8 +179,8 @@ def _vocab_size(model: nn.Module) -> int:
     return int(model.config.vocab_size)
 
 
-def score_items(model: nn.Module, tokenizer, items: Sequence[TaskItem], *, batch_size: int = 8,
-                max_logits_mb: int = 256, progress: Progress = no_progress,
+def score_items(model: nn.Module, tokenizer: PreTrainedTokenizerBase, items: Sequence[TaskItem], *,
+                batch_size: int = 8, max_logits_mb: int = 256, progress: Progress = no_progress,
                 share_prefix: bool = True) -> list[ItemScores]:
     """Log-likelihood of every choice of every item, in item order.
 
@@ -231,12 +227,8 @@ def score_items(model: nn.Module, tokenizer, items: Sequence[TaskItem], *, batch
     return results
 
 
-def _pad_id(tokenizer) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-
-
-def _score_plain(model: nn.Module, tokenizer, flat: list[_Request], batch_size: int,
-                 max_logits_mb: int, progress: Progress) -> None:
+def _score_plain(model: nn.Module, tokenizer: PreTrainedTokenizerBase, flat: list[_Request],
+                 batch_size: int, max_logits_mb: int, progress: Progress) -> None:
     """Each request's log-probabilities from its whole sequence (the plain path)."""
     # Inputs are tokens[:-1]; identical inputs (e.g. single-token choices after one prompt)
     # run once, each request reading its own targets.
@@ -258,7 +250,7 @@ def _score_plain(model: nn.Module, tokenizer, flat: list[_Request], batch_size: 
             groups.append([key])
     with_pos, with_keep = _forward_options(model)
     device = input_device(model)
-    pad = _pad_id(tokenizer)
+    pad = pad_token_id(tokenizer)
     with torch.inference_mode():
         for b, group in enumerate(groups):
             keep = need[group[0]]
@@ -380,8 +372,8 @@ def _cache_of(out) -> Cache:
     return cache if cache is not None else out.past_key_values
 
 
-def _score_shared(model: nn.Module, tokenizer, units: list[_Unit], batch_size: int,
-                  max_logits_mb: int, window: int, progress: Progress) -> None:
+def _score_shared(model: nn.Module, tokenizer: PreTrainedTokenizerBase, units: list[_Unit],
+                  batch_size: int, max_logits_mb: int, window: int, progress: Progress) -> None:
     """Each request's log-probabilities, its item's common prefix run once per item."""
     head = model.get_output_embeddings()
     cap = getattr(model.config, "final_logit_softcapping", None)
@@ -391,7 +383,7 @@ def _score_shared(model: nn.Module, tokenizer, units: list[_Unit], batch_size: i
     held = 0  # hidden states waiting for the head
     with torch.inference_mode():
         for b, group in enumerate(groups):
-            hidden, wanted = _group_states(model, _pad_id(tokenizer), group)
+            hidden, wanted = _group_states(model, pad_token_id(tokenizer), group)
             targets += [(held + at, *rest) for at, *rest in wanted]
             states.append(hidden)
             held += hidden.shape[0]

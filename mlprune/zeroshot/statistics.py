@@ -384,27 +384,11 @@ def hierarchical_bootstrap(a: object, b: object, *, strata: Sequence | None = No
         raise MlpruneError("The bootstrap needs at least 2 resamples.")
     if not 0 < confidence < 1:
         raise MlpruneError("The confidence level must be between 0 and 1.")
-    if strata is None:
-        inverse = np.zeros(n, dtype=int)
-    else:
-        if len(strata) != n:
-            raise MlpruneError("Give one stratum per item to the bootstrap.")
-        _, inverse = np.unique(np.asarray([str(s) for s in strata]), return_inverse=True)
     d = b_arr.mean(axis=0) - a_arr.mean(axis=0)
     diff = float(d.mean())
-    groups = [d[inverse == k] for k in range(int(inverse.max()) + 1)]
+    groups = _strata_groups(d, strata)
     (eff_a, calib_a), (eff_b, calib_b) = _seed_effects(a_arr), _seed_effects(b_arr)
-    rng = np.random.default_rng(seed)
-    stats = np.empty(n_resamples)
-    chunk = max(1, 2_000_000 // n)  # bounded memory: chunk x n drawn item indices at a time
-    for lo in range(0, n_resamples, chunk):
-        m = min(lo + chunk, n_resamples) - lo
-        total = np.zeros(m)
-        for g in groups:
-            total += g[rng.integers(0, g.size, size=(m, g.size))].sum(axis=1)
-        seeds = (eff_b[rng.integers(0, eff_b.size, size=(m, eff_b.size))].mean(axis=1)
-                 - eff_a[rng.integers(0, eff_a.size, size=(m, eff_a.size))].mean(axis=1))
-        stats[lo:lo + m] = total / n + seeds
+    stats = _resampled_diffs(groups, eff_a, eff_b, n_resamples, seed)
     alpha = 1 - confidence
     # Welch-Satterthwaite degrees of freedom of the variance: items (n - strata) and each side's
     # seed share (S - 1); with 3 seeds a side the plain bootstrap rejects a true null ~7% of the
@@ -423,19 +407,54 @@ def hierarchical_bootstrap(a: object, b: object, *, strata: Sequence | None = No
     pairs = (row_b[:, None] - row_a[None, :]).ravel()
     discordance = float(np.mean((b_arr**2).mean(axis=0) + (a_arr**2).mean(axis=0)
                                 - 2 * b_arr.mean(axis=0) * a_arr.mean(axis=0)))
-
-    def spread(y: np.ndarray) -> tuple[float, float]:
-        if y.shape[0] < 2:
-            return 0.0, 0.0
-        return float(y.mean(axis=1).std(ddof=1)), float(2 * y.var(axis=0, ddof=1).mean())
-
-    (sd_a, flip_a), (sd_b, flip_b) = spread(a_arr), spread(b_arr)
+    (sd_a, flip_a), (sd_b, flip_b) = _seed_spread(a_arr), _seed_spread(b_arr)
     return HierarchicalSignificance(
         diff, float(low), float(high), min(1.0, (1 + extreme) / (1 + n_resamples)), se,
         detectable_from_se(se, alpha=alpha, power=power, df=df_eff), float(pairs.min()),
         float(pairs.max()), float(pairs.std(ddof=1)) if pairs.size > 1 else 0.0, sd_a, sd_b,
         discordance, flip_a, flip_b, n, len(groups), a_arr.shape[0], b_arr.shape[0],
         n_resamples, confidence, power, float(df_eff), widen)
+
+
+def _strata_groups(d: np.ndarray, strata: Sequence | None) -> list[np.ndarray]:
+    """The per-item differences ``d`` split by stratum (one group without strata), in the
+    sorted order of the stratum labels, as the resampling draws them."""
+    n = d.size
+    if strata is None:
+        inverse = np.zeros(n, dtype=int)
+    else:
+        if len(strata) != n:
+            raise MlpruneError("Give one stratum per item to the bootstrap.")
+        _, inverse = np.unique(np.asarray([str(s) for s in strata]), return_inverse=True)
+    return [d[inverse == k] for k in range(int(inverse.max()) + 1)]
+
+
+def _resampled_diffs(groups: list[np.ndarray], eff_a: np.ndarray, eff_b: np.ndarray,
+                     n_resamples: int, seed: int) -> np.ndarray:
+    """diff* of each resample: the mean of d over items drawn within their strata, plus the
+    mean of b's drawn seed effects minus a's. Drawn in chunks (bounded memory: chunk x n item
+    indices at a time), each chunk in the same order, so a seed gives the same figures."""
+    n = sum(g.size for g in groups)
+    rng = np.random.default_rng(seed)
+    stats = np.empty(n_resamples)
+    chunk = max(1, 2_000_000 // n)
+    for lo in range(0, n_resamples, chunk):
+        m = min(lo + chunk, n_resamples) - lo
+        total = np.zeros(m)
+        for g in groups:
+            total += g[rng.integers(0, g.size, size=(m, g.size))].sum(axis=1)
+        seeds = (eff_b[rng.integers(0, eff_b.size, size=(m, eff_b.size))].mean(axis=1)
+                 - eff_a[rng.integers(0, eff_a.size, size=(m, eff_a.size))].mean(axis=1))
+        stats[lo:lo + m] = total / n + seeds
+    return stats
+
+
+def _seed_spread(y: np.ndarray) -> tuple[float, float]:
+    """SD across seeds of a side's seed means, and its flip rate: the mean over items of
+    2 x the variance across seeds (0, 0 for one seed)."""
+    if y.shape[0] < 2:
+        return 0.0, 0.0
+    return float(y.mean(axis=1).std(ddof=1)), float(2 * y.var(axis=0, ddof=1).mean())
 
 
 # --------------------------------------------------------------------------- multiplicity
