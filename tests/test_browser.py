@@ -252,7 +252,9 @@ def test_features_prune_compare_on_the_embedded_model(page, server):
     # Sweep: the page and a small grid (results of the runs above are reused where cached).
     go(page, "Sweep")
     cells = page.get_by_label("Held-out sentences per cell")
-    cells.fill("4")  # a small grid: 2 methods x 3 sparsities x 4 sentences
+    # a small grid, 2 methods x 3 sparsities x 16 sentences: long enough that a second tab's
+    # answer comes while it runs, even on a fast quiet machine (with 4 sentences it ended first)
+    cells.fill("16")
     cells.press("Enter")
     page.wait_for_timeout(1500)
     page.get_by_role("button", name="Run").first.click()
