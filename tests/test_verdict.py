@@ -174,3 +174,21 @@ def test_the_command_line_puts_a_users_task_through_the_grid_and_its_claims(
     assert report["claims"][0]["claim"] in printed  # the claims table starts the report
     assert main(["verdict", "--model", str(tiny_folder), "--task", str(tmp_path / "nope.jsonl"),
                  "--out", str(tmp_path / "x")]) == 2
+
+
+def test_a_powered_null_says_which_gain_it_rules_out_and_a_small_grid_does_not():
+    from mlprune.reports.verdict import _claim
+    from mlprune.verdict_report import claims_rows
+
+    def comparison(diff, low, high, p, detectable):
+        return {"diff": diff, "ci_low": low, "ci_high": high, "p_value": p, "mean_a": 0.8,
+                "mean_b": 0.8 + diff, "detectable_diff": detectable, "n_items": 1360}
+
+    powered = _claim("c", "yes", comparison(0.004, -0.005, 0.013, 0.87, 0.014))
+    small = _claim("c", "yes", comparison(0.025, -0.01, 0.06, 0.17, 0.051))
+    found = _claim("c", "yes", comparison(0.03, 0.01, 0.05, 0.01, 0.014))
+    rows = claims_rows({"claims": [powered, small, found]})
+    assert powered["holds"] is None and powered["gain_ruled_out_above"] == 0.013
+    assert rows[0]["holds here"] == "not found: a gain over +1.3 is ruled out"
+    assert small["gain_ruled_out_above"] is None and rows[1]["holds here"] == "cannot tell"
+    assert found["gain_ruled_out_above"] is None and rows[2]["holds here"] == "yes"

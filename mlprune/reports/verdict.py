@@ -414,6 +414,15 @@ def _verdict(c: dict | None, p_key: str = "p_value") -> bool | None:
     return c["diff"] > 0
 
 
+def _ruled_out_above(c: dict, p_key: str = "p_value") -> float | None:
+    """For a null result from a grid with the power the verdict aims for (it detects
+    :data:`TARGET` or less): the upper end of the CI, above which a gain is ruled out.
+    None when the claim holds either way, or when the grid is too small to rule much out."""
+    if _verdict(c, p_key) is not None or c.get("detectable_diff") is None:
+        return None
+    return c["ci_high"] if c["detectable_diff"] <= TARGET else None
+
+
 def _points(x: float) -> str:
     return f"{x * 100:+.1f}"
 
@@ -427,6 +436,7 @@ def _claim(claim: str, paper: str, c: dict | None, *, p_key: str = "p_value",
             "found": found or f"{c['mean_b']:.1%} vs {c['mean_a']:.1%}",
             "effect": c["diff"], "ci": [c["ci_low"], c["ci_high"]], "p_value": c.get(p_key),
             "detectable": c["detectable_diff"], "holds": _verdict(c, p_key),
+            "gain_ruled_out_above": _ruled_out_above(c, p_key),
             "seeds": [len(c.get("seeds_a", [])), len(c.get("seeds_b", []))],
             "n": c["n_items"], "langs": c.get("langs"), "unit": unit,
             "seeds_needed_for_2_points": c.get("seeds_needed_for_target"),

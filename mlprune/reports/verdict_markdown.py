@@ -31,9 +31,20 @@ def claims_rows(report: dict) -> list[dict]:
             ("< 0.001" if c["p_value"] < 0.001 else f"{c['p_value']:.3f}"),
             "detectable": "—" if det is None else f"{det * 100:.1f}",
             "seeds a/b": "/".join(map(str, c.get("seeds") or [])) or "—", "n": _n(c),
-            "holds here": {True: "yes", False: "no (opposite)" if c.get("p_value") is not None
-                           else "no", None: "cannot tell"}[c["holds"]]})
+            "holds here": _holds_here(c)})
     return rows
+
+
+def _holds_here(c: dict) -> str:
+    """yes; no (opposite); not found, with the gain the grid rules out; or cannot tell."""
+    if c["holds"] is True:
+        return "yes"
+    if c["holds"] is False:
+        return "no (opposite)" if c.get("p_value") is not None else "no"
+    above = c.get("gain_ruled_out_above")
+    if above is not None:
+        return f"not found: a gain over {above * 100:+.1f} is ruled out"
+    return "cannot tell"
 
 
 CLAIM_COLUMNS = ("claim", "paper", "found", "effect", "95% CI", "p", "detectable", "seeds a/b",
@@ -112,7 +123,9 @@ def readme_section(report: dict, figures: list[str] = ()) -> str:
     lines += ["", "Effects are b − a in accuracy points (RankC ×100); the CI and p come from a "
               "bootstrap over seeds and items together; p of the first two rows is "
               "Holm-adjusted over the sparsities; 'detectable' is the smallest difference the "
-              "grid detects at p < 0.05 with 80% power. Sharing rows give a fraction (0: chance, "
+              "grid detects at p < 0.05 with 80% power; 'not found' is p ≥ 0.05 from a grid "
+              "that detects 2 points or less, so a gain above the CI's upper end is ruled out. "
+              "Sharing rows give a fraction (0: chance, "
               "1: as shared as two draws of one prompt set) and use mlprune's stated rule, "
               "not the paper's (see the report). Full report: "
               "[bench/results/verdict/report.md](bench/results/verdict/report.md).", ""]
