@@ -71,7 +71,7 @@ from tools import (  # noqa: E402
 from mlprune import service  # noqa: E402
 from mlprune.capture import capture, context_length, encode  # noqa: E402
 from mlprune.evaluate import generate  # noqa: E402
-from mlprune.kernels import WeightMajorHead  # noqa: E402
+from mlprune.kernels import FewRowLinear, WeightMajorHead  # noqa: E402
 from mlprune.models import linear_modules, load_model  # noqa: E402
 from mlprune.pipeline import PruneSpec  # noqa: E402
 from mlprune.prompts import eval_items, translation_prompts  # noqa: E402
@@ -439,8 +439,14 @@ def bench_decode(loaded, corpus, args, raw: dict, bandwidth: float) -> list[Row]
     head = model.get_output_embeddings()
     assert type(head) is WeightMajorHead, "load_model gives CPU models the fast head"
 
-    def plain_head(on: bool) -> None:  # nn.Linear's own forward, as before, or the fast head
-        head.__class__ = torch.nn.Linear if on else WeightMajorHead
+    def plain_head(on: bool) -> None:
+        """Every linear as torch's nn.Linear (on), or as load_model makes them: the decoder's
+        as FewRowLinear, the head as WeightMajorHead (both kernels.few_rows in a step)."""
+        for module in model.modules():
+            if module is head:
+                module.__class__ = torch.nn.Linear if on else WeightMajorHead
+            elif type(module) in (torch.nn.Linear, FewRowLinear):
+                module.__class__ = torch.nn.Linear if on else FewRowLinear
 
     runs = max(3, args.repeat // 2)
     for name, m in (("fp32", model), ("bf16", half.model)):
@@ -448,7 +454,7 @@ def bench_decode(loaded, corpus, args, raw: dict, bandwidth: float) -> list[Row]
         bound = wb / bandwidth
         for batch, limit in ((1, LIMIT_DECODE_B1), (8, LIMIT_DECODE_B8)):
             before = None
-            if name == "fp32":  # the fast head against nn.Linear's, alternated step by step
+            if name == "fp32":  # the kernel against nn.Linear's, alternated step by step
                 steps, before_steps = [], []
                 for i in range(runs):
                     for plain in ((False, True) if i % 2 == 0 else (True, False)):
@@ -464,13 +470,13 @@ def bench_decode(loaded, corpus, args, raw: dict, bandwidth: float) -> list[Row]
             rows.append(Row(section, f"greedy step, batch {batch}, {name}", fmt_s(step),
                             f"bound {fmt_s(bound)} ({wb / 1e9:.2f} GB read at "
                             f"{bandwidth / 1e9:.1f} GB/s)"
-                            + (f"; nn.Linear head {fmt_s(before)}" if before else ""),
+                            + (f"; torch's nn.Linear {fmt_s(before)}" if before else ""),
                             f"{bound / step:.0%} of the bound"
                             + (f"; {before / step:.2f}x faster" if before else ""),
                             f">= {limit:.0%}", bound / step >= limit,
                             note="(17 new tokens - 1) / 16, model.generate, few-shot fr->en "
                                  f"prompts; median of {runs}"
-                                 + ("; the head as kernels.WeightMajorHead, alternated with "
+                                 + ("; every linear through kernels.few_rows, alternated with "
                                     "nn.Linear's forward" if name == "fp32" else "")
                                  + (f"; CPU bf16: {', '.join(native) or 'none'}"
                                     if name == "bf16" else "")))
@@ -483,7 +489,7 @@ def bench_decode(loaded, corpus, args, raw: dict, bandwidth: float) -> list[Row]
             t_linear, t_fast = paired(lambda x=x: torch.nn.functional.linear(x, head_w),
                                       lambda x=x: head(x), args.repeat)
         out[f"head_b{r}"] = {"linear_s": t_linear, "fast_s": t_fast, "bound_s": head_bound}
-        form = "split over threads" if r == 1 else "(W @ x.T).T"
+        form = "kernels.few_rows"
         rows.append(Row(section, f"the head's matmul alone, {r} row(s): fast head ({form})",
                         fmt_s(median(t_fast)), f"nn.Linear (x @ W.T): {fmt_s(median(t_linear))}; "
                         f"bound {fmt_s(head_bound)}",
@@ -516,7 +522,7 @@ def bench_decode(loaded, corpus, args, raw: dict, bandwidth: float) -> list[Row]
                     f"chrF fp32 {test['a']:.1f}, bf16 {test['b']:.1f}",
                     f"{test['difference']:+.1f} chrF (p = {test['p_value']:.2f})",
                     note="sacrebleu paired bootstrap"))
-    rows.append(Row(section, f"fp32 translations, fast head against nn.Linear's ({len(prompts)} "
+    rows.append(Row(section, f"fp32 translations, kernels.few_rows against nn.Linear's ({len(prompts)} "
                     "sentences, greedy, batch 8)", f"{head_same:.0%} identical", "", ""))
     del half
     gc.collect()

@@ -9,7 +9,7 @@
   return False and the caller keeps its torch path; results are identical, bit for bit
   (tested), and one logged line says why the fast path is off. No Python or torch headers:
   plain C called through ctypes (which releases the GIL, so the callers' threads run it in
-  parallel), built in well under a second where a torch extension takes a minute. The C
+  parallel), built in about a second where a torch extension takes a minute. The C
   code checks its own bounds (rows and every column, before anything moves).
 
   Built at run time, not at install time: the package stays pure Python (one wheel for every
@@ -20,6 +20,14 @@
   mlprune process, Ray workers included, would run), and only when its sha256 matches the
   one recorded beside it; it is written with fsync and rename, and built again when torn
   (loading a torn library kills the process with SIGBUS), emptied or replaced.
+
+- :func:`few_rows` computes a decoding step's matmuls (1 to 16 rows, fp32): torch sends
+  them to MKL's single-threaded GEMV (one row) or a GEMM that packs the whole weight (a few
+  rows), far from the bandwidth limit. The C kernel reads each weight row once, split over
+  helper threads it keeps (they spin briefly for the next linear of a step, then sleep), and
+  picks AVX-512, AVX2 or plain code at load time. :func:`speed_up_decoding` gives a loaded
+  CPU model's linears this path (:class:`FewRowLinear`); the kernel reads the weights at
+  each call, so masks applied in place are seen at once. bench/decode.py measures it.
 
 - :class:`WeightMajorHead` computes a CPU model's output head (Gemma 3's 262k-token head is
   two thirds of a decoding step's weights) in the forms MKL runs fast: for one row, its
@@ -53,82 +61,13 @@ from mlprune.storage import atomic_save
 
 NATIVE_ENV = "MLPRUNE_NATIVE"  # "0" turns the compiled paths off (tests compare both)
 
-_SOURCE = r"""
-#include <stdint.h>
-
-/* Row r of the weights starts at w + r*ws0 and its column c is at + c*ws1 (elements). Row r
-   of cols holds k column numbers (row stride cs0), row r of vals k values (row stride vs0).
-   take: vals <- w at the columns, then w <- 0 there; a row is read whole before any of it is
-   zeroed, so a column named twice saves its value twice (put then restores it exactly).
-   put: w <- vals at the columns. */
-#define LOOPS(W, C)                                                                         \
-static void take_##W##_##C(W *restrict w, int64_t ws0, int64_t ws1, const C *restrict cols, int64_t cs0, \
-                           int64_t k, int64_t r0, int64_t r1, W *restrict vals, int64_t vs0) { \
-    for (int64_t r = r0; r < r1; r++) {                                                     \
-        W *row = w + r * ws0; const C *c = cols + r * cs0; W *v = vals + r * vs0;           \
-        for (int64_t j = 0; j < k; j++) v[j] = row[(int64_t)c[j] * ws1];                   \
-        for (int64_t j = 0; j < k; j++) row[(int64_t)c[j] * ws1] = 0;                      \
-    }                                                                                       \
-}                                                                                           \
-static void put_##W##_##C(W *w, int64_t ws0, int64_t ws1, const C *cols, int64_t cs0,      \
-                          int64_t k, int64_t r0, int64_t r1, const W *vals, int64_t vs0) {  \
-    for (int64_t r = r0; r < r1; r++) {                                                     \
-        W *row = w + r * ws0; const C *c = cols + r * cs0; const W *v = vals + r * vs0;     \
-        for (int64_t j = 0; j < k; j++) row[(int64_t)c[j] * ws1] = v[j];                    \
-    }                                                                                       \
-}
-
-#define FOR_COLS(W) LOOPS(W, int16_t) LOOPS(W, int32_t) LOOPS(W, int64_t)
-FOR_COLS(uint16_t) FOR_COLS(uint32_t) FOR_COLS(uint64_t)
-
-/* 1 when every column of rows r0..r1 is in 0..n-1: a min and max in the columns' own type
-   (no early exit, so the loop vectorises; it reads the columns once, in order). */
-#define IN_RANGE(C)                                                                          \
-static int in_range_##C(const C *cols, int64_t cs0, int64_t k, int64_t r0, int64_t r1, int64_t n) { \
-    C lo = 0, hi = 0;                                                                        \
-    for (int64_t r = r0; r < r1; r++) {                                                      \
-        const C *c = cols + r * cs0;                                                         \
-        for (int64_t j = 0; j < k; j++) { C x = c[j]; lo = x < lo ? x : lo; hi = x > hi ? x : hi; } \
-    }                                                                                        \
-    return lo >= 0 && (int64_t)hi < n;                                                       \
-}
-IN_RANGE(int16_t) IN_RANGE(int32_t) IN_RANGE(int64_t)
-
-#define CALL(op, W, C) op##_##W##_##C((W *)w, ws0, ws1, (const C *)cols, cs0, k, r0, r1, (W *)vals, vs0)
-#define BY_COLS(op, W)                                        \
-    switch (cs) {                                             \
-        case 2: CALL(op, W, int16_t); return 0;               \
-        case 4: CALL(op, W, int32_t); return 0;               \
-        case 8: CALL(op, W, int64_t); return 0;               \
-    }                                                         \
-    return -1;
-
-/* es, cs: bytes per weight and per column number; the weights are rows x n_cols. Checks its
-   own bounds before it moves anything: returns 0, -1 for sizes it lacks, -2 for rows outside
-   the weights and -3 for a column outside them (nothing moved for either). */
-int mlprune_move(int put, void *w, int es, int64_t ws0, int64_t ws1, int64_t rows, int64_t n_cols,
-                 const void *cols, int cs, int64_t cs0, int64_t k, int64_t r0, int64_t r1,
-                 void *vals, int64_t vs0) {
-    if (r0 < 0 || r1 < r0 || r1 > rows || k < 0) return -2;
-    if (es != 2 && es != 4 && es != 8) return -1;
-    int ok;
-    switch (cs) {
-        case 2: ok = in_range_int16_t((const int16_t *)cols, cs0, k, r0, r1, n_cols); break;
-        case 4: ok = in_range_int32_t((const int32_t *)cols, cs0, k, r0, r1, n_cols); break;
-        case 8: ok = in_range_int64_t((const int64_t *)cols, cs0, k, r0, r1, n_cols); break;
-        default: return -1;
-    }
-    if (!ok) return -3;
-    if (es == 2) { if (put) { BY_COLS(put, uint16_t) } else { BY_COLS(take, uint16_t) } }
-    if (es == 4) { if (put) { BY_COLS(put, uint32_t) } else { BY_COLS(take, uint32_t) } }
-    if (es == 8) { if (put) { BY_COLS(put, uint64_t) } else { BY_COLS(take, uint64_t) } }
-    return -1;
-}
-"""
+_SOURCE = (Path(__file__).with_name("kernels.c")).read_text()  # the C code, beside this file
 
 _I64 = ctypes.c_int64
 _ARGTYPES = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, _I64, _I64, _I64, _I64,
              ctypes.c_void_p, ctypes.c_int, _I64, _I64, _I64, _I64, ctypes.c_void_p, _I64]
+_FEW_ROWS_ARGTYPES = [ctypes.c_void_p, _I64, ctypes.c_void_p, _I64, _I64, _I64,
+                      ctypes.c_void_p, _I64, _I64, ctypes.c_int]
 _LIBRARY: ctypes.CDLL | None = None
 _TRIED = False
 _GUARD = threading.Lock()
@@ -138,11 +77,11 @@ log = logging.getLogger("mlprune")
 
 
 def _off(reason: str) -> None:
-    """Say once per process why the compiled moves are off (results are the same, only slower)."""
+    """Say once per process why the compiled paths are off (results are the same, only slower)."""
     if reason not in _SAID:
         _SAID.add(reason)
-        log.warning("mlprune's compiled mask moves are off (%s); torch's index ops are used "
-                    "instead, with the same results, more slowly.", reason)
+        log.warning("mlprune's compiled paths (mask moves, few-row matmuls) are off (%s); "
+                    "torch's ops are used instead, with the same results, more slowly.", reason)
 
 
 def _compiler() -> list[str] | None:
@@ -241,10 +180,11 @@ def _build(folder: Path) -> Path | None:
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
         source, built = Path(tmp) / "move.c", Path(tmp) / "move.so"
         source.write_text(_SOURCE)
-        # no -march=native: a cache folder may be shared by machines of different CPUs, and
-        # scattered single-element moves gain nothing from wider vectors
-        result = subprocess.run([*compiler, "-O3", "-funroll-loops", "-shared", "-fPIC", "-o", str(built),
-                                 str(source)], capture_output=True, text=True, timeout=120)
+        # no -march=native: a cache folder may be shared by machines of different CPUs
+        # the few-row matmuls pick AVX-512, AVX2 or plain code at load time (target_clones)
+        result = subprocess.run([*compiler, "-O3", "-funroll-loops", "-shared", "-fPIC", "-pthread",
+                                 "-o", str(built), str(source)],
+                                capture_output=True, text=True, timeout=120)
         if result.returncode != 0 or not built.is_file():
             first = (result.stderr.strip().splitlines() or ["no output"])[0]
             _off(f"{shlex.join(compiler)} failed to build them: {first}")
@@ -282,6 +222,8 @@ def _library() -> ctypes.CDLL | None:
                     lib = ctypes.CDLL(str(path))
                     lib.mlprune_move.restype = ctypes.c_int
                     lib.mlprune_move.argtypes = _ARGTYPES
+                    lib.mlprune_few_rows.restype = ctypes.c_int
+                    lib.mlprune_few_rows.argtypes = _FEW_ROWS_ARGTYPES
                     _LIBRARY = lib
             except (OSError, AttributeError, subprocess.SubprocessError) as e:
                 # no compiler that works here, or a library without mlprune_move: torch serves
@@ -293,7 +235,7 @@ def _library() -> ctypes.CDLL | None:
 
 
 def available() -> bool:
-    """Whether the compiled moves can run here (builds them on first call)."""
+    """Whether the compiled paths can run here (builds them on first call)."""
     return _library() is not None
 
 
@@ -342,13 +284,51 @@ def put(weight: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, r0: int,
     return _move(True, weight, cols, values, r0, r1)
 
 
-# --------------------------------------------------------------------------- output head
+# --------------------------------------------------------------------------- decoding
 
-_FEW_ROWS = 16  # up to here a matmul with the head is a decoding step's (batch x 1 position)
+_FEW_ROWS = 16  # up to here a matmul is a decoding step's (batch x 1 position)
 _HEAD_MIN = 1 << 24  # weights: only a vocabulary-sized head (Gemma 3 270M: 168M) gains
 _POOL: ThreadPoolExecutor | None = None
 _POOL_SIZE = 0
 _POOL_GUARD = threading.Lock()
+
+
+def few_rows(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
+    """``x @ weight.T`` for a decoding step's 1 to 16 rows of a CPU fp32 linear, by
+    the compiled kernel over torch's threads (each weight row read once); None where it does
+    not apply (other shapes, devices or dtypes, autograd, no compiler), and the caller uses
+    torch. It reads the weights at each call, so masks applied in place are seen at once.
+    Its summation order is its own (bench/decode.py: the same greedy tokens as torch's).
+    bf16 stays with torch, whose GEMM was faster from 8 rows here (bench/decode.py)."""
+    k = x.shape[-1] if x.dim() else 0
+    rows = x.numel() // max(k, 1)
+    if (not 0 < rows <= _FEW_ROWS or weight.dim() != 2 or weight.shape[1] != k
+            or weight.device.type != "cpu" or x.device.type != "cpu" or x.dtype != weight.dtype
+            or weight.dtype != torch.float32 or weight.stride(1) != 1
+            or (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad))):
+        return None
+    lib = _library()
+    if lib is None:
+        return None
+    flat = x.reshape(rows, k).contiguous()
+    n = weight.shape[0]
+    out = torch.empty(rows, n, dtype=torch.float32)
+    lib.mlprune_few_rows(weight.data_ptr(), weight.stride(0),
+                         flat.data_ptr(), k, rows, k, out.data_ptr(), n, n,
+                         torch.get_num_threads())
+    return out.reshape(*x.shape[:-1], n)
+
+
+class FewRowLinear(nn.Linear):
+    """An ``nn.Linear`` whose decoding-step calls (1 to 16 rows, CPU) run :func:`few_rows`;
+    any other call is ``nn.Linear``'s. Made by :func:`speed_up_decoding`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ W.T (+ b)``, as the Linear it replaces computes it."""
+        out = few_rows(x, self.weight)
+        if out is None:
+            return F.linear(x, self.weight, self.bias)
+        return out if self.bias is None else out + self.bias
 
 
 def helper_pool(threads: int) -> ThreadPoolExecutor:
@@ -386,12 +366,16 @@ def _split_gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 class WeightMajorHead(nn.Linear):
-    """An ``nn.Linear`` output head whose few-row fp32 CPU matmuls take MKL's fast forms
-    (module docstring); any other call is ``nn.Linear``'s. Made by :func:`speed_up_head`."""
+    """An ``nn.Linear`` output head whose few-row CPU matmuls run :func:`few_rows`, or where
+    that cannot run, for fp32, MKL's fast forms (module docstring); any other call is
+    ``nn.Linear``'s. Made by :func:`speed_up_head`."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ W.T (+ b)``, as the Linear it replaces computes it."""
         w = self.weight
+        out = few_rows(x, w)
+        if out is not None:
+            return out if self.bias is None else out + self.bias
         rows = x.numel() // max(x.shape[-1], 1)
         if (w.device.type != "cpu" or x.device.type != "cpu" or w.dtype != torch.float32
                 or x.dtype != torch.float32 or not 0 < rows <= _FEW_ROWS):
@@ -418,3 +402,17 @@ def speed_up_head(model: nn.Module) -> bool:
         return False
     head.__class__ = WeightMajorHead  # in place: hooks, ties and state-dict names all stay
     return True
+
+
+def speed_up_decoding(model: nn.Module) -> int:
+    """Give a CPU model's decoding fast paths: its head as :func:`speed_up_head` does, and
+    every other plain ``nn.Linear`` as a :class:`FewRowLinear` (in place: parameters, hooks,
+    ties and state-dict names stay). Modules an offload hook manages keep theirs. Returns
+    how many linears changed."""
+    changed = int(speed_up_head(model))
+    for module in model.modules():
+        if (type(module) is nn.Linear and module.weight.device.type == "cpu"
+                and not hasattr(module, "_hf_hook")):
+            module.__class__ = FewRowLinear
+            changed += 1
+    return changed

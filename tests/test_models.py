@@ -205,6 +205,19 @@ def _head(out: int = 3000, inp: int = 48, bias: bool = False):
 @pytest.mark.parametrize("bias", [False, True])
 def test_the_fast_head_gives_nn_linears_logits(bias):
     plain, fast = _head(bias=bias)
+    with torch.inference_mode():  # the compiled kernel: its own summation order
+        for rows in (1, 8):
+            x = torch.randn(rows, 1, 48)
+            torch.testing.assert_close(fast(x), plain(x), rtol=1e-5, atol=1e-5)
+            assert torch.equal(fast(x).argmax(-1), plain(x).argmax(-1))
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_without_the_kernel_the_fast_head_uses_mkls_forms(bias, monkeypatch):
+    from mlprune import kernels
+
+    monkeypatch.setenv(kernels.NATIVE_ENV, "0")
+    plain, fast = _head(bias=bias)
     threads = torch.get_num_threads()
     try:
         for n in (2, 1):  # one row: split over threads (2) or plain (1)

@@ -81,27 +81,34 @@ def test_bfloat16_translates_as_float32_does(gemma):
     assert abs(chrf(fast, refs) - chrf(full, refs)) < 3
 
 
-def test_the_fast_head_translates_as_nn_linear_does(gemma):
-    """The decoding head in MKL's fast forms (kernels.WeightMajorHead) against nn.Linear's
-    forward: the same greedy translations, batched and one at a time."""
-    from mlprune.kernels import WeightMajorHead
+def test_the_few_row_kernel_translates_as_nn_linear_does(gemma):
+    """Decoding through kernels.few_rows (every decoder linear a FewRowLinear, the head a
+    WeightMajorHead) against nn.Linear's forward everywhere: the same greedy translations,
+    batched and one at a time (bench/decode.py measures the speed)."""
+    from mlprune.kernels import FewRowLinear, WeightMajorHead
 
-    head = gemma.model.get_output_embeddings()
+    model = gemma.model
+    head = model.get_output_embeddings()
     assert type(head) is WeightMajorHead
-    assert head.weight is gemma.model.get_input_embeddings().weight  # still tied
+    assert head.weight is model.get_input_embeddings().weight  # still tied
+    linears = [m for m in model.modules() if type(m) is FewRowLinear]
+    assert len(linears) == 18 * 7  # q, k, v, o, gate, up, down in each of 18 layers
     items = eval_items(builtin_corpus(), "fr", "en", shots=4, limit=4)
     prompts = [it.prompt for it in items]
 
     def texts():
-        return ([g.text for g in generate(gemma.model, gemma.tokenizer, prompts, max_new_tokens=32)]
-                + [generate(gemma.model, gemma.tokenizer, prompts[:1], max_new_tokens=32)[0].text])
+        return ([g.text for g in generate(model, gemma.tokenizer, prompts, max_new_tokens=32)]
+                + [generate(model, gemma.tokenizer, prompts[:1], max_new_tokens=32)[0].text])
 
     fast = texts()
-    head.__class__ = torch.nn.Linear
+    for m in [head, *linears]:
+        m.__class__ = torch.nn.Linear
     try:
         plain = texts()
     finally:
         head.__class__ = WeightMajorHead
+        for m in linears:
+            m.__class__ = FewRowLinear
     assert fast == plain
 
 

@@ -213,7 +213,7 @@ def _from_pretrained(folder, spec, dtype, device, trust_remote_code, allow_pickl
     if device:
         model.to(device)
     model.eval()
-    kernels.speed_up_head(model)  # CPU decoding: the head in MKL's fast forms
+    kernels.speed_up_decoding(model)  # CPU decoding: few-row matmuls near the memory bound
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     decoder_layers(model)  # fail now, clearly, if the architecture is not recognised

@@ -54,7 +54,7 @@ import torch
 from torch import nn
 
 from mlprune import MlpruneError, Progress, no_progress
-from mlprune.kernels import WeightMajorHead
+from mlprune.kernels import FewRowLinear, WeightMajorHead
 from mlprune.models import base_model, input_device
 from mlprune.tokens import context_length, encode, pad_token_id, plain_ids
 from mlprune.zeroshot.tasks import TaskItem
@@ -470,12 +470,12 @@ _HEAD_ROWS = 512
 
 
 def _plain_linear(head: nn.Module) -> bool:
-    """Whether the head is a bare ``nn.Linear`` (or mlprune's :class:`WeightMajorHead`, the
-    same product in faster forms) that nothing hooks, so that reading its weight in blocks
+    """Whether the head is a bare ``nn.Linear`` (or mlprune's :class:`WeightMajorHead` or
+    :class:`FewRowLinear`, the same product in faster forms) that nothing hooks, so that reading its weight in blocks
     computes what calling it would (a hook may watch or change the call)."""
     from torch.nn.modules import module as torch_module
 
-    return (type(head) in (nn.Linear, WeightMajorHead) and head.weight.device.type != "meta"
+    return (type(head) in (nn.Linear, WeightMajorHead, FewRowLinear) and head.weight.device.type != "meta"
             and not head._forward_hooks and not head._forward_pre_hooks
             and not torch_module._global_forward_hooks
             and not torch_module._global_forward_pre_hooks)
